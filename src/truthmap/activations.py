@@ -1,0 +1,104 @@
+"""Stage 4: activations of every layer at the probed positions, written to a float16 memmap on disk.
+
+One batched forward pass over prompt + answer per batch, with hooks that keep only the 15 probed positions,
+so memory is bounded by the batch, not the dataset. The store is cell-major, [layers, positions, samples,
+hidden], so a probe reading one (layer, position) cell touches only that cell's bytes; `open_store` returns it
+viewed as [samples, layers, positions, hidden].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from truthmap.decoding import batches
+from truthmap.errors import ConfigError
+from truthmap.progress import progress_bar
+from truthmap.rundir import POSITIONS, check_matches, position_column, read_json, write_json
+
+STORE_FILE = "acts.f16"
+META_FILE = "meta.json"
+FLOAT16_MAX = 65504.0
+
+
+def store_meta(run_settings: dict, site: str, n_samples: int, n_layers: int, hidden: int, model_dtype: str) -> dict:
+    return {
+        "answers": run_settings,  # what made the answers these activations belong to
+        "site": site,
+        "positions": list(POSITIONS),
+        "layout": "layers x positions x samples x hidden",
+        "shape": [n_layers, len(POSITIONS), n_samples, hidden],
+        "dtype": "float16",
+        "model_dtype": model_dtype,
+        "written": 0,  # samples done, counted in the (deterministic) processing order
+        "clipped": 0,  # values beyond the float16 range, clipped to +-65504
+    }
+
+
+def processing_order(lengths: list[int]) -> list[int]:
+    """Longest first, stable: batches of similar length pad little, and the order is the same on resume."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def extract_activations(lm, table, directory: Path, site: str, batch_size: int, run_settings: dict) -> Path:
+    """Fill directory/acts.f16 for every row of the answers table; resumes after the last finished batch."""
+    import numpy as np
+    import torch
+
+    from truthmap.sites import capture, num_layers, site_width
+
+    directory = Path(directory)
+    n_samples, n_layers, hidden = len(table), num_layers(lm.model), site_width(lm.model, site)
+    meta = store_meta(run_settings, site, n_samples, n_layers, hidden, lm.dtype)
+    meta_path, store_path = directory / META_FILE, directory / STORE_FILE
+    if meta_path.exists() and store_path.exists():
+        saved = read_json(meta_path)
+        check_matches(saved, {k: meta[k] for k in ("answers", "site", "positions", "shape")}, directory)
+        meta = saved
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        np.memmap(store_path, dtype=np.float16, mode="w+", shape=tuple(meta["shape"])).flush()
+        write_json(meta_path, meta)
+    store = np.memmap(store_path, dtype=np.float16, mode="r+", shape=tuple(meta["shape"]))
+    sequences = [list(p) + list(a) for p, a in zip(table["prompt_ids"], table["answer_ids"])]
+    positions = np.stack([table[position_column(p)].to_numpy() for p in POSITIONS], axis=1)  # [samples, 15]
+    order = processing_order([len(s) for s in sequences])
+    pad_id = lm.tokenizer.pad_token_id
+    with progress_bar(n_samples, f"Extracting {site} activations", initial=meta["written"]) as advance:
+        for batch in batches(order[meta["written"] :], batch_size):
+            width = max(len(sequences[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [batch, seq]
+            attention_mask = torch.zeros_like(input_ids)
+            for row, i in enumerate(batch):
+                input_ids[row, width - len(sequences[i]) :] = torch.tensor(sequences[i])
+                attention_mask[row, width - len(sequences[i]) :] = 1
+            offsets = np.array([width - len(sequences[i]) for i in batch])[:, None]
+            # Missing exact answers (-1) read the first real token; those rows are masked out of every probe.
+            padded = torch.from_numpy(np.maximum(positions[batch], 0) + offsets)  # [batch, 15]
+            with torch.inference_mode(), capture(lm.model, site, padded) as cap:
+                lm.model.base_model(input_ids=input_ids.to(lm.model.device), attention_mask=attention_mask.to(lm.model.device))
+            values = cap.stack().float().numpy()  # [batch, layers, 15, hidden]
+            meta["clipped"] += int((np.abs(values) > FLOAT16_MAX).sum())
+            store[:, :, batch, :] = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).transpose(1, 2, 0, 3)
+            store.flush()
+            meta["written"] += len(batch)
+            write_json(meta_path, meta)
+            advance(len(batch))
+    return directory
+
+
+def open_store(directory: Path):
+    """The finished store as a read-only [samples, layers, positions, hidden] float16 view, and its meta."""
+    import numpy as np
+
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.exists():
+        raise ConfigError(f"No activations in {directory}. Run `truthmap extract` first.")
+    meta = read_json(meta_path)
+    if meta["written"] != meta["shape"][2]:
+        raise ConfigError(
+            f"Activations in {directory} are incomplete ({meta['written']} of {meta['shape'][2]} samples). "
+            "Rerun `truthmap extract` to finish them."
+        )
+    store = np.memmap(directory / STORE_FILE, dtype=np.float16, mode="r", shape=tuple(meta["shape"]))
+    return store.transpose(2, 0, 1, 3), meta

