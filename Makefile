@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/extraction.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -65,6 +65,20 @@ def test_token_mismatch_is_detected(tiny):
     assert answer_offsets(tiny.tokenizer, "Paris", ids + ids) is None
 
 
+@pytest.mark.parametrize("left, right", [("The answer is H", "artford, a city"), ("It is Troms", "ø in Norway")])
+def test_offsets_of_a_split_the_tokenizer_would_not_choose(tiny, left, right):
+    tokenizer = tiny.tokenizer
+    ids = tokenizer(left, add_special_tokens=False)["input_ids"] + tokenizer(right, add_special_tokens=False)["input_ids"]
+    answer = tokenizer.decode(ids)
+    assert answer == left + right and tokenizer(answer, add_special_tokens=False)["input_ids"] != ids
+    offsets = answer_offsets(tokenizer, answer, ids)
+    assert [answer[s:e] for s, e in offsets] == [tokenizer.decode([i]) for i in ids]
+    word = (left.split()[-1] + right.split()[0]).rstrip(",")
+    start = answer.index(word)
+    first, last = span_to_tokens(offsets, start, start + len(word))
+    assert word in tokenizer.decode(ids[first : last + 1])
+
+
 @pytest.mark.parametrize(
     "output, expected",
     [
@@ -74,6 +88,8 @@ def test_token_mismatch_is_detected(tiny):
         ("Exact answer: Paris", ("extracted", (25, 30))),
         ("NO ANSWER", ("no_answer", None)),
         ("London", None),
+        ("The capital of France is Paris.", ("extracted", (0, 30))),  # trailing period dropped
+        ("one two three four five six seven eight nine ten eleven", None),
         ("", None),
     ],
 )

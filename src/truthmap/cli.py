@@ -34,6 +34,7 @@ Dtype = Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16
 PromptStyle = Annotated[str, typer.Option(help="auto (chat template if the model has one), instruct or base.")]
 MaxNewTokens = Annotated[Optional[int], typer.Option(help="Default: the dataset's (100; 200 for math).")]
 ExtractionModel = Annotated[Optional[str], typer.Option(help="Model that extracts exact answers; default: the same.")]
+ExtractionTries = Annotated[int, typer.Option(help="Tries per incorrect answer: greedy first, then sampled.")]
 CustomPath = Annotated[Optional[str], typer.Option(help="With --dataset custom: a CSV or JSONL file.")]
 QuestionColumn = Annotated[str, typer.Option(help="With --dataset custom: the question column.")]
 AnswerColumn = Annotated[str, typer.Option(help="With --dataset custom: the answer column (a string or a list).")]
@@ -79,6 +80,7 @@ def generate(
     prompt_style: PromptStyle = "auto",
     max_new_tokens: MaxNewTokens = None,
     extraction_model: ExtractionModel = None,
+    extraction_tries: ExtractionTries = 5,
     custom_path: CustomPath = None,
     question_column: QuestionColumn = "question",
     answer_column: AnswerColumn = "answer",
@@ -154,6 +156,7 @@ def run(
     prompt_style: PromptStyle = "auto",
     max_new_tokens: MaxNewTokens = None,
     extraction_model: ExtractionModel = None,
+    extraction_tries: ExtractionTries = 5,
     custom_path: CustomPath = None,
     question_column: QuestionColumn = "question",
     answer_column: AnswerColumn = "answer",

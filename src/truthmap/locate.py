@@ -36,7 +36,9 @@ EXTRACTION_EXAMPLES = (
         "Neil Armstrong",
     ),
 )
-EXTRACTION_MAX_NEW_TOKENS = 24
+EXTRACTION_MAX_NEW_TOKENS = 16
+# Small models sometimes copy a whole sentence back; that is no exact answer, so it counts as a failed try.
+EXTRACTION_MAX_WORDS = 10
 
 
 def extraction_prompt_ids(tokenizer, chat: bool, question: str, answer: str) -> list[int]:
@@ -66,16 +68,57 @@ def parse_extraction(output: str, answer: str) -> tuple[str, tuple[int, int] | N
         return None
     if text.upper() == NO_ANSWER:
         return "no_answer", None
+    if len(text.split()) > EXTRACTION_MAX_WORDS:
+        return None
     found = re.search(re.escape(text), answer, flags=re.IGNORECASE)
     return ("extracted", found.span()) if found else None
 
 
 def answer_offsets(tokenizer, answer: str, answer_ids: list[int]) -> list[tuple[int, int]] | None:
-    """Character span of each generated token, or None when re-encoding the text does not give the same tokens."""
+    """Character span of each generated token, or None when it cannot be known.
+
+    The tokenizer's offset mapping of the re-encoded text, when re-encoding gives the generated tokens back.
+    Models sometimes generate a split the tokenizer would not choose ("ĠA" + "aland" for "ĠAal" + "and"); then
+    the spans come from each generated token's bytes.
+    """
     encoded = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
-    if list(encoded["input_ids"]) != list(answer_ids):
+    if list(encoded["input_ids"]) == list(answer_ids):
+        return [tuple(span) for span in encoded["offset_mapping"]]
+    return _offsets_from_bytes(tokenizer, answer, answer_ids)
+
+
+def _offsets_from_bytes(tokenizer, answer: str, answer_ids: list[int]) -> list[tuple[int, int]] | None:
+    byte_level = "ByteLevel" in repr(tokenizer.backend_tokenizer.decoder)
+    pieces = [_token_bytes(token, byte_level) for token in tokenizer.convert_ids_to_tokens(list(answer_ids))]
+    if any(p is None for p in pieces) or b"".join(pieces).decode("utf-8", errors="replace") != answer:
         return None
-    return [tuple(span) for span in encoded["offset_mapping"]]
+    char_of_byte = [i for i, char in enumerate(answer) for _ in char.encode("utf-8")]
+    offsets, at = [], 0
+    for piece in pieces:
+        start = char_of_byte[at] if at < len(char_of_byte) else len(answer)
+        end = char_of_byte[at + len(piece) - 1] + 1 if piece else start
+        offsets.append((start, end))
+        at += len(piece)
+    return offsets
+
+
+_BYTE_OF_CHAR = None
+
+
+def _token_bytes(token: str, byte_level: bool) -> bytes | None:
+    """The bytes a token stands for: GPT-2 byte-level alphabet, or SentencePiece ("▁" = space, <0xNN> = a byte)."""
+    global _BYTE_OF_CHAR
+    if byte_level:
+        if _BYTE_OF_CHAR is None:
+            printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+            extra = [b for b in range(256) if b not in printable]
+            _BYTE_OF_CHAR = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(extra)}
+        if any(char not in _BYTE_OF_CHAR for char in token):
+            return None
+        return bytes(_BYTE_OF_CHAR[char] for char in token)
+    if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+        return bytes([int(token[3:5], 16)])
+    return token.replace("\u2581", " ").encode("utf-8")
 
 
 def span_to_tokens(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:
@@ -116,7 +159,9 @@ def extract_with_llm(lm, rows: list[tuple[str, str, str]], batch_size: int, chec
     done = checkpoints.load()
     results = {r.id: (r.source, None if r.start < 0 else (r.start, r.end)) for r in done.itertuples()}
     todo = [row for row in rows if row[0] not in results]
-    stop_ids = stop_token_ids(lm.tokenizer, lm.model)
+    # The exact answer is one line: stopping at the first newline saves most of the decoding.
+    newline = lm.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    stop_ids = stop_token_ids(lm.tokenizer, lm.model) + (newline if len(newline) == 1 else [])
     with progress_bar(total=len(rows), initial=len(rows) - len(todo), description="Extracting exact answers") as advance:
         for batch in batches(todo, batch_size):
             found = {}

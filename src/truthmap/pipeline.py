@@ -180,22 +180,24 @@ def probe(config: RunConfig) -> RunDir:
     from truthmap.rundir import POSITIONS
 
     run = run_dir(config)
+    out = run.probes(config.site)
     table = _answers_table(run)
     acts, meta = open_store(run.activations(config.site))
+    made_by = {"answers": meta["answers"], "site": config.site, "seeds": list(config.seeds)}
+    if (out / "probes.json").exists() and all(read_json(out / "probes.json").get(k) == v for k, v in made_by.items()):
+        return run
     rows = np.flatnonzero(table["exact_answer_valid"].to_numpy())
     is_error = ~table["correct"].to_numpy()[rows]
     groups = [table["group"].iloc[i] for i in rows]
     grid = probe_grid(_Rows(acts, rows), is_error, groups=groups, seeds=config.seeds, name=config.dataset)
-    out = run.probes(config.site)
     title = f"{model_slug(config.model)} · {config.dataset} ({config.split}) · {config.site} · n={len(rows)}"
     plot_heatmap(grid.mean, POSITIONS, title, out / "heatmap.png", out / "heatmap.svg")
     write_heatmap_csv(grid, POSITIONS, out / "heatmap.csv")
     write_top_cells(grid, POSITIONS, out / "top_cells.json")
     write_json(
         out / "probes.json",
-        {
-            "site": config.site,
-            "seeds": list(config.seeds),
+        made_by
+        | {
             "rows_with_valid_exact_answer": int(len(rows)),
             "errors": int(is_error.sum()),
             "correct": int((~is_error).sum()),

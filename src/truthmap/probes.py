@@ -1,0 +1,508 @@
+"""Error probes: for every (layer, token) cell, a linear probe on the activations predicts whether the answer is wrong.
+
+As in Orgad et al. (2025): errors are the positive class, each cell gets a logistic regression on standardized
+activations, scored by test AUC and averaged over a few seeded train/test splits (one split per seed, shared by
+all cells). `_fit_logistic` fits many cells and splits at once; `ErrorProbe` is the scikit-learn face of one cell.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from truthmap.errors import ProbeError
+
+MIN_PER_CLASS = 5  # fewer errors (or correct answers) than this and the AUC is noise
+CELL_BUDGET_BYTES = 512 * 2**20  # float32 activations held at once by probe_grid (two layouts of each cell)
+GRAM_ROWS = 2048  # rows used to build the preconditioner of the logistic fits
+
+
+class ProbeInputError(ProbeError, ValueError):
+    """Bad input to ErrorProbe. Also a ValueError, which scikit-learn's conventions and checks expect."""
+
+
+def _check_positive(value, name: str, owner: str) -> None:
+    # scikit-learn's wording, so that users of sklearn recognise it.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
+        raise ProbeInputError(f"The '{name}' parameter of {owner} must be a float > 0. Got {value!r} instead.")
+
+
+def _check_C(C, owner: str) -> None:
+    _check_positive(C, "C", owner)
+
+
+def _check_max_iter(max_iter, owner: str) -> None:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
+        raise ProbeInputError(f"The 'max_iter' parameter of {owner} must be an int >= 1. Got {max_iter!r} instead.")
+
+
+# --------------------------------------------------------------------------------------------- the batched fit
+
+
+def _fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=1e-4, history=10):
+    """L2 logistic regressions for B cells x S splits at once, by preconditioned L-BFGS (torch).
+
+    X: [B, n, d] float tensor (one cell per batch entry, all n rows), centred and scaled IN PLACE to save a copy;
+    y: [n] 0/1; train: [S, n] bool.
+    Each (cell, split) minimises 0.5*||w||^2 + C * sum_train logloss, on features standardized with the train
+    rows' mean and std (population std, 0 -> 1, as StandardScaler); the intercept is not penalised. This is
+    sklearn's LogisticRegression(C) objective, and `tol` is its gradient tolerance.
+    Returns a dict of tensors: coef [B, S, d], intercept [B, S] (standardized space), mean and scale [B, S, d]
+    (raw space), logits [B, S, n] for every row, converged [B, S] bool, and n_iter (int).
+    """
+    import torch
+
+    B, n, d = X.shape
+    dtype = X.dtype
+    y = torch.as_tensor(y, dtype=dtype)  # [n]
+    train = torch.as_tensor(train, dtype=dtype)  # [S, n], 1.0 on train rows
+    S = train.shape[0]
+    n_train = train.sum(1)  # [S]
+
+    # Centre and scale once for all splits; each split's own standardization is then a small affine correction
+    # (m, v below), so the two big layouts of X are shared by all splits and every pass reads X once for S splits.
+    mu = X.mean(1, keepdim=True)  # [B, 1, d]
+    Xn = X.sub_(mu)  # [B, n, d]
+    if standardize:
+        sd = Xn.pow(2).mean(1, keepdim=True).sqrt()  # [B, 1, d]
+        sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+        Xn /= sd
+        m = (train @ Xn) / n_train[:, None]  # [B, S, d] per-split train mean
+        v = ((train @ Xn.square()) / n_train[:, None] - m.square()).clamp_min(0).sqrt()  # [B, S, d]
+        v = torch.where(v > 1e-6, v, torch.ones_like(v))
+    else:
+        sd = torch.ones_like(mu)
+        m = torch.zeros(B, S, d, dtype=dtype)
+        v = torch.ones(B, S, d, dtype=dtype)
+    XnT = Xn.transpose(1, 2).contiguous()  # [B, d, n]: the fast layout for the forward pass on this CPU BLAS
+
+    def forward(w, b):  # logits of every row for standardized weights w [B, S, d] and intercepts b [B, S]
+        u = w / v  # [B, S, d] weights on Xn
+        return u @ XnT + (b - (u * m).sum(-1))[..., None]  # [B, S, n]
+
+    def loss_grad(w, b, z):  # objective [B, S], gradients [B, S, d] and [B, S] at logits z
+        loss = 0.5 * w.square().sum(-1) + C * (train * (torch.nn.functional.softplus(z) - y * z)).sum(-1)
+        r = train * (torch.sigmoid(z) - y)  # [B, S, n]
+        r_sum = r.sum(-1)  # [B, S]
+        g_w = w + C * ((r @ Xn) - m * r_sum[..., None]) / v
+        return loss, g_w, C * r_sum
+
+    # Preconditioner: the Hessian at w = 0 (every probability 1/2), I + C/4 * X^T X on the train rows, shared by
+    # the splits (all rows, rescaled to the mean train size). Standardized features are centred, so the intercept
+    # block is separate. With it the first step is a Newton step and L-BFGS needs tens of steps, not hundreds.
+    # Beyond GRAM_ROWS rows a strided subset estimates X^T X well enough and keeps this O(d^2) per row cost bounded.
+    step = -(-n // GRAM_ROWS)
+    frac = float(n_train.mean()) / Xn[:, ::step].shape[1]
+    P = torch.eye(d, dtype=dtype) + (0.25 * C * frac) * (XnT[:, :, ::step] @ Xn[:, ::step])  # [B, d, d]
+    # An explicit inverse: batched cholesky_solve is ~20x slower than a matmul on CPU, and a preconditioner
+    # need not be exact.
+    P_inv = torch.cholesky_inverse(torch.linalg.cholesky(P))  # [B, d, d], symmetric
+    p_b = 0.25 * C * n_train  # [S] intercept curvature at w = 0
+
+    def precondition(q_w, q_b):  # q_w [B, S, d] -> P^-1 q_w (row vectors: q_w P^-1, P^-1 symmetric)
+        return q_w @ P_inv, q_b / p_b
+
+    w = torch.zeros(B, S, d, dtype=dtype)
+    b = torch.zeros(B, S, dtype=dtype)
+    z = torch.zeros(B, S, n, dtype=dtype)
+    loss, g_w, g_b = loss_grad(w, b, z)
+    threshold = tol * C * n_train  # [S] sklearn's tol on the objective divided by C * n_train
+    memory = []  # (s_w, s_b, y_w, y_b, rho), newest last
+    stuck = torch.zeros(B, S, dtype=torch.bool)  # no descent found: the optimum within float precision
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        active = (torch.maximum(g_w.abs().amax(-1), g_b.abs()) > threshold) & ~stuck  # [B, S]
+        if not active.any():
+            n_iter -= 1
+            break
+        # Two-loop recursion, elementwise over the batch (a pair with rho = 0 is a no-op).
+        q_w, q_b = g_w.clone(), g_b.clone()
+        alphas = []
+        for s_w, s_b, y_w, y_b, rho in reversed(memory):
+            a = rho * ((s_w * q_w).sum(-1) + s_b * q_b)
+            q_w -= a[..., None] * y_w
+            q_b -= a * y_b
+            alphas.append(a)
+        r_w, r_b = precondition(q_w, q_b)
+        if memory:  # scale the preconditioner by the newest curvature pair, as in plain L-BFGS
+            s_w, s_b, y_w, y_b, rho = memory[-1]
+            h_w, h_b = precondition(y_w, y_b)
+            yHy = (y_w * h_w).sum(-1) + y_b * h_b
+            gamma = torch.where((rho > 0) & (yHy > 0), 1 / (rho * yHy).clamp_min(1e-30), torch.ones_like(rho))
+            r_w, r_b = gamma[..., None] * r_w, gamma * r_b
+        for (s_w, s_b, y_w, y_b, rho), a in zip(memory, reversed(alphas)):
+            beta = rho * ((y_w * r_w).sum(-1) + y_b * r_b)
+            r_w += (a - beta)[..., None] * s_w
+            r_b += (a - beta) * s_b
+        d_w = -r_w * active[..., None]  # converged fits stay where they are
+        d_b = -r_b * active
+        # Backtracking (Armijo) line search. Logits move linearly along the direction, so one pass over X gives
+        # dz and every trial step costs only O(n).
+        dz = forward(d_w, d_b)  # [B, S, n]
+        slope = (g_w * d_w).sum(-1) + g_b * d_b  # [B, S], < 0 where active
+        step = active.to(dtype)
+        for _ in range(30):
+            trial_z = z + step[..., None] * dz
+            trial_w = w + step[..., None] * d_w
+            trial = 0.5 * trial_w.square().sum(-1) + C * (
+                train * (torch.nn.functional.softplus(trial_z) - y * trial_z)
+            ).sum(-1)
+            bad = trial > loss + 1e-4 * step * slope
+            if not bad.any():
+                break
+            step = torch.where(bad, step * 0.5, step)
+        else:
+            stuck |= bad
+            step = torch.where(bad, torch.zeros_like(step), step)
+        w_new, b_new = w + step[..., None] * d_w, b + step * d_b
+        z = z + step[..., None] * dz
+        loss_new, g_w_new, g_b_new = loss_grad(w_new, b_new, z)
+        s_w, s_b = w_new - w, b_new - b
+        y_w, y_b = g_w_new - g_w, g_b_new - g_b
+        sy = (s_w * y_w).sum(-1) + s_b * y_b
+        rho = torch.where(sy > 1e-10, 1 / sy.clamp_min(1e-10), torch.zeros_like(sy))
+        memory = (memory + [(s_w, s_b, y_w, y_b, rho)])[-history:]
+        w, b, loss, g_w, g_b = w_new, b_new, loss_new, g_w_new, g_b_new
+
+    converged = (torch.maximum(g_w.abs().amax(-1), g_b.abs()) <= threshold) | stuck
+    return {
+        "coef": w,
+        "intercept": b,
+        "mean": mu + sd * m,  # [B, S, d] raw-space mean of the train rows
+        "scale": sd * v,  # [B, S, d]
+        "logits": forward(w, b),  # recomputed: z accumulated rounding over the steps
+        "converged": converged,
+        "n_iter": n_iter,
+    }
+
+
+def _auc_rows(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row of scores [m, n] against one boolean label vector [n] (ties count one half)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores, axis=-1)  # [m, n], average ranks for ties, as roc_auc_score
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    return (ranks[:, positive].sum(-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def auc(y_true, scores) -> float:
+    """ROC AUC with the errors (True / the larger label) as positives. One class only -> ProbeError, not NaN."""
+    y_true = np.asarray(y_true)
+    scores = np.asarray(scores, dtype=np.float64)
+    classes = np.unique(y_true)
+    if classes.size != 2:
+        raise ProbeError(f"An AUC needs labels of 2 classes, got {classes.size} ({classes.tolist()[:5]}).")
+    return float(_auc_rows(scores[None], y_true == classes[1])[0])
+
+
+# --------------------------------------------------------------------------------------- the estimator (one cell)
+
+
+class ErrorProbe(ClassifierMixin, BaseEstimator):
+    """Standardize, then L2 logistic regression: the probe of one (layer, token) cell.
+
+    Parameters are sklearn's LogisticRegression ones (C is the inverse penalty: 0.5*||w||^2 + C * sum logloss;
+    tol bounds the gradient of that objective divided by C * n_samples, as sklearn's lbfgs).
+    Fitted attributes: classes_, coef_ [d] and intercept_ (on standardized features), mean_ and scale_ [d] (the
+    standardization; with standardize=False scale_ is ones and mean_ only centres, which moves the intercept
+    alone), n_features_in_, n_iter_. The fit is deterministic, hence no random_state.
+    ClassifierMixin comes first: scikit-learn's check_mixin_order requires mixins left of BaseEstimator.
+    """
+
+    def __init__(self, C=1.0, max_iter=1000, standardize=True, tol=1e-4):
+        self.C = C
+        self.max_iter = max_iter
+        self.standardize = standardize
+        self.tol = tol
+
+    def fit(self, X, y):
+        import torch
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.utils.multiclass import check_classification_targets, type_of_target
+        from sklearn.utils.validation import validate_data
+
+        _check_C(self.C, "ErrorProbe")
+        _check_max_iter(self.max_iter, "ErrorProbe")
+        _check_positive(self.tol, "tol", "ErrorProbe")
+        if not isinstance(self.standardize, (bool, np.bool_)):
+            raise ProbeInputError(
+                f"The 'standardize' parameter of ErrorProbe must be a bool. Got {self.standardize!r} instead."
+            )
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
+        self.classes_ = np.unique(y)
+        if self.classes_.size == 1:
+            raise ProbeInputError(
+                f"ErrorProbe needs samples of 2 classes, but y has only one class: {self.classes_.tolist()[0]!r}."
+            )
+        y_type = type_of_target(y, input_name="y", raise_unknown=True)
+        if y_type != "binary":
+            raise ProbeInputError(f"Only binary classification is supported. The type of the target is {y_type}.")
+        with _torch_threads(1):  # small problems: more threads only add overhead
+            fit = _fit_logistic(
+                torch.tensor(X)[None],  # [1, n, d]: a batch of one cell (a copy: X may be read-only)
+                (y == self.classes_[1]).astype(np.float64),
+                np.ones((1, X.shape[0]), dtype=bool),  # one split: every row trains
+                C=float(self.C),
+                standardize=self.standardize,
+                max_iter=self.max_iter,
+                tol=float(self.tol),
+            )
+        self.coef_ = fit["coef"][0, 0].numpy()
+        self.intercept_ = float(fit["intercept"][0, 0])
+        self.mean_ = fit["mean"][0, 0].numpy()
+        self.scale_ = fit["scale"][0, 0].numpy()
+        self.n_iter_ = max(1, fit["n_iter"])
+        if not bool(fit["converged"].all()):
+            warnings.warn(
+                f"ErrorProbe did not converge in {self.max_iter} iterations; increase max_iter.", ConvergenceWarning
+            )
+        return self
+
+    def decision_function(self, X):
+        """Log-odds of classes_[1] (the error class when y is is_error), shape (n,)."""
+        from sklearn.utils.validation import check_is_fitted, validate_data
+
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        return ((X - self.mean_) / self.scale_) @ self.coef_ + self.intercept_
+
+    def predict_proba(self, X):
+        from scipy.special import expit
+
+        p = expit(self.decision_function(X))
+        return np.stack([1 - p, p], axis=1)
+
+    def predict(self, X):
+        positive = self.decision_function(X) > 0
+        return self.classes_[positive.astype(int)]
+
+    def auc(self, X, y) -> float:
+        """Test ROC AUC with classes_[1] as positives (score keeps sklearn's accuracy)."""
+        return auc(np.asarray(y) == self.classes_[1], self.decision_function(X))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = False
+        return tags
+
+
+# ------------------------------------------------------------------------------------------------- splits and grid
+
+
+def _no_group(g) -> bool:
+    # None, or how pandas reads a null group from parquet: NaN or pd.NA (all NaN would otherwise be one group).
+    return g is None or (isinstance(g, float) and math.isnan(g)) or type(g).__name__ == "NAType"
+
+
+def grouped_split(n, groups=None, test_size=0.2, seed=0, stratify=None):
+    """Seeded train/test split of range(n) -> (train_idx, test_idx), both sorted int arrays.
+
+    groups: n hashables, or None (also NaN, pd.NA) entries, a row of its own; rows sharing a group land on the
+    same side.
+    stratify: optional n labels; each label's share of test rows is then close to test_size (a group counts
+    under its members' largest label, so a group holding an error is placed with the errors).
+    """
+    if not isinstance(n, numbers.Integral) or n < 2:
+        raise ProbeError(f"A train/test split needs at least 2 rows, got n={n!r}.")
+    if not (isinstance(test_size, numbers.Real) and 0 < test_size < 1):
+        raise ProbeError(f"test_size must be a float between 0 and 1 (exclusive). Got {test_size!r} instead.")
+    if groups is None:
+        groups = [None] * n
+    if len(groups) != n:
+        raise ProbeError(f"groups has {len(groups)} entries but there are {n} rows; give one group (or None) per row.")
+    ids: dict = {}
+    row_group = np.empty(n, dtype=np.int64)  # group number of each row, in order of first appearance
+    for i, g in enumerate(groups):
+        key = ("row", i) if _no_group(g) else ("group", g)
+        try:
+            row_group[i] = ids.setdefault(key, len(ids))
+        except TypeError:
+            raise ProbeError(f"groups[{i}] = {g!r} is not hashable; use a string or number per group.") from None
+    sizes = np.bincount(row_group)  # [n_groups]
+    labels = np.zeros(n, dtype=np.int64)
+    if stratify is not None:
+        labels = np.unique(np.asarray(stratify), return_inverse=True)[1].reshape(-1)
+    if labels.shape != (n,):
+        raise ProbeError(f"stratify has {labels.size} entries but there are {n} rows.")
+    group_label = np.zeros(sizes.size, dtype=np.int64)
+    np.maximum.at(group_label, row_group, labels)
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(sizes.size)  # one shuffle of the groups; strata take their groups in this order
+    in_test = np.zeros(sizes.size, dtype=bool)
+    for label in np.unique(group_label):
+        members = order[group_label[order] == label]
+        target = round(test_size * sizes[members].sum())
+        before = np.cumsum(sizes[members]) - sizes[members]  # test rows already taken when a group comes up
+        in_test[members[before < target]] = True  # overshoots the target by less than one group
+    test_rows = in_test[row_group]
+    if test_rows.all() or not test_rows.any():
+        raise ProbeError(
+            f"test_size={test_size} leaves the {'train' if test_rows.all() else 'test'} part empty with {n} rows "
+            f"in {sizes.size} groups; use more samples or another test_size."
+        )
+    return np.flatnonzero(~test_rows), np.flatnonzero(test_rows)
+
+
+@dataclass
+class ProbeGrid:
+    """Test AUC of the error probe of every (layer, token position) cell, over seeded splits."""
+
+    mean: np.ndarray  # [layers, positions] mean AUC over the seeds
+    std: np.ndarray  # [layers, positions] standard deviation over the seeds (ddof=0)
+    aucs: np.ndarray  # [seeds, layers, positions]
+    n_train: int  # rows in the train part (mean over seeds; with groups the splits differ by under a group)
+    n_test: int
+    n_errors: int  # positives: incorrect answers
+    n_correct: int
+    seeds: tuple[int, ...]
+
+
+def _on(name: str) -> str:
+    return f" {name}" if name else ""
+
+
+def _of(name: str) -> str:
+    return f" of {name}" if name else ""
+
+
+def check_class_counts(n_errors: int, n_correct: int, name: str = "") -> None:
+    """Refuse to probe with fewer than MIN_PER_CLASS errors or correct answers (the AUC would be noise)."""
+    if min(n_errors, n_correct) >= MIN_PER_CLASS:
+        return
+    few = "errors" if n_errors < MIN_PER_CLASS else "correct answers"
+    raise ProbeError(
+        f"Too few {few} to probe{_on(name)}: {n_errors} incorrect and {n_correct} correct answers with a valid "
+        f"exact answer (need at least {MIN_PER_CLASS} of each). Use more samples (--n-samples)."
+    )
+
+
+def probe_grid(
+    acts,
+    is_error,
+    groups=None,
+    seeds=(0, 5, 26, 42, 63),
+    C=1.0,
+    test_size=0.2,
+    progress=True,
+    name="",
+    max_iter=1000,
+    threads=1,
+) -> ProbeGrid:
+    """Fit and score an error probe for every (layer, position) cell of acts [n, layers, positions, hidden].
+
+    acts is read one cell (acts[:, layer, pos, :]) at a time and converted to float32, so a memmap view over a
+    cell-major float16 store is never loaded whole. is_error: bool [n], the positive class. For each seed one
+    grouped split (stratified by is_error) serves all cells; each cell gets a standardized L2 logistic regression
+    (sklearn's C) on train and its ROC AUC on test. Cells are fitted in batches of up to one layer.
+    threads: torch threads for the fits (None: leave torch's setting). The default is 1 because torch's OpenMP
+    threads spin-wait: on a CPU shared with other work, 2 threads made small ops 100x slower and the grid 10x.
+    """
+    import torch
+
+    _check_C(C, "probe_grid")
+    shape = tuple(getattr(acts, "shape", ()))
+    if len(shape) != 4:
+        raise ProbeError(f"acts must be 4-D [samples, layers, positions, hidden]; got shape {shape}.")
+    n, n_layers, n_positions, hidden = shape
+    y = np.asarray(is_error)
+    if y.shape != (n,):
+        raise ProbeError(f"is_error has shape {y.shape} but acts has {n} samples; give one bool per sample.")
+    if y.dtype != bool:
+        if not np.isin(y, [0, 1]).all():
+            values = np.unique(y)[:5].tolist()
+            raise ProbeError(f"is_error must be bool (True = incorrect answer); got values {values}.")
+        y = y.astype(bool)
+    seeds = tuple(int(s) for s in seeds)
+    if not seeds:
+        raise ProbeError("seeds is empty; give at least one seed.")
+    n_errors = int(y.sum())
+    check_class_counts(n_errors, n - n_errors, name)
+
+    # Every split is checked before any fit: roc_auc_score on one class returns NaN with only a warning.
+    splits = [grouped_split(n, groups, test_size, seed, stratify=y) for seed in seeds]
+    for seed, parts in zip(seeds, splits):
+        for part, idx in zip(("train", "test"), parts):
+            k = int(y[idx].sum())
+            if k == 0 or k == idx.size:
+                raise ProbeError(
+                    f"The {part} part of the split for seed {seed}{_of(name)} has one class only: {k} incorrect and "
+                    f"{idx.size - k} correct answers. Use more samples (--n-samples)."
+                )
+    train = np.zeros((len(seeds), n), dtype=bool)  # [seeds, n]
+    for i, (train_idx, _) in enumerate(splits):
+        train[i, train_idx] = True
+
+    aucs = np.empty((len(seeds), n_layers, n_positions))
+    cells = [(layer, pos) for layer in range(n_layers) for pos in range(n_positions)]
+    per_batch = max(1, min(n_positions, CELL_BUDGET_BYTES // (2 * 4 * n * hidden)))
+    not_converged = 0
+    with _progress(len(cells), f"probing{_on(name)}", progress) as bar, _torch_threads(threads):
+        for start in range(0, len(cells), per_batch):
+            batch = cells[start : start + per_batch]
+            X = torch.empty(len(batch), n, hidden)  # [cells, n, hidden] float32
+            for i, (layer, pos) in enumerate(batch):
+                X[i].numpy()[:] = acts[:, layer, pos, :]  # [n, hidden]: reads this cell only, cast to float32
+                if not torch.isfinite(X[i]).all():
+                    raise ProbeError(
+                        f"Activations{_of(name)} at layer {layer}, position {pos} hold "
+                        f"{int((~torch.isfinite(X[i])).sum())} NaN or inf values; extract the activations again."
+                    )
+            fit = _fit_logistic(X, y.astype(np.float32), train, float(C), max_iter=max_iter)
+            logits = fit["logits"].numpy()  # [cells, seeds, n]
+            not_converged += int((~fit["converged"]).sum())
+            for s in range(len(seeds)):
+                test = ~train[s]
+                for (layer, pos), a in zip(batch, _auc_rows(logits[:, s, test], y[test])):
+                    aucs[s, layer, pos] = a
+            bar.update(len(batch))
+    if not_converged:
+        warnings.warn(f"{not_converged} of {aucs.size} probe fits did not converge in {max_iter} iterations.")
+    return ProbeGrid(
+        mean=aucs.mean(0),
+        std=aucs.std(0),
+        aucs=aucs,
+        n_train=int(round(train.sum(1).mean())),
+        n_test=int(round((~train).sum(1).mean())),
+        n_errors=n_errors,
+        n_correct=n - n_errors,
+        seeds=seeds,
+    )
+
+
+@contextmanager
+def _torch_threads(n):
+    """Run torch with n intra-op threads (None: unchanged), restoring the setting afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _progress(total: int, description: str, enabled: bool):
+    """A tqdm bar over cells (silenced by progress=False or TRUTHMAP_PROGRESS=0, as truthmap.progress does)."""
+    import os
+
+    if not enabled or os.environ.get("TRUTHMAP_PROGRESS", "1") == "0":
+        return nullcontext(_NoBar())
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="cell", dynamic_ncols=True)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass

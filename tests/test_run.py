@@ -1,0 +1,71 @@
+"""`truthmap run` end to end in-process on a tiny model saved to disk: generate, extract, probe, heatmap."""
+
+import csv
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from truthmap import locate
+from truthmap.cli import app
+from truthmap.decoding import Generation, generate_batch
+from truthmap.models import encode_prompt
+
+
+@pytest.fixture
+def study(tmp_path, monkeypatch):
+    """A saved tiny model and a custom dataset on which about half of its greedy answers are right."""
+    from tiny import tiny_lm
+
+    lm = tiny_lm(seed=3)
+    model_dir = tmp_path / "tiny-model"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    questions = [f"What is the capital of {word}? {i}" for i, word in enumerate(["France", "Norway", "Peru"] * 30)]
+    prompts = [encode_prompt(lm.tokenizer, q, True) for q in questions]
+    answers = [g for start in range(0, 90, 30) for g in generate_batch(lm.model, lm.tokenizer, prompts[start : start + 30], 16, [2])]
+    texts = [lm.tokenizer.decode(g.token_ids).strip() for g in answers]
+    path = tmp_path / "qa.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["question", "answer"])
+        for i, (q, text) in enumerate(zip(questions, texts)):
+            writer.writerow([q, text[:4] if i % 2 and text[:4].strip() else "zzzqqq"])
+
+    def first_word_extractor(model, tokenizer, prompts, *args):  # stands in for a capable extraction model
+        long_answers = [tokenizer.decode(p).rsplit("Long answer: ", 1)[1].split("\nExact answer:")[0] for p in prompts]
+        return [Generation(tokenizer((a.split() or ["NO ANSWER"])[0], add_special_tokens=False)["input_ids"], [], True) for a in long_answers]
+
+    monkeypatch.setattr(locate, "generate_batch", first_word_extractor)
+    return model_dir, path
+
+
+def test_run_writes_the_heatmap_and_skips_finished_stages(study, tmp_path):
+    model_dir, data = study
+    args = ["run", "--model", str(model_dir), "--dataset", "custom", "--custom-path", str(data),
+            "--runs-dir", str(tmp_path / "runs"), "--batch-size", "8", "--seeds", "0,1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "runs" / "tiny-model" / "custom" / "train"
+    table = pd.read_parquet(out / "answers.parquet")
+    assert 0 < table["correct"].sum() < len(table) and table["exact_answer_valid"].mean() > 0.8
+    probes = out / "probes" / "mlp"
+    for name in ["heatmap.png", "heatmap.svg", "heatmap.csv", "top_cells.json", "probes.json"]:
+        assert (probes / name).stat().st_size > 0
+    summary = json.loads((probes / "probes.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["rows_with_valid_exact_answer"] == table["exact_answer_valid"].sum()
+    cells = pd.read_csv(probes / "heatmap.csv")
+    assert len(cells) == 2 * 15 and cells["auc_mean"].between(0, 1).all()
+    assert f"Heatmap: {probes / 'heatmap.png'}" in result.output and "Best cell: layer" in result.output
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # nothing redone
+
+
+def test_probe_before_extract_says_what_to_run(tmp_path):
+    result = CliRunner().invoke(app, ["probe", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: No answers in ") and "truthmap generate" in result.output
