@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/truthmap generate --n-samples 200
+	$(BIN)/truthmap run --n-samples 300 --extraction-tries 2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from truthmap.decoding import batches
+from truthmap.decoding import batches, left_pad
 from truthmap.errors import ConfigError
 from truthmap.progress import progress_bar
 from truthmap.rundir import POSITIONS, check_matches, position_column, read_json, write_json
@@ -65,12 +65,8 @@ def extract_activations(lm, table, directory: Path, site: str, batch_size: int, 
     pad_id = lm.tokenizer.pad_token_id
     with progress_bar(n_samples, f"Extracting {site} activations", initial=meta["written"]) as advance:
         for batch in batches(order[meta["written"] :], batch_size):
-            width = max(len(sequences[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [batch, seq]
-            attention_mask = torch.zeros_like(input_ids)
-            for row, i in enumerate(batch):
-                input_ids[row, width - len(sequences[i]) :] = torch.tensor(sequences[i])
-                attention_mask[row, width - len(sequences[i]) :] = 1
+            input_ids, attention_mask = left_pad([sequences[i] for i in batch], pad_id)  # [batch, seq]
+            width = input_ids.shape[1]
             offsets = np.array([width - len(sequences[i]) for i in batch])[:, None]
             # Missing exact answers (-1) read the first real token; those rows are masked out of every probe.
             padded = torch.from_numpy(np.maximum(positions[batch], 0) + offsets)  # [batch, 15]

@@ -58,12 +58,8 @@ def generate_batch(
     from transformers import LogitsProcessorList
 
     pad_id = tokenizer.pad_token_id
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # [batch, prompt]
-    attention_mask = torch.zeros_like(input_ids)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        attention_mask[row, width - len(prompt) :] = 1
+    input_ids, attention_mask = left_pad(prompts, pad_id)  # [batch, prompt]
+    width = input_ids.shape[1]
     recorder = _logprob_recorder()
     sampling = temperature > 0
     if seed is not None:
@@ -84,6 +80,19 @@ def generate_batch(
     logprobs = recorder.finish(sequences)  # [batch, steps]
     new_tokens = sequences[:, width:].cpu()
     return [_trim(new_tokens[row].tolist(), logprobs[row].tolist(), set(stop_ids)) for row in range(len(prompts))]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int):
+    """Token ids and attention mask, [batch, longest]; each row right-aligned so all end at the last column."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, width - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, width - len(sequence) :] = 1
+    return input_ids, attention_mask
 
 
 def _trim(tokens: list[int], logprobs: list[float], stop_ids: set[int]) -> Generation:
