@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TRUTHMAP_PROGRESS", "0")
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# CI points TRUTHMAP_DATA_DIR at shared/data beside the checkout; a developer's checkout has it at ../shared/data.
+SHARED_DATA = Path(os.environ.get("TRUTHMAP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 @pytest.fixture

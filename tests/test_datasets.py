@@ -23,17 +23,13 @@ from truthmap.datasets import (
 from truthmap.datasets import loaders
 from truthmap.errors import ConfigError, DataError
 
-# CI points TRUTHMAP_DATA_DIR at shared/data beside the checkout; read it before the fixture below clears it.
-SHARED_DATA = Path(os.environ.get("TRUTHMAP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 PAPER_DATASETS = ["triviaqa", "hotpotqa", "hotpotqa_with_context", "movies", "winobias", "winogrande", "mnli",
                   "imdb", "math", "natural_questions_with_context"]
 
 
 @pytest.fixture
-def data_dir():
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real dataset files not found at {SHARED_DATA} (set TRUTHMAP_DATA_DIR to run these)")
-    return SHARED_DATA
+def data_dir(shared_data):
+    return shared_data
 
 
 @pytest.fixture(params=[0, 1, 2])
