@@ -95,7 +95,7 @@ _ENTRIES = [
     DatasetSpec(
         name="winobias",
         version=1,
-        description="WinoBias coreference: which occupation a pronoun refers to (pro/anti-stereotype pairs).",
+        description="WinoBias coreference: which occupation a pronoun refers to (linked rows grouped in fours).",
         loader="winobias",
         files={"train": "winobias_dev.csv", "test": "winobias_test.csv"},
         instruct_prompt="{sentence} {q_instruct}",
