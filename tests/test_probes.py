@@ -143,7 +143,7 @@ def test_grid_shows_progress(tmp_path, monkeypatch, capsys):
     store, is_error = make_store(tmp_path, 0, n=100)
     monkeypatch.setenv("TRUTHMAP_PROGRESS", "1")
     probe_grid(sample_major(store), is_error, seeds=(0,), progress=True, name="nq")
-    assert "probing nq: 100%" in capsys.readouterr().err
+    assert "Probing nq: 100%" in capsys.readouterr().err
     probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, name="nq")
     assert capsys.readouterr().err == ""
 

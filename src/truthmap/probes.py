@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from truthmap.errors import ProbeError
+from truthmap.progress import progress_bar
 
 MIN_PER_CLASS = 5  # fewer errors (or correct answers) than this and the AUC is noise
 CELL_BUDGET_BYTES = 512 * 2**20  # float32 activations held at once by probe_grid (two layouts of each cell)
@@ -445,7 +446,8 @@ def probe_grid(
     cells = [(layer, pos) for layer in range(n_layers) for pos in range(n_positions)]
     per_batch = max(1, min(n_positions, CELL_BUDGET_BYTES // (2 * 4 * n * hidden)))
     not_converged = 0
-    with _progress(len(cells), f"probing{_on(name)}", progress) as bar, _torch_threads(threads):
+    probing = progress_bar(len(cells), f"Probing{_on(name)}", unit="cell", enabled=progress)
+    with probing as advance, _torch_threads(threads):
         for start in range(0, len(cells), per_batch):
             batch = cells[start : start + per_batch]
             X = torch.empty(len(batch), n, hidden)  # [cells, n, hidden] float32
@@ -463,7 +465,7 @@ def probe_grid(
                 test = ~train[s]
                 for (layer, pos), a in zip(batch, _auc_rows(logits[:, s, test], y[test])):
                     aucs[s, layer, pos] = a
-            bar.update(len(batch))
+            advance(len(batch))
     if not_converged:
         warnings.warn(f"{not_converged} of {aucs.size} probe fits did not converge in {max_iter} iterations.")
     return ProbeGrid(
@@ -490,19 +492,3 @@ def _torch_threads(n):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _progress(total: int, description: str, enabled: bool):
-    """A tqdm bar over cells (silenced by progress=False or TRUTHMAP_PROGRESS=0, as truthmap.progress does)."""
-    import os
-
-    if not enabled or os.environ.get("TRUTHMAP_PROGRESS", "1") == "0":
-        return nullcontext(_NoBar())
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, unit="cell", dynamic_ncols=True)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass

@@ -7,10 +7,10 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def progress_bar(total: int, description: str, initial: int = 0):
-    """Yields advance(n). Silenced with TRUTHMAP_PROGRESS=0 (tests, batch jobs)."""
+def progress_bar(total: int, description: str, initial: int = 0, unit: str = "sample", enabled: bool = True):
+    """Yields advance(n). Silenced with TRUTHMAP_PROGRESS=0 (tests, batch jobs) or enabled=False."""
     from tqdm.auto import tqdm
 
-    disable = os.environ.get("TRUTHMAP_PROGRESS", "1") == "0"
-    with tqdm(total=total, initial=initial, desc=description, unit="sample", disable=disable, dynamic_ncols=True) as bar:
+    disable = not enabled or os.environ.get("TRUTHMAP_PROGRESS", "1") == "0"
+    with tqdm(total=total, initial=initial, desc=description, unit=unit, disable=disable, dynamic_ncols=True) as bar:
         yield bar.update
