@@ -30,23 +30,15 @@ EXTRACTION_EXAMPLES = (
     ),
     ("What is the capital of Peru?", "The capital of Peru is Lima, a large city on the Pacific coast.", "Lima"),
     ("In which country is the city of Kandy?", "I'm sorry, I don't have information about that city.", NO_ANSWER),
+    (
+        "Who was the first man to walk on the moon?",
+        "The first person to walk on the Moon was Neil Armstrong, commander of Apollo 11, in July 1969.",
+        "Neil Armstrong",
+    ),
 )
 EXTRACTION_MAX_NEW_TOKENS = 16
 # Small models sometimes copy a whole sentence back; that is no exact answer, so it counts as a failed try.
 EXTRACTION_MAX_WORDS = 10
-
-
-def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Chat templates without a system role (Gemma's) raise: fold the system text into the first user turn."""
-    from jinja2.exceptions import TemplateError
-
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except TemplateError:
-        system, first, *rest = messages
-        merged = {"role": "user", "content": system["content"] + "\n\n" + first["content"]}
-        text = tokenizer.apply_chat_template([merged, *rest], add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def extraction_prompt_ids(tokenizer, chat: bool, question: str, answer: str) -> list[int]:
@@ -55,11 +47,15 @@ def extraction_prompt_ids(tokenizer, chat: bool, question: str, answer: str) -> 
         return f"Question: {q}\nLong answer: {a}\nExact answer:"
 
     if chat:
-        messages = [{"role": "system", "content": EXTRACTION_INSTRUCTION}]  # replaces any default system prompt
+        # The instruction goes in the first user turn: as a system turn, SmolLM2 answers NO ANSWER five times
+        # as often and extracts a fifth as many spans.
+        messages = []
         for q, a, exact in EXTRACTION_EXAMPLES:
             messages += [{"role": "user", "content": user_turn(q, a)}, {"role": "assistant", "content": exact}]
+        messages[0]["content"] = EXTRACTION_INSTRUCTION + "\n\n" + messages[0]["content"]
         messages.append({"role": "user", "content": user_turn(question, answer)})
-        return encode_chat(tokenizer, messages)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
     shots = "\n\n".join(f"{user_turn(q, a)} {exact}" for q, a, exact in EXTRACTION_EXAMPLES)
     return encode_prompt(tokenizer, f"{EXTRACTION_INSTRUCTION}\n\n{shots}\n\n{user_turn(question, answer)}", False)
 
