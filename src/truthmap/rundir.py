@@ -8,6 +8,12 @@
         activations/<site>/acts.f16       float16 memmap, cell-major [layers, positions, samples, hidden]
         activations/<site>/meta.json      shape, dtype, what made it, and how many samples are written
         probes/<site>/heatmap.png|svg|csv, top_cells.json, probes.json
+        baselines.parquet           per-row error scores of the logit baselines and p(True) (`truthmap table`)
+        detector_<site>.json        a saved detector fitted on this run (`truthmap fit-detector`)
+        detector_scores.parquet     id, error_probability, in_train: that detector applied to this run's rows
+        resamples/                  K sampled answers per question, error types, answer selection (`truthmap resample`)
+    runs/<model-slug>/tables/detection_table.csv|md|png      Table 1 over datasets (`truthmap table`)
+    runs/<model-slug>/generalization/auc*.csv|png            train-on-one, test-on-another (`truthmap generalize`)
 
 Stages never import each other: each reads what the previous one wrote here, and writes atomically (temp file
 + os.replace), so a killed run never leaves a half-written artifact and a rerun resumes where it stopped.
@@ -69,6 +75,16 @@ class RunDir:
     run_json = property(lambda self: self.path / "run.json")
     generation_parts = property(lambda self: self.path / "work" / "generations")
     extraction_parts = property(lambda self: self.path / "work" / "extractions")
+
+    baselines = property(lambda self: self.path / "baselines.parquet")
+    detector_scores = property(lambda self: self.path / "detector_scores.parquet")
+    resamples = property(lambda self: self.path / "resamples")
+    model_dir = property(lambda self: self.path.parent.parent)  # runs/<model-slug>: study-level results
+    tables = property(lambda self: self.model_dir / "tables")
+    generalization = property(lambda self: self.model_dir / "generalization")
+
+    def detector(self, site: str) -> Path:
+        return self.path / f"detector_{site}.json"
 
     def activations(self, site: str) -> Path:
         return self.path / "activations" / site
