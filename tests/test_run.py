@@ -62,10 +62,49 @@ def test_run_writes_the_heatmap_and_skips_finished_stages(study, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # nothing redone
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert [p for p in after if after[p] != before.get(p)] == []  # nothing redone
 
 
 def test_probe_before_extract_says_what_to_run(tmp_path):
     result = CliRunner().invoke(app, ["probe", "--runs-dir", str(tmp_path)])
     assert result.exit_code == 1
     assert result.output.startswith("Error: No answers in ") and "truthmap generate" in result.output
+
+
+def test_table_fit_detector_and_score_end_to_end(study, tmp_path):
+    model_dir, data = study
+    runs = tmp_path / "runs"
+    common = ["--model", str(model_dir), "--runs-dir", str(runs), "--batch-size", "8", "--seeds", "0,1"]
+    result = CliRunner().invoke(app, ["table", "--datasets", "custom", "--custom-path", str(data), *common])
+    assert result.exit_code == 0, result.output
+    tables = runs / "tiny-model" / "tables"
+    frame = pd.read_csv(tables / "detection_table.csv", index_col=0)
+    assert list(frame.columns) == ["custom", "custom_std"] and "p(True)-exact" in frame.index
+    assert frame.loc[["Logits-mean", "Probas-min", "p(True)"], "custom"].between(0, 1).all()
+    test_run = runs / "tiny-model" / "custom" / "test"
+    assert len(pd.read_parquet(test_run / "baselines.parquet")) == len(pd.read_parquet(test_run / "answers.parquet"))
+    assert not (runs / "tiny-model" / "custom" / "train" / "baselines.parquet").exists()  # scored on test only
+    assert "| method | custom |" in result.output
+
+    fitted = CliRunner().invoke(app, ["fit-detector", "--dataset", "custom", "--token", "-1", "--layer", "1",
+                                      "--model", str(model_dir), "--runs-dir", str(runs)])
+    assert fitted.exit_code == 0, fitted.output
+    detector = runs / "tiny-model" / "custom" / "train" / "detector_mlp.json"
+    assert json.loads(detector.read_text())["layer"] == 1
+    for split in ("train", "test"):
+        scores = pd.read_parquet(runs / "tiny-model" / "custom" / split / "detector_scores.parquet")
+        assert scores["error_probability"].between(0, 1).all() and scores["in_train"].all() == (split == "train")
+
+    scored = CliRunner().invoke(app, ["score", "--detector", str(detector), "--model", str(model_dir),
+                                      "--question", "What is the capital of Peru? 2", "--answer", "Lima"])
+    assert scored.exit_code == 0, scored.output
+    assert 0 <= json.loads(scored.stdout)["error_probability"] <= 1
+    pairs = tmp_path / "pairs.jsonl"
+    pd.DataFrame({"question": ["What is the capital of Peru? 2", "Capital of Norway?"], "answer": ["Lima", "Oslo"]}).to_json(
+        pairs, orient="records", lines=True)
+    batch = CliRunner().invoke(app, ["score", "--detector", str(detector), "--input", str(pairs)])
+    assert batch.exit_code == 0, batch.output
+    out = pd.read_json(tmp_path / "pairs.scored.jsonl", lines=True)
+    assert out["error_probability"].between(0, 1).all() and len(out) == 2
+    assert out["error_probability"][0] == pytest.approx(json.loads(scored.stdout)["error_probability"], abs=1e-6)

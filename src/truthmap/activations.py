@@ -42,9 +42,8 @@ def processing_order(lengths: list[int]) -> list[int]:
 def extract_activations(lm, table, directory: Path, site: str, batch_size: int, run_settings: dict) -> Path:
     """Fill directory/acts.f16 for every row of the answers table; resumes after the last finished batch."""
     import numpy as np
-    import torch
 
-    from truthmap.sites import capture, num_layers, site_width
+    from truthmap.sites import num_layers, site_width
 
     directory = Path(directory)
     n_samples, n_layers, hidden = len(table), num_layers(lm.model), site_width(lm.model, site)
@@ -62,17 +61,9 @@ def extract_activations(lm, table, directory: Path, site: str, batch_size: int, 
     sequences = [list(p) + list(a) for p, a in zip(table["prompt_ids"], table["answer_ids"])]
     positions = np.stack([table[position_column(p)].to_numpy() for p in POSITIONS], axis=1)  # [samples, 15]
     order = processing_order([len(s) for s in sequences])
-    pad_id = lm.tokenizer.pad_token_id
     with progress_bar(n_samples, f"Extracting {site} activations", initial=meta["written"]) as advance:
         for batch in batches(order[meta["written"] :], batch_size):
-            input_ids, attention_mask = left_pad([sequences[i] for i in batch], pad_id)  # [batch, seq]
-            width = input_ids.shape[1]
-            offsets = np.array([width - len(sequences[i]) for i in batch])[:, None]
-            # Missing exact answers (-1) read the first real token; those rows are masked out of every probe.
-            padded = torch.from_numpy(np.maximum(positions[batch], 0) + offsets)  # [batch, 15]
-            with torch.inference_mode(), capture(lm.model, site, padded) as cap:
-                lm.model.base_model(input_ids=input_ids.to(lm.model.device), attention_mask=attention_mask.to(lm.model.device))
-            values = cap.stack().float().numpy()  # [batch, layers, 15, hidden]
+            values = read_positions(lm, [sequences[i] for i in batch], positions[batch], site)
             meta["clipped"] += int((np.abs(values) > FLOAT16_MAX).sum())
             store[:, :, batch, :] = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).transpose(1, 2, 0, 3)
             store.flush()
@@ -80,6 +71,22 @@ def extract_activations(lm, table, directory: Path, site: str, batch_size: int, 
             write_json(meta_path, meta)
             advance(len(batch))
     return directory
+
+
+def read_positions(lm, sequences: list[list[int]], positions, site: str):
+    """One forward pass over a batch of token sequences: [batch, layers, k, hidden] float32 at positions [batch, k]
+    (indices into each unpadded sequence). Negative positions (no exact answer) read the first real token."""
+    import numpy as np
+    import torch
+
+    from truthmap.sites import capture
+
+    input_ids, attention_mask = left_pad(sequences, lm.tokenizer.pad_token_id)  # [batch, seq]
+    offsets = np.array([input_ids.shape[1] - len(s) for s in sequences])[:, None]
+    padded = torch.from_numpy(np.maximum(np.asarray(positions), 0) + offsets)
+    with torch.inference_mode(), capture(lm.model, site, padded) as cap:
+        lm.model.base_model(input_ids=input_ids.to(lm.model.device), attention_mask=attention_mask.to(lm.model.device))
+    return cap.stack().float().numpy()
 
 
 def open_store(directory: Path):
@@ -98,3 +105,16 @@ def open_store(directory: Path):
         )
     store = np.memmap(directory / STORE_FILE, dtype=np.float16, mode="r", shape=tuple(meta["shape"]))
     return store.transpose(2, 0, 1, 3), meta
+
+
+class RowView:
+    """A [samples, layers, positions, hidden] store restricted to some rows, read one cell at a time."""
+
+    def __init__(self, acts, rows):
+        self.acts, self.rows = acts, rows
+        self.shape = (len(rows),) + tuple(acts.shape[1:])
+
+    def __getitem__(self, key):
+        import numpy as np
+
+        return np.asarray(self.acts[key])[self.rows]

@@ -40,7 +40,12 @@ QuestionColumn = Annotated[str, typer.Option(help="With --dataset custom: the qu
 AnswerColumn = Annotated[str, typer.Option(help="With --dataset custom: the answer column (a string or a list).")]
 Site = Annotated[str, typer.Option(help="mlp (MLP output, as the paper), mlp_in, attn or resid.")]
 Seeds = Annotated[str, typer.Option(help="Probe split seeds, comma- or space-separated.")]
+StudyFile = Annotated[Optional[str], typer.Option(help="A TOML study file (see study.example.toml); flags given here override it.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback when a command fails.")]
 DEFAULT_SEEDS_TEXT = ",".join(str(s) for s in DEFAULT_SEEDS)
+DatasetList = Annotated[list[str], typer.Option("--datasets", help="Datasets of the study (space- or comma-separated, or repeated).")]
+StudySamples = Annotated[Optional[int], typer.Option(help="Questions per train split, for runs not yet on disk.")]
+TestSamples = Annotated[Optional[int], typer.Option(help="Questions per test split (default: --n-samples).")]
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -50,18 +55,48 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
+DEBUG = {"on": False}  # set by `truthmap --debug` for this invocation
+# Exits and usage errors that click prints itself; found by name because typer may ship its own copy of click.
+CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+CLICK_EXCEPTIONS = (typer.Exit, typer.Abort, CLICK_ERROR)
+
+
+@app.callback()
+def global_options(debug: Debug = False):
+    DEBUG["on"] = debug
+
+
+# `--datasets a b c`: click options take one value each, so the names after the first arrive as extra arguments.
+EXTRA_DATASETS = {"allow_extra_args": True}
+
+
+def parse_datasets(items: list[str]) -> list[str]:
+    return [name for item in items for name in item.replace(",", " ").split()]
+
+
 def reports_errors(command):
-    """Print library errors as one line and exit 1; no traceback."""
+    """Print any error as one line and exit 1; the traceback only with --debug."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except TruthmapError as error:
-            typer.echo(f"Error: {error}", err=True)
+        except CLICK_EXCEPTIONS:
+            raise
+        except Exception as error:
+            if DEBUG["on"]:
+                raise
+            typer.echo(error_line(error), err=True)
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def error_line(error: Exception) -> str:
+    if isinstance(error, TruthmapError):
+        return f"Error: {error}"
+    message = (str(error).strip().splitlines() or [""])[0]
+    return f"Error: {type(error).__name__}: {message} (rerun with --debug for the traceback)"
 
 
 @app.command()
@@ -143,6 +178,8 @@ def probe(
 @app.command()
 @reports_errors
 def run(
+    ctx: typer.Context,
+    config: StudyFile = None,
     model: Model = "smollm2",
     dataset: Dataset = "geography",
     split: Split = "train",
@@ -163,22 +200,36 @@ def run(
     site: Site = "mlp",
     seeds: Seeds = DEFAULT_SEEDS_TEXT,
 ):
-    """The main job: generate, extract, probe and draw the heatmap, skipping finished stages.
+    """The main job: generate, extract, probe, draw the heatmap and write report.html, skipping finished stages.
+
+    With --config, runs every dataset x site of a TOML study file; flags given on the command line override it.
 
     Example: truthmap run --dataset triviaqa --n-samples 1000 --data-dir ../shared/data
     """
     from truthmap import pipeline
+    from truthmap.config import load_study
 
-    options = {k: v for k, v in locals().items() if k != "pipeline"}
-    config = RunConfig(**(options | {"seeds": parse_seeds(seeds)}))
-    result = pipeline.run_all(config)
-    best = result["best"]
-    typer.echo(json.dumps({k: v for k, v in result.items() if k != "best"}, indent=2))
-    typer.echo(f"Heatmap: {result['heatmap']}")
-    typer.echo(f"Best cell: layer {best['layer']}, token {best['token']}, AUC {best['auc_mean']:.3f} ± {best['auc_std']:.3f}")
+    options = {k: v for k, v in locals().items() if k not in ("ctx", "config", "pipeline", "load_study")}
+    flags = {k: v for k, v in options.items() if given(ctx, k)}
+    if "seeds" in flags:
+        flags["seeds"] = parse_seeds(flags["seeds"])
+    for run_config in load_study(config, flags):
+        result = pipeline.run_all(run_config)
+        best = result["best"]
+        typer.echo(json.dumps({k: v for k, v in result.items() if k not in ("best", "report")}, indent=2))
+        typer.echo(f"Heatmap: {result['heatmap']}")
+        typer.echo(f"Best cell: layer {best['layer']}, token {best['token']}, AUC {best['auc_mean']:.3f} ± {best['auc_std']:.3f}")
+        typer.echo(f"Report: {result['report']}")
+
+
+def given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option was typed on the command line (not left at its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 @app.command()
+@reports_errors
 def datasets():
     """List the registered datasets.
 
@@ -188,6 +239,210 @@ def datasets():
 
     for name in list_datasets():
         typer.echo(f"{name:32} {get_spec(name).description}")
+
+
+@app.command(context_settings=EXTRA_DATASETS)
+@reports_errors
+def table(
+    ctx: typer.Context,
+    datasets: DatasetList,
+    model: Model = "smollm2",
+    n_samples: StudySamples = 300,
+    test_samples: TestSamples = None,
+    data_dir: DataDir = None,
+    runs_dir: RunsDir = "runs",
+    batch_size: BatchSize = 16,
+    seed: Seed = 0,
+    device: Device = None,
+    dtype: Dtype = None,
+    extraction_tries: ExtractionTries = 5,
+    custom_path: CustomPath = None,
+    question_column: QuestionColumn = "question",
+    answer_column: AnswerColumn = "answer",
+    site: Site = "mlp",
+    seeds: Seeds = DEFAULT_SEEDS_TEXT,
+):
+    """The paper's Table 1: baselines and chosen-layer probes, trained on each train split, scored on its test split.
+
+    Runs missing on disk (answers, activations, baselines) are made first; runs already there are reused as
+    they are. Writes runs/<model>/tables/detection_table.csv, .md and .png.
+
+    Example: truthmap table --datasets geography triviaqa winobias --n-samples 300 --data-dir ../shared/data
+    """
+    from truthmap import pipeline
+
+    options = {k: v for k, v in locals().items() if k not in ("ctx", "pipeline", "datasets", "test_samples")}
+    config = RunConfig(**(options | {"seeds": parse_seeds(seeds)}))
+    written = pipeline.table(config, parse_datasets(datasets + ctx.args), test_samples)
+    typer.echo(open(written["md"]).read())
+    typer.echo(f"Table: {written['csv']}, {written['md']}, {written['png']}")
+
+
+@app.command(context_settings=EXTRA_DATASETS)
+@reports_errors
+def generalize(
+    ctx: typer.Context,
+    datasets: DatasetList,
+    model: Model = "smollm2",
+    token: Annotated[str, typer.Option(help="The probed token of every probe.")] = "exact_answer_last",
+    n_samples: StudySamples = 300,
+    test_samples: TestSamples = None,
+    data_dir: DataDir = None,
+    runs_dir: RunsDir = "runs",
+    batch_size: BatchSize = 16,
+    seed: Seed = 0,
+    device: Device = None,
+    dtype: Dtype = None,
+    extraction_tries: ExtractionTries = 5,
+    custom_path: CustomPath = None,
+    question_column: QuestionColumn = "question",
+    answer_column: AnswerColumn = "answer",
+    site: Site = "mlp",
+    seeds: Seeds = DEFAULT_SEEDS_TEXT,
+):
+    """Train a probe on each dataset, test it on every dataset: AUC matrix, and AUC minus the target's baseline.
+
+    Reuses the runs of `truthmap table` (and makes missing ones). Writes runs/<model>/generalization/auc.csv,
+    auc_minus_baseline.csv and their heatmaps (train datasets down, test datasets across).
+
+    Example: truthmap generalize --datasets geography triviaqa movies winobias mnli --data-dir ../shared/data
+    """
+    from truthmap import pipeline
+
+    options = {k: v for k, v in locals().items() if k not in ("ctx", "pipeline", "datasets", "test_samples", "token")}
+    config = RunConfig(**(options | {"seeds": parse_seeds(seeds)}))
+    result = pipeline.generalize(config, parse_datasets(datasets + ctx.args), token, test_samples)
+    typer.echo(result["auc_table"].round(3).to_string())
+    typer.echo("\nAUC minus the test dataset's Logits-min-exact AUC:")
+    typer.echo(result["relative_table"].round(3).to_string())
+    typer.echo(f"Files: {result['auc']}, {result['auc_minus_baseline']} (+ .png)")
+
+
+@app.command("fit-detector")
+@reports_errors
+def fit_detector(
+    model: Model = "smollm2",
+    dataset: Dataset = "geography",
+    split: Split = "train",
+    runs_dir: RunsDir = "runs",
+    site: Site = "mlp",
+    token: Annotated[str, typer.Option(help="Probed token, e.g. exact_answer_last, last_q, -1.")] = "exact_answer_last",
+    layer: Annotated[Optional[int], typer.Option(help="Layer; default: chosen on validation splits.")] = None,
+    seeds: Seeds = DEFAULT_SEEDS_TEXT,
+    out: Annotated[Optional[str], typer.Option(help="Detector file; default: <run>/detector_<site>.json.")] = None,
+):
+    """Fit an error detector on a finished run and save it as one self-contained JSON file.
+
+    Also writes detector_scores.parquet in the run (and in its test split's run, when that one is extracted).
+
+    Example: truthmap fit-detector --dataset geography --token exact_answer_last
+    """
+    from truthmap import pipeline
+
+    config = RunConfig(model=model, dataset=dataset, split=split, runs_dir=runs_dir, site=site, seeds=parse_seeds(seeds))
+    typer.echo(json.dumps(pipeline.fit_detector(config, token, layer, out), indent=2))
+
+
+@app.command()
+@reports_errors
+def score(
+    detector: Annotated[str, typer.Option(help="A detector file from `truthmap fit-detector`.")],
+    question: Annotated[Optional[str], typer.Option(help="The question (single mode).")] = None,
+    answer: Annotated[Optional[str], typer.Option(help="The answer to score (single mode).")] = None,
+    input_path: Annotated[Optional[str], typer.Option("--input", help="Batch mode: a CSV or JSONL file of questions and answers.")] = None,
+    output: Annotated[Optional[str], typer.Option(help="Batch mode: write the rows with their scores here (.csv or .jsonl).")] = None,
+    question_column: QuestionColumn = "question",
+    answer_column: Annotated[str, typer.Option(help="Batch mode: the column of answers to score.")] = "answer",
+    model: Annotated[Optional[str], typer.Option(help="Default: the detector's model (another one is refused).")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    batch_size: BatchSize = 16,
+):
+    """Probability that an answer is wrong, from the detector's probe on the model's own activations.
+
+    Example: truthmap score --detector runs/smollm2/geography/train/detector_mlp.json --question "What is the capital of Peru?" --answer "The capital of Peru is Lima."
+    """
+    from truthmap.detector import Detector, check_texts, load_scoring_model, read_pairs, score_file
+
+    found = Detector.load(detector)
+    if input_path:
+        frame = read_pairs(input_path, question_column, answer_column)  # bad input fails before the model loads
+        lm = load_scoring_model(found, model, device, dtype)
+        typer.echo(score_file(found, lm, frame, input_path, output, question_column, answer_column, batch_size))
+        return
+    if question is None or answer is None:
+        raise typer.BadParameter("give --question and --answer, or --input FILE for batch mode", param_hint="--answer")
+    check_texts([question], [answer])
+    lm = load_scoring_model(found, model, device, dtype)
+    typer.echo(json.dumps(found.score_many([question], [answer], lm)[0], indent=2))
+
+
+@app.command()
+@reports_errors
+def report(run_dir: Annotated[str, typer.Argument(help="A run directory: runs/<model>/<dataset>/<split>.")]):
+    """Write the run's report.html: heatmaps, result tables, configuration and browsable examples, in one file.
+
+    Example: truthmap report runs/smollm2/geography/train
+    """
+    from truthmap.report import write_report
+
+    typer.echo(f"Report: {write_report(run_dir)}")
+
+
+@app.command()
+@reports_errors
+def runs(runs_dir: RunsDir = "runs"):
+    """List the runs on disk: samples, correct answers and the stages done (reads files only).
+
+    Example: truthmap runs --runs-dir runs
+    """
+    from truthmap.report import find_runs, format_runs
+
+    typer.echo(format_runs(find_runs(runs_dir), runs_dir))
+
+
+@app.command()
+@reports_errors
+def resample(
+    model: Model = "smollm2",
+    dataset: Dataset = "geography",
+    split: Split = "train",
+    n_samples: Annotated[Optional[int], typer.Option(help="Resample this many of the run's questions (seeded); default: all.")] = None,
+    n_resamples: Annotated[int, typer.Option(help="Sampled answers per question (K; the paper uses 30).")] = 10,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature, > 0.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed: the same seed gives the same answers at any batch size.")] = 0,
+    layer: Annotated[Optional[int], typer.Option(help="Layer of the probed cell; default: the train run's best cell.")] = None,
+    token: Annotated[Optional[str], typer.Option(help="Token of the probed cell, e.g. exact_answer_last; default: the best cell's.")] = None,
+    data_dir: DataDir = None,
+    runs_dir: RunsDir = "runs",
+    batch_size: BatchSize = 16,
+    device: Device = None,
+    dtype: Dtype = None,
+    extraction_model: ExtractionModel = None,
+    extraction_tries: ExtractionTries = 1,
+    site: Site = "mlp",
+    seeds: Seeds = DEFAULT_SEEDS_TEXT,
+):
+    """Sample K answers per question of a finished run: error types, probes per type, and answer selection.
+
+    Writes <run>/resamples/: answers.parquet, cell_acts.npy, error_types.csv, type_probes.csv, selection.csv and
+    selection.png, resamples.json.
+
+    Example: truthmap resample --dataset geography --n-samples 100 --n-resamples 10 --temperature 1.0 --seed 0
+    """
+    from truthmap import pipeline
+
+    config = RunConfig(
+        model=model, dataset=dataset, split=split, data_dir=data_dir, runs_dir=runs_dir, batch_size=batch_size,
+        device=device, dtype=dtype, extraction_model=extraction_model, extraction_tries=extraction_tries, site=site,
+        seeds=parse_seeds(seeds),
+    )
+    summary = pipeline.resample(config, n_resamples, temperature, seed, layer, token, n_questions=n_samples)
+    out = pipeline.run_dir(config).resamples
+    typer.echo(json.dumps({k: summary[k] for k in ("questions", "resampled_answers", "error_types", "selection")}, indent=2))
+    cell = summary["cell"]
+    typer.echo(f"Cell: {cell['site']} layer {cell['layer']}, token {cell['token']}")
+    typer.echo(f"Selection: {out / 'selection.csv'}, {out / 'selection.png'}")
 
 
 def main():

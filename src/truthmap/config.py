@@ -1,8 +1,12 @@
-"""One configuration for a study, shared by the Python API and the CLI (flags > defaults)."""
+"""One configuration for a study, shared by the Python API and the CLI (flags > study file > defaults)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import difflib
+import tomllib
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from truthmap.errors import ConfigError
 
@@ -48,3 +52,75 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# A study file may list several datasets and sites; `truthmap run --config` runs every dataset x site.
+STUDY_LISTS = {"dataset": "datasets", "site": "sites"}
+
+
+def load_study(path: str | Path | None, flags: dict | None = None) -> list[RunConfig]:
+    """One RunConfig per dataset x site: RunConfig defaults < the TOML file at `path` < `flags`.
+
+    `flags` holds only the options given on the command line; --dataset or --site replaces the file's list.
+    """
+    values = read_study_file(Path(path)) if path else {}
+    for key, value in (flags or {}).items():
+        values.pop(STUDY_LISTS.get(key, key), None)
+        values[key] = value
+    datasets = values.pop("datasets", None) or [values.pop("dataset", RunConfig.dataset)]
+    sites = values.pop("sites", None) or [values.pop("site", RunConfig.site)]
+    return [RunConfig(**values, dataset=dataset, site=site) for dataset in datasets for site in sites]
+
+
+def read_study_file(path: Path) -> dict:
+    """The keys of a TOML study file, each checked against RunConfig's fields and types."""
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except OSError as error:
+        raise ConfigError(f"Cannot read the configuration file {path}: {error.strerror}.") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}.") from None
+    accepted = _accepted_values()
+    for key, value in values.items():
+        if key not in accepted:
+            close = difflib.get_close_matches(key.replace("-", "_"), list(accepted), n=1)
+            hint = f" Did you mean: {close[0]}?" if close else ""
+            raise ConfigError(f"Unknown key '{key}' in {path}.{hint} Known keys: {', '.join(accepted)}.")
+        check, expected = accepted[key]
+        if not check(value):
+            raise ConfigError(f"Key '{key}' in {path} must be {expected}, got {value!r}.")
+    for single, many in STUDY_LISTS.items():
+        if single in values and many in values:
+            raise ConfigError(f"{path} sets both '{single}' and '{many}'; keep one.")
+    return values
+
+
+def _accepted_values() -> dict:
+    """key -> (check, description) for every RunConfig field, derived from its type, plus the study's lists."""
+    hints = typing.get_type_hints(RunConfig)
+    accepted = {field.name: _type_check(hints[field.name]) for field in fields(RunConfig)}
+    for many in STUDY_LISTS.values():
+        accepted[many] = (lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
+                          "a non-empty list of strings")
+    return accepted
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _type_check(hint):
+    if typing.get_origin(hint) is tuple:  # seeds = [0, 5, 26]
+        item = typing.get_args(hint)[0]
+        expected = "a list of " + TYPE_NAMES.get(item, item.__name__).split()[-1] + "s"  # "a list of integers"
+        return (lambda v: isinstance(v, list) and all(_is(x, item) for x in v)), expected
+    kinds = [k for k in (typing.get_args(hint) or (hint,)) if k is not type(None)]
+    if not all(isinstance(k, type) for k in kinds):
+        return (lambda v: True), "any value"
+    return (lambda v: any(_is(v, k) for k in kinds)), " or ".join(TYPE_NAMES.get(k, k.__name__) for k in kinds)
+
+
+def _is(value, kind: type) -> bool:
+    if isinstance(value, bool):  # TOML true is not a number
+        return kind is bool
+    return isinstance(value, kind) or (kind is float and isinstance(value, int))

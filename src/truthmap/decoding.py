@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from truthmap.errors import ConfigError
+
 
 @dataclass
 class Generation:
@@ -44,6 +46,33 @@ def _logprob_recorder():
     return RecordLogprobs()
 
 
+def _row_sampler(temperature: float, row_seeds: list[int]):
+    import torch
+    from transformers import LogitsProcessor
+
+    class SamplePerRow(LogitsProcessor):
+        """Draws each row's next token with that row's own generator (Gumbel-max: argmax of logits/T + Gumbel noise).
+
+        The draws of a row never depend on the batch, so a seed gives the same answer at any batch size. Batching
+        still moves logits by float noise (~1e-5 in float32); Gumbel-max flips a token only when the two best
+        perturbed scores lie that close, where an inverse-CDF draw flips whenever its uniform lands that close to
+        any of the vocabulary's bin edges (hundreds of times likelier). Returns -inf everywhere but the drawn token.
+        """
+
+        def __init__(self):
+            self.generators = [torch.Generator().manual_seed(s) for s in row_seeds]  # CPU: same draws on any device
+
+        def __call__(self, input_ids, scores):
+            vocab = scores.shape[-1]
+            uniform = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in self.generators])
+            gumbel = -torch.log(-torch.log(uniform)).to(scores.device)  # [batch, vocab]; u = 0 gives -inf, never drawn
+            drawn = (scores.double() / temperature + gumbel).argmax(-1)  # [batch]
+            forced = torch.full_like(scores, float("-inf"))
+            return forced.scatter_(1, drawn[:, None], 0.0)
+
+    return SamplePerRow()
+
+
 def generate_batch(
     model,
     tokenizer,
@@ -52,8 +81,13 @@ def generate_batch(
     stop_ids: list[int],
     temperature: float = 0.0,
     seed: int | None = None,
+    row_seeds: list[int] | None = None,
 ) -> list[Generation]:
-    """Greedy when temperature == 0, else sampling from the full distribution at that temperature."""
+    """Greedy when temperature == 0, else sampling from the full distribution at that temperature.
+
+    row_seeds (one per prompt, temperature > 0): each row samples with its own generator, so its answer does not
+    depend on the batch it shares. The logprobs are then the model's own (temperature 1), as a greedy answer's.
+    """
     import torch
     from transformers import LogitsProcessorList
 
@@ -61,7 +95,15 @@ def generate_batch(
     input_ids, attention_mask = left_pad(prompts, pad_id)  # [batch, prompt]
     width = input_ids.shape[1]
     recorder = _logprob_recorder()
+    processors = [recorder]
     sampling = temperature > 0
+    if row_seeds is not None:
+        if not sampling or len(row_seeds) != len(prompts):
+            raise ConfigError(f"row_seeds needs temperature > 0 and one seed per prompt; got temperature "
+                              f"{temperature} and {len(row_seeds)} seeds for {len(prompts)} prompts.")
+        # The sampler forces its token; `generate` then decodes greedily, which applies no temperature of its own.
+        processors.append(_row_sampler(temperature, row_seeds))
+        sampling = False
     if seed is not None:
         torch.manual_seed(seed)
     with torch.inference_mode():
@@ -75,7 +117,7 @@ def generate_batch(
             top_p=1.0 if sampling else None,
             eos_token_id=stop_ids,
             pad_token_id=pad_id,
-            logits_processor=LogitsProcessorList([recorder]),
+            logits_processor=LogitsProcessorList(processors),
         )  # [batch, width + steps]
     logprobs = recorder.finish(sequences)  # [batch, steps]
     new_tokens = sequences[:, width:].cpu()

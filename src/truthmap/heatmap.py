@@ -107,3 +107,33 @@ def write_top_cells(grid, positions, path, k=5) -> list[dict]:
     cells = top_cells(grid, positions, k)
     write_json(Path(path), cells)
     return cells
+
+
+def plot_matrix(frame, title: str, png_path, vmin: float, vmax: float, cmap: str = "Blues", bold=None):
+    """An annotated matrix (a DataFrame: rows down, columns across) as a PNG: tables of AUCs and their differences.
+
+    bold: optional boolean DataFrame of the same shape; those cells are written in bold (the best per column).
+    NaN cells stay blank.
+    """
+    from matplotlib.figure import Figure
+
+    values = frame.to_numpy(dtype=float)
+    n_rows, n_cols = values.shape
+    fig = Figure(figsize=(2.2 + 1.1 * n_cols, 1.0 + 0.32 * n_rows), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(n_cols), [str(c) for c in frame.columns], rotation=30, ha="right")
+    ax.set_yticks(range(n_rows), [str(r) for r in frame.index])
+    ax.tick_params(labelsize=8)
+    diverging = cmap in ("RdBu_r", "coolwarm", "bwr")
+    for (i, j), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            weight = "bold" if bold is not None and bool(bold.iat[i, j]) else "normal"
+            shade = (value - vmin) / (vmax - vmin)  # dark cells get white text
+            dark = abs(shade - 0.5) > 0.35 if diverging else shade > 0.6
+            color = "white" if dark else "black"
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, weight=weight, color=color)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax)
+    write_atomic(Path(png_path), lambda tmp: fig.savefig(tmp, format="png", dpi=150))
+    return fig

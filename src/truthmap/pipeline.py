@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+from pathlib import Path
 
 from truthmap.config import RunConfig
 from truthmap.errors import ConfigError
-from truthmap.rundir import ANSWER_COLUMNS, Checkpoints, RunDir, check_matches, package_versions, read_json, write_json, write_parquet
+from truthmap.rundir import (
+    ANSWER_COLUMNS,
+    POSITIONS,
+    Checkpoints,
+    RunDir,
+    check_matches,
+    generalization_dir,
+    package_versions,
+    read_json,
+    tables_dir,
+    write_json,
+    write_parquet,
+)
 
 
 def run_dir(config: RunConfig) -> RunDir:
@@ -156,28 +170,14 @@ def extract(config: RunConfig, lm=None) -> RunDir:
     return run
 
 
-class _Rows:
-    """A [samples, layers, positions, hidden] store restricted to some rows, read one cell at a time."""
-
-    def __init__(self, acts, rows):
-        self.acts, self.rows = acts, rows
-        self.shape = (len(rows),) + tuple(acts.shape[1:])
-
-    def __getitem__(self, key):
-        import numpy as np
-
-        return np.asarray(self.acts[key])[self.rows]
-
-
 def probe(config: RunConfig) -> RunDir:
     """Probe every (layer, position) cell on the rows with a valid exact answer; write the heatmap and tables."""
     import numpy as np
 
-    from truthmap.activations import open_store
+    from truthmap.activations import RowView, open_store
     from truthmap.heatmap import plot_heatmap, top_cells, write_heatmap_csv, write_top_cells
     from truthmap.models import model_slug
     from truthmap.probes import probe_grid
-    from truthmap.rundir import POSITIONS
 
     run = run_dir(config)
     out = run.probes(config.site)
@@ -189,7 +189,7 @@ def probe(config: RunConfig) -> RunDir:
     rows = np.flatnonzero(table["exact_answer_valid"].to_numpy())
     is_error = ~table["correct"].to_numpy()[rows]
     groups = [table["group"].iloc[i] for i in rows]
-    grid = probe_grid(_Rows(acts, rows), is_error, groups=groups, seeds=config.seeds, name=config.dataset)
+    grid = probe_grid(RowView(acts, rows), is_error, groups=groups, seeds=config.seeds, name=config.dataset)
     title = f"{model_slug(config.model)} · {config.dataset} ({config.split}) · {config.site} · n={len(rows)}"
     plot_heatmap(grid.mean, POSITIONS, title, out / "heatmap.png", out / "heatmap.svg")
     write_heatmap_csv(grid, POSITIONS, out / "heatmap.csv")
@@ -221,5 +221,250 @@ def run_all(config: RunConfig) -> dict:
     generate(config, lm)
     extract(config, lm)
     probe(config)
+    save_resolved_config(run, config)
+    from truthmap.report import write_report
+
+    report = write_report(run.path)
     summary = read_json(run.probes(config.site) / "probes.json")
-    return {"heatmap": str(run.probes(config.site) / "heatmap.png"), "best": summary["best"], **summarize_answers(run)}
+    return {
+        "heatmap": str(run.probes(config.site) / "heatmap.png"),
+        "best": summary["best"],
+        **summarize_answers(run),
+        "report": str(report),
+    }
+
+
+def save_resolved_config(run: RunDir, config: RunConfig) -> None:
+    """Keep, per site, the configuration this run was last made with; rewritten only when it changes."""
+    saved = read_json(run.resolved_config) if run.resolved_config.exists() else {}
+    resolved = saved | {config.site: json.loads(json.dumps(config.to_dict()))}  # tuples as JSON lists, to compare
+    if resolved != saved:
+        write_json(run.resolved_config, resolved)
+
+
+def model_loader(config: RunConfig):
+    """A function that loads the model on its first call only: stages that find their work done never load it."""
+    loaded = []
+
+    def get():
+        if not loaded:
+            from truthmap.models import load_model
+
+            loaded.append(load_model(config.model, config.device, config.dtype))
+        return loaded[0]
+
+    return get
+
+
+def baselines(config: RunConfig, get_lm) -> RunDir:
+    """baselines.parquet: token-probability aggregates and p(True) for every answer (skipped when complete)."""
+    import pandas as pd
+
+    from truthmap.baselines import baseline_scores
+
+    run = run_dir(config)
+    table = _answers_table(run)
+    if run.baselines.exists() and set(pd.read_parquet(run.baselines, columns=["id"])["id"]) == set(table["id"]):
+        return run
+    lm = dataclasses.replace(get_lm(), is_chat=read_json(run.run_json)["chat_template"])
+    write_parquet(run.baselines, baseline_scores(lm, table, config.batch_size))
+    return run
+
+
+def prepare(config: RunConfig, get_lm) -> RunDir:
+    """Answers and activations of one run, and baselines for a test split (the only split they are scored on).
+
+    A run already on disk is used as it is, whatever its size."""
+    run = run_dir(config)
+    if not (run.answers.exists() and run.run_json.exists()):
+        generate(config, get_lm())
+    if not extraction_done(run, config.site):
+        extract(config, get_lm())
+    return baselines(config, get_lm) if config.split == "test" else run
+
+
+def prepare_splits(config: RunConfig, datasets: list[str], test_samples: int | None) -> dict[str, tuple[RunDir, RunDir]]:
+    """The (train, test) runs of each dataset, made where missing; the model loads only if something is."""
+    get_lm = model_loader(config)
+    sizes = {"train": config.n_samples, "test": test_samples or config.n_samples}
+    return {
+        dataset: tuple(prepare(dataclasses.replace(config, dataset=dataset, split=s, n_samples=n), get_lm) for s, n in sizes.items())
+        for dataset in datasets
+    }
+
+
+def table(config: RunConfig, datasets: list[str], test_samples: int | None = None) -> dict:
+    """The detection table over datasets: each dataset's train run fits the probes, its test run scores them."""
+    from truthmap.detection import evaluate_dataset, write_detection_table
+    from truthmap.models import model_slug
+
+    if not datasets:
+        raise ConfigError("No datasets: pass --datasets NAME [NAME ...].")
+    results = []
+    for dataset, (train, test) in prepare_splits(config, datasets, test_samples).items():
+        results += evaluate_dataset(dataset, train, test, config.site, config.seeds)
+    slug = model_slug(config.model)
+    title = f"Error detection AUC (test split) · {slug} · {config.site}"
+    return write_detection_table(results, tables_dir(Path(config.runs_dir) / slug), title)
+
+
+def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | None = None) -> dict:
+    """Fit a detector on a run, save it, and score that run's rows (and its test split's, when extracted)."""
+    import numpy as np
+
+    from truthmap.detection import probe_data
+    from truthmap.detector import Detector
+
+    run = run_dir(config)
+    data = probe_data(run, config.site, f"{config.dataset} ({config.split})")
+    if token not in POSITIONS:
+        raise ConfigError(f"Invalid --token {token!r}: expected one of {', '.join(POSITIONS)}.")
+    read = data.layer_reader(token)
+    X = np.stack([read(layer_) for layer_ in range(data.acts.shape[1])], axis=1)  # [rows, layers, hidden]
+    detector = Detector(token=token, layer=layer, site=config.site, seeds=config.seeds).fit(X, data.is_error, data.groups)
+    made = read_json(run.run_json)
+    detector.info = {
+        "model": config.model,
+        "dataset": config.dataset,
+        "chat_template": made["chat_template"],
+        "extraction_tries": made["config"].get("extraction_tries", 5),
+        "training": {
+            "run": str(run.path),
+            "rows": len(data.ids),
+            "errors": int(data.is_error.sum()),
+            "correct": int((~data.is_error).sum()),
+            "seeds": list(config.seeds),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    }
+    path = detector.save(out or run.detector(config.site))
+    scored = {str(run.path): write_detector_scores(detector, run, in_train=True)}
+    test_run = run_dir(dataclasses.replace(config, split="test"))
+    if config.split == "train" and extraction_done(test_run, config.site):
+        scored[str(test_run.path)] = write_detector_scores(detector, test_run, in_train=False)
+    return {"detector": str(path), "layer": detector.layer_, "token": token, "scored": scored}
+
+
+def write_detector_scores(detector, run: RunDir, in_train: bool) -> dict:
+    """detector_scores.parquet: the detector's error probability for each row (NaN without a valid exact answer)."""
+    import numpy as np
+    import pandas as pd
+
+    from truthmap.activations import open_store
+    from truthmap.probes import auc
+    from truthmap.rundir import EXACT_POSITIONS
+
+    table = pd.read_parquet(run.answers, columns=["id", "correct", "exact_answer_valid"])
+    acts, _ = open_store(run.activations(detector.site))
+    cell = np.asarray(acts[:, detector.layer_, POSITIONS.index(detector.token), :], dtype=np.float64)
+    probability = detector.probe_.predict_proba(cell)[:, 1]
+    usable = table["exact_answer_valid"].to_numpy() if detector.token in EXACT_POSITIONS else np.ones(len(table), bool)
+    probability[~usable] = np.nan
+    scores = pd.DataFrame({"id": table["id"], "error_probability": probability, "in_train": in_train & usable})
+    write_parquet(run.detector_scores, scores)
+    errors = ~table["correct"].to_numpy()[usable]
+    summary = {"rows": int(usable.sum())}
+    if len(set(errors)) == 2:
+        summary["auc"] = round(auc(errors, probability[usable]), 4)
+    return summary
+
+
+def generalize(config: RunConfig, datasets: list[str], token: str, test_samples: int | None = None) -> dict:
+    """Train on each dataset, test on every dataset: the matrix of AUCs and of AUCs over the target's baseline."""
+    from truthmap.generalize import generalization
+    from truthmap.models import model_slug
+
+    if len(datasets) < 2:
+        raise ConfigError("Generalization needs at least two datasets: pass --datasets A B [C ...].")
+    if token not in POSITIONS:
+        raise ConfigError(f"Invalid --token {token!r}: expected one of {', '.join(POSITIONS)}.")
+    runs = prepare_splits(config, datasets, test_samples)
+    directory = generalization_dir(Path(config.runs_dir) / model_slug(config.model))
+    return generalization(runs, config.site, token, config.seeds, directory)
+
+
+def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0, seed: int = 0,
+             layer: int | None = None, token: str | None = None, lm=None, n_questions: int | None = None) -> dict:
+    """K sampled answers per question of a finished greedy run; their error types, type probes and answer selection.
+
+    Reads the greedy run of `config` (answers, activations, and the train run's best probe cell unless layer and
+    token are given); writes run.resamples/ and returns its resamples.json. Finished steps are not redone, and
+    the model is loaded only when answers or activations are missing.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from truthmap import resample as resampling
+    from truthmap.activations import open_store
+    from truthmap.models import model_slug
+
+    if not temperature > 0:
+        raise ConfigError(f"Invalid --temperature {temperature}: resampling needs a temperature > 0 (the paper uses 1).")
+    if n_resamples < 1:
+        raise ConfigError(f"Invalid --n-resamples {n_resamples}: expected an integer >= 1.")
+    run = run_dir(config)
+    if not (run.answers.exists() and run.run_json.exists()):
+        raise ConfigError(
+            f"No greedy answers in {run.path}. Run `truthmap run --dataset {config.dataset} --split {config.split}` "
+            "with the same --model and --runs-dir first."
+        )
+    made = read_json(run.run_json)
+    every = pd.read_parquet(run.answers)
+    rows = resampling.choose_questions(len(every), n_questions, seed)
+    greedy = every.iloc[rows].reset_index(drop=True)
+    store, meta = open_store(run.activations(config.site))
+    probes_json = run_dir(dataclasses.replace(config, split="train")).probes(config.site) / "probes.json"
+    cell = resampling.resolve_cell(probes_json, config.site, layer, token, meta["shape"][0])
+    greedy_acts = resampling.greedy_cell(store, cell)[rows]  # [questions, width]
+
+    out = run.resamples
+    settings = made["settings"] | {"n_resamples": n_resamples, "temperature": temperature, "resample_seed": seed}
+    extraction = {"extraction_model": config.extraction_model, "extraction_tries": config.extraction_tries}
+    answers_made_by = settings | extraction | {"n_questions": len(greedy)}
+    state = read_json(out / "resamples.json") if (out / "resamples.json").exists() else {}
+    get_lm = model_loader(config) if lm is None else (lambda: lm)
+    if state.get("settings") != json.loads(json.dumps(answers_made_by)) or not (out / "answers.parquet").exists():
+        spec, records = load_config_records(_greedy_records_config(config, made["config"]))
+        records = {r.id: r for r in records}
+        missing = [i for i in greedy["id"] if i not in records]
+        if missing:
+            raise ConfigError(f"The dataset no longer has question {missing[0]!r} of {run.answers}; check --data-dir.")
+        model = dataclasses.replace(get_lm(), is_chat=made["chat_template"])
+        extractor = model
+        if config.extraction_model:
+            from truthmap.models import load_model
+
+            extractor = load_model(config.extraction_model, config.device, config.dtype)
+        answers = resampling.resample_answers(
+            model, extractor, spec, records, greedy, settings, out / "work", config.batch_size,
+            config.extraction_model, config.extraction_tries,
+        )
+        write_parquet(out / "answers.parquet", answers)
+        state = {"settings": answers_made_by}
+        write_json(out / "resamples.json", state)
+    answers = pd.read_parquet(out / "answers.parquet")
+    if state.get("cell") != cell or not (out / "cell_acts.npy").exists():
+        cell_dir = out / "work" / f"cell-{config.site}-{cell['layer']}-{cell['token']}"
+        keyed = answers.assign(key=[resampling.row_key(i, k) for i, k in zip(answers["id"], answers["sample"])])
+        acts = resampling.cell_activations(
+            get_lm(), keyed, config.site, cell["layer"], cell["token"], config.batch_size,
+            Checkpoints(cell_dir, settings | extraction | cell),  # extraction moves exact-answer positions
+        )
+        resampling.save_npy(out / "cell_acts.npy", acts)
+        resampling.save_npy(out / "greedy_cell_acts.npy", greedy_acts)
+        state = {"settings": state["settings"], "cell": cell}
+        write_json(out / "resamples.json", state)
+    title = (f"{model_slug(config.model)} · {config.dataset} ({config.split}) · K={n_resamples}, T={temperature}\n"
+             f"cell: {config.site} layer {cell['layer']}, {cell['token']}")
+    summary = resampling.analyse(
+        greedy, answers, greedy_acts, np.load(out / "cell_acts.npy"), cell["token"], config.seeds, out, title
+    )
+    state = state | summary
+    write_json(out / "resamples.json", state)
+    return state
+
+
+def _greedy_records_config(config: RunConfig, saved: dict) -> RunConfig:
+    """The config that loads the greedy run's questions again: its subsample and dataset source, our data dir."""
+    kept = {k: saved[k] for k in ("n_samples", "seed", "custom_path", "question_column", "answer_column") if k in saved}
+    return dataclasses.replace(config, **kept, data_dir=config.data_dir or saved.get("data_dir"))

@@ -2,7 +2,7 @@
 
 As in Orgad et al. (2025): errors are the positive class, each cell gets a logistic regression on standardized
 activations, scored by test AUC and averaged over a few seeded train/test splits (one split per seed, shared by
-all cells). `_fit_logistic` fits many cells and splits at once; `ErrorProbe` is the scikit-learn face of one cell.
+all cells). `fit_logistic` fits many cells and splits at once; `ErrorProbe` is the scikit-learn face of one cell.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _check_max_iter(max_iter, owner: str) -> None:
 # --------------------------------------------------------------------------------------------- the batched fit
 
 
-def _fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=1e-4, history=10):
+def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=1e-4, history=10):
     """L2 logistic regressions for B cells x S splits at once, by preconditioned L-BFGS (torch).
 
     X: [B, n, d] float tensor (one cell per batch entry, all n rows), centred and scaled IN PLACE to save a copy;
@@ -247,7 +247,7 @@ class ErrorProbe(ClassifierMixin, BaseEstimator):
         if y_type != "binary":
             raise ProbeInputError(f"Only binary classification is supported. The type of the target is {y_type}.")
         with _torch_threads(1):  # small problems: more threads only add overhead
-            fit = _fit_logistic(
+            fit = fit_logistic(
                 torch.tensor(X)[None],  # [1, n, d]: a batch of one cell (a copy: X may be read-only)
                 (y == self.classes_[1]).astype(np.float64),
                 np.ones((1, X.shape[0]), dtype=bool),  # one split: every row trains
@@ -458,7 +458,7 @@ def probe_grid(
                         f"Activations{_of(name)} at layer {layer}, position {pos} hold "
                         f"{int((~torch.isfinite(X[i])).sum())} NaN or inf values; extract the activations again."
                     )
-            fit = _fit_logistic(X, y.astype(np.float32), train, float(C), max_iter=max_iter)
+            fit = fit_logistic(X, y.astype(np.float32), train, float(C), max_iter=max_iter)
             logits = fit["logits"].numpy()  # [cells, seeds, n]
             not_converged += int((~fit["converged"]).sum())
             for s in range(len(seeds)):

@@ -2,6 +2,8 @@
 
     runs/<model-slug>/<dataset>/<split>/
         run.json                    config, seed, package versions of the answers stage
+        resolved_config.json        site -> the configuration `truthmap run` last used (defaults < study file < flags)
+        report.html                 the self-contained report (`truthmap report`, and the end of `truthmap run`)
         answers.parquet             one row per sample (ANSWER_COLUMNS)
         work/generations/part-*.parquet   checkpoints of the generation stage, one per finished batch
         work/extractions/part-*.parquet   checkpoints of the exact-answer extraction, one per finished batch
@@ -71,8 +73,18 @@ class RunDir:
     def __init__(self, root: str | Path, model_slug: str, dataset: str, split: str):
         self.path = Path(root) / model_slug / dataset / split
 
+    @classmethod
+    def from_path(cls, path: str | Path) -> "RunDir":
+        """The run at a path of the form <root>/<model-slug>/<dataset>/<split>."""
+        path = Path(path)
+        if len(path.parts) < 3:
+            raise ConfigError(f"{path} is not a run directory: expected runs/<model>/<dataset>/<split>.")
+        return cls(path.parents[2], *path.parts[-3:])
+
     answers = property(lambda self: self.path / "answers.parquet")
     run_json = property(lambda self: self.path / "run.json")
+    resolved_config = property(lambda self: self.path / "resolved_config.json")
+    report = property(lambda self: self.path / "report.html")
     generation_parts = property(lambda self: self.path / "work" / "generations")
     extraction_parts = property(lambda self: self.path / "work" / "extractions")
 
@@ -80,8 +92,8 @@ class RunDir:
     detector_scores = property(lambda self: self.path / "detector_scores.parquet")
     resamples = property(lambda self: self.path / "resamples")
     model_dir = property(lambda self: self.path.parent.parent)  # runs/<model-slug>: study-level results
-    tables = property(lambda self: self.model_dir / "tables")
-    generalization = property(lambda self: self.model_dir / "generalization")
+    tables = property(lambda self: tables_dir(self.model_dir))
+    generalization = property(lambda self: generalization_dir(self.model_dir))
 
     def detector(self, site: str) -> Path:
         return self.path / f"detector_{site}.json"
@@ -91,6 +103,14 @@ class RunDir:
 
     def probes(self, site: str) -> Path:
         return self.path / "probes" / site
+
+
+def tables_dir(model_dir: str | Path) -> Path:
+    return Path(model_dir) / "tables"
+
+
+def generalization_dir(model_dir: str | Path) -> Path:
+    return Path(model_dir) / "generalization"
 
 
 def write_atomic(path: Path, write) -> None:

@@ -1,0 +1,218 @@
+"""Error detection on held-out data: probes at chosen cells against the baselines (the paper's Table 1).
+
+For each probed token, and each seed: the train run's rows are split 80/20 (grouped, stratified); a probe per
+layer is fitted on the 80 %, the layer with the best AUC on the 20 % is chosen (never looking at test), and that
+probe scores the test run's rows. Baselines need no training and score the same test rows. Every method is
+evaluated on the test rows that have a valid exact answer, so all rows of the table share one test set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from truthmap.errors import ProbeError
+from truthmap.probes import CELL_BUDGET_BYTES, auc, check_class_counts, fit_logistic, grouped_split
+from truthmap.rundir import POSITIONS, RunDir
+
+PROBE_TOKENS = ("-1", "-2", "last_q", "exact_answer_last", "exact_answer_after_last")
+
+
+@dataclass
+class ProbeData:
+    """The rows of one run that probes may use: those with a valid exact answer."""
+
+    acts: object  # [rows, layers, positions, hidden] view, read one cell at a time
+    is_error: np.ndarray  # bool [rows]
+    groups: list
+    ids: list
+    name: str
+
+    def layer_reader(self, position: str):
+        """layer -> [rows, hidden] activations at one position."""
+        p = POSITIONS.index(position)
+        return lambda layer: self.acts[:, layer, p, :]
+
+
+def probe_data(run: RunDir, site: str, name: str = "") -> ProbeData:
+    import pandas as pd
+
+    from truthmap.activations import RowView, open_store
+
+    table = pd.read_parquet(run.answers, columns=["id", "group", "correct", "exact_answer_valid"])
+    acts, _ = open_store(run.activations(site))
+    rows = np.flatnonzero(table["exact_answer_valid"].to_numpy())
+    return ProbeData(
+        acts=RowView(acts, rows),
+        is_error=~table["correct"].to_numpy()[rows],
+        groups=list(table["group"].iloc[rows]),
+        ids=list(table["id"].iloc[rows]),
+        name=name or str(run.path),
+    )
+
+
+
+def validation_masks(is_error: np.ndarray, groups, seeds) -> np.ndarray:
+    """[seeds, rows] True on the 80 % that fits, False on the 20 % that chooses the layer."""
+    fit = np.zeros((len(seeds), len(is_error)), dtype=bool)
+    for i, seed in enumerate(seeds):
+        fit[i, grouped_split(len(is_error), groups, 0.2, seed, stratify=is_error)[0]] = True
+    return fit
+
+
+def fit_layers(read_layer, n_layers: int, is_error: np.ndarray, fit_masks: np.ndarray, C: float = 1.0) -> dict:
+    """A probe per (layer, mask) on read_layer(layer) [rows, hidden]: coef, mean, scale [layers, masks, hidden],
+    intercept [layers, masks] and logits [layers, masks, rows]. Layers are fitted in chunks of CELL_BUDGET_BYTES."""
+    import torch
+
+    n, hidden = read_layer(0).shape
+    chunk = max(1, CELL_BUDGET_BYTES // (2 * 4 * n * hidden))
+    parts = []
+    for start in range(0, n_layers, chunk):
+        layers = range(start, min(start + chunk, n_layers))
+        X = torch.from_numpy(np.stack([read_layer(layer) for layer in layers]).astype(np.float32))
+        fit = fit_logistic(X, is_error.astype(np.float32), fit_masks, C)
+        parts.append({k: fit[k].numpy() for k in ("coef", "intercept", "mean", "scale", "logits")})
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+
+def probe_logits(fit: dict, layer: int, mask: int, X: np.ndarray) -> np.ndarray:
+    """Error log-odds of rows X [n, hidden] under the probe of (layer, mask)."""
+    standardized = (np.asarray(X, dtype=np.float64) - fit["mean"][layer, mask]) / fit["scale"][layer, mask]
+    return standardized @ fit["coef"][layer, mask] + fit["intercept"][layer, mask]
+
+
+def validation_aucs(is_error: np.ndarray, fit: dict, fit_masks: np.ndarray) -> np.ndarray:
+    """[masks, layers] AUC of each layer's probe on the rows its mask held out."""
+    out = np.empty((fit_masks.shape[0], fit["logits"].shape[0]))
+    for s, mask in enumerate(fit_masks):
+        for layer in range(out.shape[1]):
+            out[s, layer] = auc(is_error[~mask], fit["logits"][layer, s, ~mask])
+    return out
+
+
+def check_splits(is_error: np.ndarray, fit_masks: np.ndarray, seeds, name: str) -> None:
+    check_class_counts(int(is_error.sum()), int((~is_error).sum()), name)
+    for seed, mask in zip(seeds, fit_masks):
+        for part, rows in (("fit", mask), ("validation", ~mask)):
+            errors = int(is_error[rows].sum())
+            if errors in (0, int(rows.sum())):
+                raise ProbeError(
+                    f"The {part} part of the train rows of {name} for seed {seed} has one class only "
+                    f"({errors} of {int(rows.sum())} incorrect). Use more samples (--n-samples)."
+                )
+
+
+def choose_layers(read_layer, n_layers: int, is_error: np.ndarray, groups, seeds, name: str, C: float = 1.0):
+    """Fit every layer on each seed's 80 %; returns the fits, the masks and the validation AUCs [seeds, layers]."""
+    fit_masks = validation_masks(is_error, groups, seeds)
+    check_splits(is_error, fit_masks, seeds, name)
+    fit = fit_layers(read_layer, n_layers, is_error, fit_masks, C)
+    return fit, fit_masks, validation_aucs(is_error, fit, fit_masks)
+
+
+def chosen_layer_probe(train: ProbeData, test: ProbeData, position: str, seeds, C: float = 1.0) -> dict:
+    """Per seed: the layer chosen on validation and that probe's AUC on the test rows."""
+    check_class_counts(int(test.is_error.sum()), int((~test.is_error).sum()), test.name)
+    n_layers = train.acts.shape[1]
+    fit, _, val = choose_layers(train.layer_reader(position), n_layers, train.is_error, train.groups, seeds, train.name, C)
+    layers = val.argmax(1)
+    read_test = test.layer_reader(position)
+    test_aucs = [auc(test.is_error, probe_logits(fit, layer, s, read_test(layer))) for s, layer in enumerate(layers)]
+    return {
+        "auc_mean": float(np.mean(test_aucs)),
+        "auc_std": float(np.std(test_aucs)),
+        "aucs": [float(a) for a in test_aucs],
+        "layers": [int(layer) for layer in layers],
+        "validation_auc": [float(val[s, layer]) for s, layer in enumerate(layers)],
+    }
+
+
+def baseline_aucs(test_run: RunDir, test: ProbeData) -> dict[str, float]:
+    """AUC of every baseline on the test rows with a valid exact answer (rows a baseline cannot score are left out)."""
+    import pandas as pd
+
+    from truthmap.baselines import BASELINE_NAMES
+
+    scores = pd.read_parquet(test_run.baselines).set_index("id").loc[test.ids]
+    out = {}
+    for column in BASELINE_NAMES:
+        values = scores[column].to_numpy(dtype=float)
+        known = np.isfinite(values)
+        out[column] = auc(test.is_error[known], values[known]) if len(set(test.is_error[known])) == 2 else float("nan")
+    return out
+
+
+def evaluate_dataset(dataset: str, train_run: RunDir, test_run: RunDir, site: str, seeds) -> list[dict]:
+    """One column of the detection table: every baseline and every chosen-cell probe on the test split."""
+    from truthmap.baselines import BASELINE_NAMES
+
+    train = probe_data(train_run, site, f"{dataset} (train)")
+    test = probe_data(test_run, site, f"{dataset} (test)")
+    common = {"dataset": dataset, "n_train": len(train.ids), "n_test": len(test.ids), "test_errors": int(test.is_error.sum())}
+    results = [
+        common | {"method": BASELINE_NAMES[name], "auc_mean": value, "auc_std": float("nan")}
+        for name, value in baseline_aucs(test_run, test).items()
+    ]
+    for position in PROBE_TOKENS:
+        try:
+            outcome = chosen_layer_probe(train, test, position, seeds)
+        except ProbeError as err:  # too few errors in one dataset leaves its cells blank, not the whole table
+            outcome = {"auc_mean": float("nan"), "auc_std": float("nan"), "note": str(err)}
+        results.append(common | {"method": f"Probe @ {position}"} | outcome)
+    return results
+
+
+def method_order(methods) -> list[str]:
+    from truthmap.baselines import BASELINE_NAMES
+
+    known = list(BASELINE_NAMES.values()) + [f"Probe @ {p}" for p in PROBE_TOKENS]
+    return [m for m in known if m in set(methods)] + sorted(set(methods) - set(known))
+
+
+def detection_frames(results: list[dict]):
+    """Wide tables (methods down, datasets across) of mean and std AUC, in the order the datasets came."""
+    import pandas as pd
+
+    long = pd.DataFrame(results)
+    datasets = list(dict.fromkeys(long["dataset"]))
+    methods = method_order(long["method"])
+    mean = long.pivot(index="method", columns="dataset", values="auc_mean").loc[methods, datasets]
+    std = long.pivot(index="method", columns="dataset", values="auc_std").loc[methods, datasets]
+    return mean, std
+
+
+def best_per_column(mean) -> "pd.DataFrame":
+    return mean.eq(mean.max(axis=0, skipna=True), axis=1) & mean.notna()
+
+
+def markdown_table(mean, std) -> str:
+    best = best_per_column(mean)
+    lines = ["| method | " + " | ".join(mean.columns) + " |", "|---|" + "---:|" * len(mean.columns)]
+    for method in mean.index:
+        cells = []
+        for dataset in mean.columns:
+            value, spread = mean.at[method, dataset], std.at[method, dataset]
+            text = "n/a" if not np.isfinite(value) else f"{value:.3f}" + (f" ± {spread:.3f}" if np.isfinite(spread) else "")
+            cells.append(f"**{text}**" if best.at[method, dataset] else text)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_detection_table(results: list[dict], directory, title: str) -> dict:
+    """detection_table.csv (mean and std per dataset), .md (best per column in bold), .png, results.json."""
+    from pathlib import Path
+
+    from truthmap.heatmap import plot_matrix
+    from truthmap.rundir import write_atomic, write_json
+
+    directory = Path(directory)
+    mean, std = detection_frames(results)
+    wide = mean.join(std, rsuffix="_std")
+    write_atomic(directory / "detection_table.csv", lambda tmp: wide.to_csv(tmp, float_format="%.4f"))
+    write_atomic(directory / "detection_table.md", lambda tmp: tmp.write_text(f"{title}\n\n" + markdown_table(mean, std)))
+    plot_matrix(mean, title, directory / "detection_table.png", 0.5, 1.0, bold=best_per_column(mean))
+    write_json(directory / "detection_results.json", results)
+    return {"csv": str(directory / "detection_table.csv"), "md": str(directory / "detection_table.md"),
+            "png": str(directory / "detection_table.png")}

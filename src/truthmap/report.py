@@ -1,0 +1,418 @@
+"""The run's report: one self-contained report.html, and the status of every run on disk (`truthmap runs`).
+
+The report reads only files of the run directory (no model, no torch), so it can be written after any stage:
+a section whose files are missing is left out. Figures are embedded as data URIs and the CSS and the filter
+script are inline, so the file can be mailed or archived alone. All text from the run is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from truthmap.errors import ConfigError
+from truthmap.rundir import RunDir, read_json, write_atomic
+
+EXAMPLES_CAP = 500  # rows of answers.parquet shown; the page stays light in a browser
+TOP_ERRORS = 25  # rows in the "highest-scored errors" filter
+TABLE_CAP = 200  # rows of a results CSV shown
+
+
+def write_report(run_path) -> Path:
+    """Write <run>/report.html from the run directory's files; return its path.
+
+    Rewritten only when its content changes, so rerunning a finished study touches nothing.
+    """
+    run = RunDir.from_path(run_path)
+    if not run.answers.exists():
+        raise ConfigError(f"No answers.parquet in {run.path}: not a run directory.{_runs_below(Path(run_path))}")
+    import pandas as pd
+
+    info = read_json(run.run_json) if run.run_json.exists() else {}
+    answers = pd.read_parquet(run.answers)
+    sections = [
+        ("summary", "Summary", summary_section(run, info, answers)),
+        *heatmap_sections(run),
+        ("detection", "Error detection, all datasets", detection_section(run)),
+        ("generalization", "Generalization across datasets", generalization_section(run)),
+        ("resamples", "Error types and answer selection", resample_section(run)),
+        ("examples", "Examples", examples_section(answers, _read_scores(run))),
+        ("configuration", "Configuration and versions", config_section(run, info)),
+    ]
+    title = f"truthmap · {run.path.parent.parent.name} · {run.path.parent.name} ({run.path.name})"
+    page = render_page(title, [s for s in sections if s[2]])
+    path = run.report
+    data = page.encode("utf-8")  # bytes: reading text back would turn any "\r" into "\n" and never match
+    if not path.exists() or path.read_bytes() != data:
+        write_atomic(path, lambda tmp: tmp.write_bytes(data))
+    return path
+
+
+def _runs_below(path: Path) -> str:
+    found = sorted(p.parent for p in path.glob("**/answers.parquet"))[:3]
+    if not found:
+        return " Expected runs/<model>/<dataset>/<split>."
+    return f" Did you mean: {', '.join(str(p) for p in found)}?"
+
+
+# ---------------------------------------------------------------- sections (each returns HTML, '' when absent)
+
+
+def summary_section(run: RunDir, info: dict, answers) -> str:
+    config = info.get("config", {})
+    correct = int(answers["correct"].sum())
+    rows = {
+        "model": config.get("model", run.path.parent.parent.name),
+        "model source": info.get("model_source", ""),
+        "dataset": f"{run.path.parent.name} ({run.path.name})",
+        "answers": f"{len(answers)}: {correct} correct, {len(answers) - correct} incorrect",
+        "with a valid exact answer": int(answers["exact_answer_valid"].sum()),
+        "run directory": str(run.path),
+    }
+    for site in _sites_with(run, "probes.json"):
+        best = read_json(run.probes(site) / "probes.json").get("best")
+        if best:
+            rows[f"best cell, {site}"] = (
+                f"layer {best['layer']}, token {best['token']}, AUC {best['auc_mean']:.3f} ± {best['auc_std']:.3f}"
+            )
+    return _key_value_table(rows)
+
+
+def heatmap_sections(run: RunDir) -> list[tuple[str, str, str]]:
+    sections = []
+    for site in sorted(set(_sites_with(run, "heatmap.svg")) | set(_sites_with(run, "heatmap.png"))):
+        folder = run.probes(site)
+        figure = folder / "heatmap.svg" if (folder / "heatmap.svg").exists() else folder / "heatmap.png"
+        parts = [_figure(figure, f"Layer x token AUC of the error probes, {site}")]
+        if (folder / "probes.json").exists():
+            parts.append(_probe_facts(read_json(folder / "probes.json")))
+        if (folder / "top_cells.json").exists():
+            parts.append("<h3>Best cells</h3>" + _records_table(read_json(folder / "top_cells.json")))
+        sections.append((f"heatmap-{site}", f"Heatmap: {site}", "\n".join(parts)))
+    return sections
+
+
+def _probe_facts(probes: dict) -> str:
+    facts = {
+        "rows probed (valid exact answer)": probes.get("rows_with_valid_exact_answer"),
+        "errors / correct": f"{probes.get('errors')} / {probes.get('correct')}",
+        "train / test rows per seed": f"{probes.get('n_train')} / {probes.get('n_test')}",
+        "seeds": ", ".join(str(s) for s in probes.get("seeds", [])),
+    }
+    return _key_value_table(facts)
+
+
+def detection_section(run: RunDir) -> str:
+    return _files_section(run.tables, ["detection_table.png", "detection_table.csv"])
+
+
+def generalization_section(run: RunDir) -> str:
+    names = ["auc_minus_baseline.png", "auc.png", "auc.csv", "auc_minus_baseline.csv"]
+    return _files_section(run.generalization, names)
+
+
+def resample_section(run: RunDir) -> str:
+    return _files_section(run.resamples, ["error_types.csv", "type_probes.csv", "selection.png", "selection.csv"])
+
+
+def _files_section(folder: Path, names: list[str]) -> str:
+    """Each file present, in order: a PNG as a figure, a CSV as a table under its name."""
+    parts = []
+    for name in names:
+        path = folder / name
+        if path.exists():
+            body = _figure(path, name) if path.suffix == ".png" else _csv_table(path)
+            parts.append(f"<h3>{html.escape(name)}</h3>\n{body}")
+    return "\n".join(parts)
+
+
+def config_section(run: RunDir, info: dict) -> str:
+    parts = []
+    if run.resolved_config.exists():
+        for site, config in read_json(run.resolved_config).items():
+            parts.append(f"<h3>Resolved configuration, site {html.escape(site)}</h3>" + _key_value_table(config))
+    elif info.get("config"):
+        parts.append("<h3>Configuration</h3>" + _key_value_table(info["config"]))
+    machine = {k: info[k] for k in ("model_source", "chat_template", "device", "dtype", "seconds") if k in info}
+    if machine:
+        parts.append("<h3>Answers stage</h3>" + _key_value_table(machine))
+    if info.get("versions"):
+        parts.append("<h3>Versions</h3>" + _key_value_table(info["versions"]))
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- examples
+
+
+def _read_scores(run: RunDir):
+    """The saved detector's error probability per row, or None when no detector was applied to this run."""
+    if not run.detector_scores.exists():
+        return None
+    import pandas as pd
+
+    scores = pd.read_parquet(run.detector_scores)
+    return scores.assign(id=scores["id"].astype(str)).set_index("id")
+
+
+def examples_section(answers, scores) -> str:
+    table = answers.assign(id=answers["id"].astype(str))
+    if scores is not None:
+        table = table.join(scores.reindex(columns=["error_probability", "in_train"]), on="id")
+    ranks = _error_ranks(table) if scores is not None else {}
+    shown = _pick_examples(table, set(ranks))
+    note = ""
+    if len(shown) < len(table):
+        note = f"This page holds {len(shown)} of the {len(table)} answers: the top-scored errors, then the first"
+        note += " rows of the file. All are in answers.parquet."
+    head = ["#", "question", "answer (exact answer marked)", "gold", "label", "exact answer source"]
+    if scores is not None:
+        head += ["error probability", "detector fit"]
+    rows = "\n".join(_example_row(i, row, ranks.get(row["id"]), scores is not None) for i, row in shown.iterrows())
+    return (
+        _filter_buttons(table, bool(ranks))
+        + f'<p class="note"><span id="examples-count"></span> {html.escape(note)}</p>'
+        + f'<table id="examples-table"><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}</tr></thead>'
+        + f"<tbody>\n{rows}\n</tbody></table>"
+    )
+
+
+def _error_ranks(table) -> dict[str, int]:
+    """Incorrect answers with the highest error probability: id -> rank (0 = highest)."""
+    errors = table[~table["correct"].astype(bool) & table["error_probability"].notna()]
+    top = errors.sort_values("error_probability", ascending=False, kind="stable").head(TOP_ERRORS)
+    return {row_id: rank for rank, row_id in enumerate(top["id"])}
+
+
+def _pick_examples(table, keep: set[str]):
+    if len(table) <= EXAMPLES_CAP:
+        return table
+    kept = table["id"].isin(keep)
+    others = table[~kept].head(EXAMPLES_CAP - int(kept.sum()))
+    return table[kept | table.index.isin(others.index)]
+
+
+def _filter_buttons(table, with_top: bool) -> str:
+    correct = int(table["correct"].sum())
+    buttons = [("all", f"All ({len(table)})"), ("correct", f"Correct ({correct})")]
+    buttons.append(("incorrect", f"Incorrect ({len(table) - correct})"))
+    if with_top:
+        buttons.append(("top", f"Highest-scored errors (top {TOP_ERRORS})"))
+    return '<div class="filters">' + "".join(
+        f'<button type="button" data-filter="{name}">{html.escape(label)}</button>' for name, label in buttons
+    ) + "</div>"
+
+
+def _example_row(index: int, row, rank: int | None, with_scores: bool) -> str:
+    correct = bool(row["correct"])
+    attributes = f' data-correct="{int(correct)}"' + (f' data-rank="{rank}"' if rank is not None else "")
+    cells = [
+        str(index),
+        html.escape(str(row["question"])),
+        _marked_answer(row),
+        html.escape(_gold_text(row.get("gold"))),
+        f'<span class="{"ok" if correct else "bad"}">{"correct" if correct else "incorrect"}</span>',
+        html.escape(str(row.get("exact_answer_source", ""))),
+    ]
+    if with_scores:
+        probability = row.get("error_probability")
+        cells.append("–" if probability is None or probability != probability else f"{probability:.3f}")
+        in_train = row.get("in_train")
+        cells.append("–" if in_train is None or in_train != in_train else ("train" if in_train else "held out"))
+    return f"<tr{attributes}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+
+def _marked_answer(row) -> str:
+    """The answer with its exact answer, answer[exact_start:exact_end], in <mark>; each part escaped."""
+    answer = str(row["answer"])
+    start, end = int(row.get("exact_start", -1)), int(row.get("exact_end", -1))
+    if not row.get("exact_answer_valid", False) or not 0 <= start < end <= len(answer):
+        return html.escape(answer)
+    return html.escape(answer[:start]) + f"<mark>{html.escape(answer[start:end])}</mark>" + html.escape(answer[end:])
+
+
+def _gold_text(gold) -> str:
+    if gold is None or isinstance(gold, str):
+        return gold or ""
+    aliases = [str(g) for g in gold]
+    return " | ".join(aliases[:4]) + (f" (+{len(aliases) - 4})" if len(aliases) > 4 else "")
+
+
+# ---------------------------------------------------------------- HTML pieces
+
+
+def _sites_with(run: RunDir, name: str) -> list[str]:
+    return sorted(p.parent.name for p in (run.path / "probes").glob(f"*/{name}"))
+
+
+def _figure(path: Path, caption: str) -> str:
+    mime = "image/svg+xml" if path.suffix == ".svg" else "image/png"
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<figure><img src="data:{mime};base64,{data}" alt="{html.escape(caption)}"></figure>'
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "–" if value != value else f"{value:.3f}"
+    if isinstance(value, (list, tuple, dict)):
+        return html.escape(json.dumps(value))
+    return html.escape("" if value is None else str(value))
+
+
+def _key_value_table(values: dict) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_cell(v)}</td></tr>" for k, v in values.items())
+    return f'<table class="facts">{rows}</table>'
+
+
+def _records_table(records: list[dict]) -> str:
+    if not records:
+        return '<p class="note">(no rows)</p>'
+    head = list(records[0])
+    body = "".join("<tr>" + "".join(f"<td>{_cell(r.get(h))}</td>" for h in head) + "</tr>" for r in records)
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _csv_table(path: Path) -> str:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as error:  # say so, and keep the rest of the report
+        return f'<p class="note">Unreadable: {html.escape(str(error))}</p>'
+    frame.columns = ["" if str(c).startswith("Unnamed:") else str(c) for c in frame.columns]  # a saved index
+    note = f'<p class="note">First {TABLE_CAP} of {len(frame)} rows; all in {html.escape(path.name)}.</p>' if (
+        len(frame) > TABLE_CAP
+    ) else ""
+    return _records_table(frame.head(TABLE_CAP).to_dict("records")) + note
+
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1200px; padding: 1em 2em; color: #222; }
+nav a { margin-right: 1em; }
+h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
+thead th { background: #f2f4f7; position: sticky; top: 0; }
+table.facts th { background: #f7f7f7; font-weight: normal; color: #555; }
+figure { margin: 0.5em 0; }
+figure img { max-width: 100%; }
+mark { background: #ffe58a; }
+.ok { color: #17692e; } .bad { color: #a31515; }
+.note { color: #666; }
+.filters button { margin-right: 0.5em; padding: 4px 10px; cursor: pointer; }
+.filters button[aria-pressed="true"] { background: #2b5797; color: white; border-color: #2b5797; }
+"""
+
+# Filters: show all, correct or incorrect rows in file order, or the top-ranked errors in rank order.
+SCRIPT = """
+(function () {
+  var table = document.getElementById("examples-table");
+  if (!table) return;
+  var body = table.tBodies[0];
+  var rows = Array.prototype.slice.call(body.rows);
+  var keep = {
+    all: function (row) { return true; },
+    correct: function (row) { return row.dataset.correct === "1"; },
+    incorrect: function (row) { return row.dataset.correct === "0"; },
+    top: function (row) { return row.dataset.rank !== undefined; }
+  };
+  var buttons = Array.prototype.slice.call(document.querySelectorAll(".filters button"));
+  function rank(row) { return row.dataset.rank === undefined ? 1e9 : Number(row.dataset.rank); }
+  function show(filter) {
+    var order = filter === "top" ? rows.slice().sort(function (a, b) { return rank(a) - rank(b); }) : rows;
+    var shown = 0;
+    order.forEach(function (row) {
+      row.hidden = !keep[filter](row);
+      if (!row.hidden) shown += 1;
+      body.appendChild(row);
+    });
+    document.getElementById("examples-count").textContent = shown + " of " + rows.length + " rows shown.";
+    buttons.forEach(function (b) { b.setAttribute("aria-pressed", String(b.dataset.filter === filter)); });
+  }
+  buttons.forEach(function (b) { b.addEventListener("click", function () { show(b.dataset.filter); }); });
+  show("all");
+})();
+"""
+
+
+def render_page(title: str, sections: list[tuple[str, str, str]]) -> str:
+    nav = " ".join(f'<a href="#{anchor}">{html.escape(name)}</a>' for anchor, name, _ in sections)
+    body = "\n".join(
+        f'<section id="{anchor}"><h2>{html.escape(name)}</h2>\n{content}</section>' for anchor, name, content in sections
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n"
+        f"<body><h1>{html.escape(title)}</h1><nav>{nav}</nav>\n{body}\n<script>{SCRIPT}</script></body></html>\n"
+    )
+
+
+# ---------------------------------------------------------------- runs on disk
+
+
+def find_runs(runs_dir) -> list[RunDir]:
+    """Every runs/<model-slug>/<dataset>/<split> that has begun (answers, run.json or generation checkpoints)."""
+    root = Path(runs_dir)
+    marks = ("answers.parquet", "run.json", "work")
+    found = {p.parent for mark in marks for p in root.glob(f"*/*/*/{mark}")}
+    return [RunDir.from_path(p) for p in sorted(found)]
+
+
+def run_status(run: RunDir) -> dict:
+    """What a run directory holds, read from its files only: counts and the stages done."""
+    samples = correct = None
+    if run.answers.exists():
+        import pandas as pd
+
+        labels = pd.read_parquet(run.answers, columns=["correct"])["correct"]
+        samples, correct = len(labels), int(labels.sum())
+    parts = len(list(run.generation_parts.glob("part-*.parquet")))
+    return {
+        "model": run.path.parent.parent.name,
+        "dataset": run.path.parent.name,
+        "split": run.path.name,
+        "samples": samples,
+        "correct": correct,
+        "answers": "done" if samples is not None else (f"{parts} batches" if parts else "started"),
+        "activations": ",".join(_activation_status(run)) or "-",
+        "probes": ",".join(_sites_with(run, "probes.json")) or "-",
+        "detector": _detector_status(run),
+        "report": "yes" if run.report.exists() else "-",
+    }
+
+
+def _detector_status(run: RunDir) -> str:
+    """Sites of the detectors fitted on this run; 'scored' when a detector was applied to its rows."""
+    sites = ",".join(sorted(p.stem.removeprefix("detector_") for p in run.path.glob("detector_*.json")))
+    scored = "scored" if run.detector_scores.exists() else ""
+    return " ".join(filter(None, [sites, scored])) or "-"
+
+
+def _activation_status(run: RunDir) -> list[str]:
+    """Sites with a complete store, and the share written of unfinished ones ('attn 40%')."""
+    found = []
+    for meta_path in sorted((run.path / "activations").glob("*/meta.json")):
+        meta = read_json(meta_path)
+        total = meta["shape"][2]
+        written = meta.get("written", 0)
+        site = meta_path.parent.name
+        found.append(site if written == total else f"{site} {100 * written // max(total, 1)}%")
+    return found
+
+
+def format_runs(runs: list[RunDir], runs_dir) -> str:
+    """One aligned line per run, under a header."""
+    if not runs:
+        return f"No runs under {runs_dir}."
+    statuses = [run_status(run) for run in runs]
+    columns = list(statuses[0])
+    rows = [columns] + [["-" if s[c] is None else str(s[c]) for c in columns] for s in statuses]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    numeric = {"samples", "correct"}
+    return "\n".join(
+        "  ".join(cell.rjust(w) if c in numeric else cell.ljust(w) for c, cell, w in zip(columns, row, widths)).rstrip()
+        for row in rows
+    )

@@ -1,0 +1,349 @@
+"""Resampling: K sampled answers per question, each labelled, located and read at one (layer, token) cell.
+
+Each (question, k) samples with its own generator, seeded from (seed, question id, k): the answers do not depend
+on the batch size, on the order of the work, or on which other questions are resampled. Every step writes a
+checkpoint per finished batch, keyed by `row_key(id, k)`, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+from truthmap.decoding import batches, generate_batch
+from truthmap.error_types import ERROR_TYPES, NO_ANSWER
+from truthmap.errors import ConfigError, ProbeError
+from truthmap.progress import progress_bar
+from truthmap.rundir import (
+    ANSWER_COLUMNS, EXACT_POSITIONS, POSITIONS, Checkpoints, position_column, read_json, write_atomic, write_json,
+)
+
+FLOAT16_MAX = 65504.0  # as the greedy store: values beyond the float16 range are clipped
+
+
+def row_key(question_id: str, k: int) -> str:
+    return f"{question_id}#{k}"
+
+
+def sample_seed(seed: int, question_id: str, k: int) -> int:
+    """A 63-bit seed for one (question, k), stable across runs and platforms (unlike Python's hash)."""
+    digest = hashlib.sha256(f"{seed}|{question_id}|{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sample_answers(lm, greedy, n_resamples: int, temperature: float, seed: int, max_new_tokens: int, batch_size: int,
+                   checkpoints: Checkpoints, stop_ids: list[int]):
+    """greedy: frame with id and prompt_ids. Returns one row per (id, sample): id, sample, prompt_ids, answer_ids,
+    answer_logprobs, stopped, answer; in the order of greedy's ids, then k."""
+    import pandas as pd
+
+    done = checkpoints.done_ids()
+    todo = [
+        (row_key(question_id, k), question_id, k, [int(t) for t in prompt])
+        for question_id, prompt in zip(greedy["id"], greedy["prompt_ids"])
+        for k in range(n_resamples)
+        if row_key(question_id, k) not in done
+    ]
+    todo.sort(key=lambda item: -len(item[3]))  # similar lengths share a batch: less padding
+    total = len(greedy) * n_resamples
+    with progress_bar(total=total, initial=total - len(todo), description="Resampling answers") as advance:
+        for batch in batches(todo, batch_size):
+            seeds = [sample_seed(seed, question_id, k) for _, question_id, k, _ in batch]
+            prompts = [prompt for *_, prompt in batch]
+            generations = generate_batch(
+                lm.model, lm.tokenizer, prompts, max_new_tokens, stop_ids, temperature, row_seeds=seeds
+            )
+            checkpoints.write(
+                pd.DataFrame(
+                    {
+                        "id": [key for key, *_ in batch],
+                        "question_id": [question_id for _, question_id, _, _ in batch],
+                        "sample": [k for _, _, k, _ in batch],
+                        "prompt_ids": prompts,
+                        "answer_ids": [g.token_ids for g in generations],
+                        "answer_logprobs": [g.logprobs for g in generations],
+                        "stopped": [g.stopped for g in generations],
+                        "answer": [lm.tokenizer.decode(g.token_ids) for g in generations],
+                    }
+                )
+            )
+            advance(len(batch))
+    frame = checkpoints.load().drop_duplicates("id", keep="last").set_index("id")
+    keys = [row_key(question_id, k) for question_id in greedy["id"] for k in range(n_resamples)]
+    return frame.loc[keys].reset_index(drop=True).rename(columns={"question_id": "id"})
+
+
+def label_and_locate(extractor, tokenizer, spec, records: dict, frame, batch_size: int, checkpoints: Checkpoints,
+                     tries: int, seed: int):
+    """Add correct, exact-answer and position columns to the sampled answers, as the greedy answers have them.
+
+    records: question id -> Record. Correct answers get their gold alias, classification answers their label,
+    the other wrong ones an extraction by `extractor` (locate.extract_with_llm, up to `tries` times).
+    """
+    from truthmap.label import label_answers
+    from truthmap.locate import direct_spans, exact_answer_columns, extract_with_llm
+
+    keys = [row_key(i, k) for i, k in zip(frame["id"], frame["sample"])]
+    keyed = [dataclasses.replace(records[i], id=key) for i, key in zip(frame["id"], keys)]  # one record per answer
+    answers = list(frame["answer"])
+    frame = frame.assign(correct=label_answers(spec, keyed, answers))
+    spans = direct_spans(spec, keyed, answers, list(frame["correct"]))
+    pending = [(r.id, r.question, a) for r, a in zip(keyed, answers) if r.id not in spans]
+    if spec.exact_answer == "match":
+        spans |= extract_with_llm(extractor, pending, batch_size, checkpoints, tries, seed)
+    else:
+        spans |= {key: ("not_found", None) for key, _, _ in pending}
+    located = frame.assign(id=keys)  # exact_answer_columns looks spans up by row id
+    frame = frame.assign(**exact_answer_columns(located, tokenizer, spans))
+    frame["prompt_len"] = frame["prompt_ids"].map(len)
+    frame["answer_len"] = frame["answer_ids"].map(len)
+    return frame
+
+
+def vote_text(source: str, valid: bool, exact_answer: str) -> str | None:
+    """The exact answer an answer stands for in the error types and the vote: NO_ANSWER for a refusal, None when
+    it has none."""
+    if source == "no_answer":
+        return NO_ANSWER
+    return exact_answer if valid else None
+
+
+def cell_activations(lm, frame, site: str, layer: int, token: str, batch_size: int, checkpoints: Checkpoints):
+    """float16 [rows, width]: the site's output at (layer, token) for every row of frame (prompt_ids, answer_ids,
+    pos_<token>, and a unique `key`). Rows without that position (-1) read the first token; callers mask them."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from truthmap.decoding import left_pad
+    from truthmap.sites import capture
+
+    done = checkpoints.done_ids()
+    todo = [i for i, key in enumerate(frame["key"]) if key not in done]
+    sequences = [list(p) + list(a) for p, a in zip(frame["prompt_ids"], frame["answer_ids"])]
+    positions = np.maximum(frame[position_column(token)].to_numpy(), 0)  # [rows]
+    todo.sort(key=lambda i: -len(sequences[i]))
+    with progress_bar(len(frame), f"Reading {site} layer {layer} at {token}", initial=len(frame) - len(todo)) as advance:
+        for batch in batches(todo, batch_size):
+            input_ids, attention_mask = left_pad([sequences[i] for i in batch], lm.tokenizer.pad_token_id)
+            offsets = np.array([input_ids.shape[1] - len(sequences[i]) for i in batch])
+            index = torch.from_numpy(positions[batch] + offsets)[:, None]  # [batch, 1], into the padded input
+            with torch.inference_mode(), capture(lm.model, site, index) as cap:
+                lm.model.base_model(input_ids=input_ids.to(lm.model.device),
+                                    attention_mask=attention_mask.to(lm.model.device))
+            values = cap.stack()[:, layer, 0, :].float().numpy()  # [batch, width]
+            values = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+            checkpoints.write(pd.DataFrame({"id": [frame["key"].iloc[i] for i in batch],
+                                            "acts": [v.tobytes() for v in values]}))
+            advance(len(batch))
+    stored = checkpoints.load().drop_duplicates("id", keep="last").set_index("id")["acts"]
+    return np.stack([np.frombuffer(stored[key], dtype=np.float16) for key in frame["key"]])
+
+
+# --------------------------------------------------------------------------------------------- a whole resampling
+
+# The columns of resamples/answers.parquet: the greedy answers' per-answer columns, plus `sample` (0..K-1).
+RESAMPLE_COLUMNS = ["id", "sample"] + [
+    c for c in ANSWER_COLUMNS if c not in ("id", "question", "prompt", "gold", "group")
+]
+
+
+def choose_questions(n: int, n_questions: int | None, seed: int):
+    """Indices of the greedy rows to resample: all, or a seeded subset of n_questions, in the greedy order."""
+    import numpy as np
+
+    if n_questions is not None and n_questions < 1:
+        raise ConfigError(f"Invalid --n-samples {n_questions}: expected an integer >= 1 (questions to resample).")
+    if n_questions is None or n_questions >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, n_questions, replace=False))
+
+
+def resolve_cell(probes_json: Path, site: str, layer: int | None, token: str | None, n_layers: int) -> dict:
+    """The (layer, token) cell to read: the given one, else the best cell of the greedy train run's probes."""
+    if layer is None or token is None:
+        if not probes_json.exists():
+            raise ConfigError(
+                f"No probes in {probes_json.parent} to take the best cell from. Run `truthmap run` on the train "
+                "split first, or pass --layer and --token."
+            )
+        best = read_json(probes_json)["best"]
+        layer = best["layer"] if layer is None else layer
+        token = best["token"] if token is None else token
+    if token not in POSITIONS:
+        raise ConfigError(f"Invalid --token {token!r}: expected one of {', '.join(POSITIONS)}.")
+    if not 0 <= layer < n_layers:
+        raise ConfigError(f"Invalid --layer {layer}: the model has {n_layers} layers (0 to {n_layers - 1}).")
+    return {"site": site, "layer": int(layer), "token": token}
+
+
+def greedy_cell(acts, cell: dict):
+    """float16 [samples, width]: the greedy store's cell (open_store's [samples, layers, positions, hidden])."""
+    import numpy as np
+
+    return np.asarray(acts[:, cell["layer"], POSITIONS.index(cell["token"]), :], dtype=np.float16)
+
+
+def resample_answers(lm, extractor, spec, records: dict, greedy, settings: dict, work: Path, batch_size: int,
+                     extraction_model: str | None, tries: int):
+    """Sample, label and locate: the frame of resamples/answers.parquet (RESAMPLE_COLUMNS).
+
+    settings: what made the greedy answers, plus n_resamples, temperature and resample_seed; it keys the sampling
+    checkpoints, which other extraction settings or another subset of questions can therefore reuse.
+    """
+    from truthmap.models import stop_token_ids
+
+    generated = sample_answers(
+        lm, greedy, settings["n_resamples"], settings["temperature"], settings["resample_seed"],
+        settings["max_new_tokens"], batch_size, Checkpoints(work / "generations", settings),
+        stop_token_ids(lm.tokenizer, lm.model),
+    )
+    extraction_settings = settings | {"extraction_model": extraction_model, "tries": tries}
+    frame = label_and_locate(
+        extractor, lm.tokenizer, spec, records, generated, batch_size,
+        Checkpoints(work / "extractions", extraction_settings), tries, settings["resample_seed"],
+    )
+    return frame[RESAMPLE_COLUMNS]
+
+
+def save_npy(path: Path, array) -> None:
+    import numpy as np
+
+    def write(tmp):
+        with open(tmp, "wb") as handle:  # a handle: np.save would add ".npy" to the temporary name
+            np.save(handle, array)
+
+    write_atomic(path, write)
+
+
+def save_csv(path: Path, frame) -> None:
+    write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+# ------------------------------------------------------------------------------------------------------ analysis
+
+
+def type_probes(types, greedy, greedy_acts, seeds):
+    """AUC of a probe predicting each error type from the greedy answer's activations at the cell.
+
+    Rows: greedy answers with a valid exact answer. One probe per type (the type against all other questions), a
+    grouped, stratified split per seed (probes.probe_grid on one cell). A type with fewer than MIN_PER_CLASS
+    questions in or out of it, or whose split fails, is reported as skipped, with the reason.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from truthmap.probes import MIN_PER_CLASS, probe_grid
+
+    valid = greedy["exact_answer_valid"].to_numpy(dtype=bool)
+    X = greedy_acts[valid][:, None, None, :]  # [n, 1 layer, 1 position, width]: one cell for probe_grid
+    groups = greedy["group"][valid].tolist()
+    flags = types.set_index("id").loc[greedy["id"][valid]]
+    rows = []
+    for name, code in ERROR_TYPES.items():
+        y = flags[name].to_numpy(dtype=bool)
+        inside, outside = int(y.sum()), int((~y).sum())
+        row = {"type": name, "code": code, "n": len(y), "with_type": inside, "without_type": outside,
+               "auc_mean": np.nan, "auc_std": np.nan, "seeds": len(seeds), "skipped": ""}
+        if min(inside, outside) < MIN_PER_CLASS:
+            row["skipped"] = f"too few: {inside} with the type, {outside} without (need {MIN_PER_CLASS} of each)"
+        else:
+            try:
+                grid = probe_grid(X, y, groups=groups, seeds=seeds, progress=False, name=name)
+                row["auc_mean"], row["auc_std"] = float(grid.mean[0, 0]), float(grid.std[0, 0])
+            except ProbeError as error:
+                row["skipped"] = str(error)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def selection_candidates(greedy, answers, greedy_acts, cell_acts, token: str, n_folds: int, fold_seed: int):
+    """One row per (question, candidate): the greedy answer (0) and the K samples (1..K), scored for selection.
+
+    The error probe is cross-fitted on the greedy answers (selection.out_of_fold_error_probabilities); a
+    candidate without the cell's position (no exact answer for an exact-answer token) gets no probe score.
+    Returns the frame and a note on the probe ("" when it worked).
+    """
+    import numpy as np
+    import pandas as pd
+
+    from truthmap.selection import fold_of_groups, mean_logprob, out_of_fold_error_probabilities
+
+    def usable(frame):
+        valid = frame["exact_answer_valid"].to_numpy(dtype=bool)
+        return valid if token in EXACT_POSITIONS else np.ones(len(frame), dtype=bool)
+
+    folds = fold_of_groups(greedy["group"].tolist(), n_folds, fold_seed)
+    fold_of_id = dict(zip(greedy["id"], folds))
+    score_acts = np.concatenate([greedy_acts, cell_acts])
+    score_folds = np.array([fold_of_id[i] for i in [*greedy["id"], *answers["id"]]])
+    try:
+        probabilities = out_of_fold_error_probabilities(
+            greedy_acts, ~greedy["correct"].to_numpy(dtype=bool), greedy["exact_answer_valid"].to_numpy(dtype=bool),
+            folds, score_acts, score_folds, n_folds,
+        )
+        note = ""
+    except ProbeError as error:
+        probabilities, note = np.full(len(score_acts), np.nan), f"skipped: {error}"
+    probabilities[~np.concatenate([usable(greedy), usable(answers)])] = np.nan
+    rows = pd.DataFrame(
+        {
+            "id": [*greedy["id"], *answers["id"]],
+            "candidate": [0] * len(greedy) + [int(k) + 1 for k in answers["sample"]],
+            "correct": [*greedy["correct"], *answers["correct"]],
+            "error_probability": probabilities,
+            "exact_answer": [vote_text(*v) for v in zip(
+                [*greedy["exact_answer_source"], *answers["exact_answer_source"]],
+                [*greedy["exact_answer_valid"], *answers["exact_answer_valid"]],
+                [*greedy["exact_answer"], *answers["exact_answer"]],
+            )],
+            "mean_logprob": [mean_logprob(list(lp)) for lp in [*greedy["answer_logprobs"], *answers["answer_logprobs"]]],
+        }
+    )
+    return rows, note
+
+
+def analyse(greedy, answers, greedy_acts, cell_acts, token: str, seeds, out: Path, title: str, n_folds: int = 5,
+            fold_seed: int = 0) -> dict:
+    """Error types, type probes and answer selection; writes their files in `out`, returns a summary."""
+    from truthmap.error_types import type_counts, type_table
+    from truthmap.selection import METHODS, plot_selection, select_answers, selection_report
+
+    questions = {
+        question_id: (
+            group["correct"].tolist(),
+            [vote_text(*v) for v in zip(group["exact_answer_source"], group["exact_answer_valid"], group["exact_answer"])],
+        )
+        for question_id, group in answers.groupby("id", sort=False)
+    }
+    types = type_table(questions)
+    types.insert(1, "greedy_correct", types["id"].map(dict(zip(greedy["id"], greedy["correct"]))))
+    counts = type_counts(types)
+    save_csv(out / "error_types.csv", types)
+    write_json(out / "error_type_counts.json", counts)
+
+    probes = type_probes(types, greedy, greedy_acts, seeds)
+    save_csv(out / "type_probes.csv", probes)
+
+    candidates, probe_note = selection_candidates(greedy, answers, greedy_acts, cell_acts, token, n_folds, fold_seed)
+    chosen = select_answers(candidates)
+    report = selection_report(chosen, types)
+    save_csv(out / "selection.csv", report)
+    save_csv(out / "selection_choices.csv", chosen)
+    plot_selection(report, title, out / "selection.png")
+    overall = report.iloc[0]
+    return {
+        "questions": len(types),
+        "resampled_answers": len(answers),
+        "greedy_accuracy": round(float(greedy["correct"].mean()), 4),
+        "sampled_accuracy": round(float(answers["correct"].mean()), 4),
+        "error_types": counts,
+        "type_probes": {
+            row.type: ({"auc_mean": round(row.auc_mean, 4), "auc_std": round(row.auc_std, 4)} if not row.skipped
+                       else {"skipped": row.skipped})
+            for row in probes.itertuples()
+        },
+        "selection": {m: round(float(overall[m]), 4) for m in (*METHODS, "oracle")},
+        "selection_probe": probe_note or f"ErrorProbe cross-fitted over {n_folds} folds of the greedy answers",
+    }

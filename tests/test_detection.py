@@ -1,0 +1,243 @@
+"""Baselines, chosen-layer probes, the detection table, and the saved detector."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from truthmap.baselines import BASELINE_NAMES, exact_token_span, p_true_error_scores, token_scores
+from truthmap.detection import chosen_layer_probe, evaluate_dataset, markdown_table, write_detection_table
+from truthmap.detector import Detector
+from truthmap.errors import ConfigError, DataError, ModelError
+from truthmap.rundir import POSITIONS, RunDir, position_column, write_json
+
+# ----------------------------------------------------------------------------------------------------- baselines
+
+
+def test_token_scores_equal_hand_computed_values():
+    logprobs = [-0.1, -2.0, -0.5, -1.0]
+    scores = token_scores(logprobs, exact_tokens=(1, 3))  # exact answer = tokens 1 and 2
+    p = np.exp(logprobs)
+    expected = {
+        "logits_mean": 0.9,  # -(-0.1 - 2.0 - 0.5 - 1.0) / 4
+        "logits_min": 2.0,
+        "logits_max": 0.1,
+        "probas_mean": -(p.sum() / 4),
+        "probas_min": -math.exp(-2.0),
+        "probas_max": -math.exp(-0.1),
+        "logits_mean_exact": 1.25,  # -(-2.0 - 0.5) / 2
+        "logits_min_exact": 2.0,
+        "logits_max_exact": 0.5,
+        "probas_mean_exact": -(math.exp(-2.0) + math.exp(-0.5)) / 2,
+        "probas_min_exact": -math.exp(-2.0),
+        "probas_max_exact": -math.exp(-0.5),
+    }
+    assert scores.keys() == expected.keys()
+    for name, value in expected.items():
+        assert scores[name] == pytest.approx(value, abs=1e-12), name
+
+
+def test_token_scores_without_exact_answer_are_nan_for_exact_variants():
+    scores = token_scores([-0.3, -0.7], exact_tokens=None)
+    assert scores["logits_mean"] == pytest.approx(0.5)
+    assert all(math.isnan(scores[k]) for k in scores if k.endswith("_exact"))
+
+
+def test_baseline_names_follow_the_paper():
+    assert BASELINE_NAMES["logits_min_exact"] == "Logits-min-exact"
+    assert BASELINE_NAMES["probas_mean"] == "Probas-mean"
+    assert BASELINE_NAMES["p_true_exact"] == "p(True)-exact"
+
+
+def test_exact_token_span_from_stored_positions():
+    row = pd.Series({"exact_answer_valid": True, "prompt_len": 10, "pos_exact_answer_first": 12, "pos_exact_answer_last": 13})
+    assert exact_token_span(row) == (2, 4)  # answer tokens 2 and 3
+    assert exact_token_span(row.copy().replace({True: False})) is None
+
+
+def test_p_true_is_a_probability_independent_of_batch_size(tiny):
+    questions = ["What is the capital of France?"] * 3 + ["Who wrote it?"]
+    answers = ["Paris", "Lyon is the capital", "", "Paris Paris"]
+    one = p_true_error_scores(tiny, questions, answers, 1, "p(True)")
+    many = p_true_error_scores(tiny, questions, answers, 4, "p(True)")
+    assert np.isnan(one[2]) and np.isnan(many[2])  # nothing proposed, nothing scored
+    known = [0, 1, 3]
+    assert ((one[known] > 0) & (one[known] < 1)).all()
+    np.testing.assert_allclose(one[known], many[known], atol=1e-5)
+    assert len(set(np.round(one[known], 6))) == 3  # the answer matters
+
+
+# ------------------------------------------------------------------------------------- runs with known structure
+
+LAYERS, HIDDEN = 4, 6
+SIGNAL_LAYER, SIGNAL_POSITION = 2, "exact_answer_last"
+
+
+def fake_run(root, split, n, seed, direction=None, baseline_quality=1.0, dataset="toy"):
+    """A finished run: answers, activations where one cell separates errors along `direction`, baselines."""
+    rng = np.random.default_rng(seed)
+    is_error = rng.random(n) < 0.5
+    valid = np.ones(n, dtype=bool)
+    valid[:3] = False  # rows without an exact answer are left out of every method
+    run = RunDir(root, "tiny", dataset, split)
+    run.path.mkdir(parents=True)
+    pd.DataFrame(
+        {"id": [f"{dataset}-{split}-{i}" for i in range(n)], "group": [None] * n, "correct": ~is_error,
+         "exact_answer_valid": valid}
+    ).to_parquet(run.answers)
+    write_json(run.run_json, {"settings": {}, "chat_template": True, "config": {"extraction_tries": 1}})
+    direction = np.eye(HIDDEN)[0] if direction is None else direction
+    acts = rng.normal(size=(LAYERS, len(POSITIONS), n, HIDDEN)).astype(np.float16)
+    acts[SIGNAL_LAYER, POSITIONS.index(SIGNAL_POSITION)] += (3.0 * (is_error[:, None] - 0.5) * direction).astype(np.float16)
+    store = run.activations("mlp")
+    store.mkdir(parents=True)
+    np.memmap(store / "acts.f16", dtype=np.float16, mode="w+", shape=acts.shape)[:] = acts
+    write_json(store / "meta.json", {"shape": list(acts.shape), "written": n, "answers": {}, "site": "mlp"})
+    noise = rng.normal(size=n)
+    scores = {name: noise for name in BASELINE_NAMES}
+    scores["logits_min_exact"] = baseline_quality * is_error + rng.normal(scale=0.3, size=n)
+    pd.DataFrame({"id": [f"{dataset}-{split}-{i}" for i in range(n)], **scores}).to_parquet(run.baselines)
+    return run, is_error
+
+
+def test_chosen_layer_probe_finds_the_informative_layer_and_scores_test(tmp_path):
+    from truthmap.detection import probe_data
+
+    train_run, _ = fake_run(tmp_path, "train", 160, 0)
+    test_run, _ = fake_run(tmp_path, "test", 80, 1)
+    result = chosen_layer_probe(probe_data(train_run, "mlp"), probe_data(test_run, "mlp"), SIGNAL_POSITION, (0, 5, 26))
+    assert result["layers"] == [SIGNAL_LAYER] * 3
+    assert result["auc_mean"] > 0.95
+    noise = chosen_layer_probe(probe_data(train_run, "mlp"), probe_data(test_run, "mlp"), "last_q", (0, 5, 26))
+    assert 0.3 < noise["auc_mean"] < 0.7  # no signal at that token, whatever layer validation picks
+
+
+def test_evaluate_dataset_and_table(tmp_path):
+    train_run, _ = fake_run(tmp_path, "train", 160, 0)
+    test_run, _ = fake_run(tmp_path, "test", 80, 1)
+    results = evaluate_dataset("toy", train_run, test_run, "mlp", (0, 5))
+    by_method = {r["method"]: r for r in results}
+    assert by_method["Logits-min-exact"]["auc_mean"] > 0.9  # the informative baseline, on the 77 valid test rows
+    assert 0.3 < by_method["Logits-mean"]["auc_mean"] < 0.7
+    assert by_method["Probe @ exact_answer_last"]["layers"] == [SIGNAL_LAYER] * 2
+    assert all(r["n_test"] == 77 for r in results)
+    written = write_detection_table(results, tmp_path / "tables", "toy table")
+    table = pd.read_csv(written["csv"], index_col=0)
+    assert list(table.columns) == ["toy", "toy_std"]
+    assert table.index[0] == "Logits-mean" and table.index[-1] == "Probe @ exact_answer_after_last"
+    md = open(written["md"]).read()
+    best = max(results, key=lambda r: r["auc_mean"])
+    assert f"| {best['method']} | **{best['auc_mean']:.3f}" in md
+    assert (tmp_path / "tables" / "detection_table.png").stat().st_size > 1000
+
+
+def test_markdown_table_marks_the_best_per_column():
+    mean = pd.DataFrame({"a": [0.6, 0.9], "b": [0.8, float("nan")]}, index=["m1", "m2"])
+    std = pd.DataFrame({"a": [float("nan"), 0.01], "b": [float("nan"), float("nan")]}, index=["m1", "m2"])
+    md = markdown_table(mean, std)
+    assert "| m1 | 0.600 | **0.800** |" in md
+    assert "| m2 | **0.900 ± 0.010** | n/a |" in md
+
+
+# ----------------------------------------------------------------------------------------------------- detector
+
+
+def synthetic_cells(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < 0.4
+    X = rng.normal(size=(n, LAYERS, HIDDEN))
+    X[:, SIGNAL_LAYER, 1] += 2.5 * (y - 0.5)
+    return X, y
+
+
+def test_detector_chooses_layer_and_round_trips(tmp_path):
+    X, y = synthetic_cells()
+    detector = Detector(token="exact_answer_last", seeds=(0, 5)).fit(X, y)
+    assert detector.layer_ == SIGNAL_LAYER
+    detector.info = {"model": "tiny", "dataset": "geography"}
+    path = detector.save(tmp_path / "d.json")
+    loaded = Detector.load(path)
+    np.testing.assert_array_equal(loaded.predict_proba(X), detector.predict_proba(X))
+    assert loaded.layer_ == SIGNAL_LAYER and loaded.token == "exact_answer_last" and loaded.info["model"] == "tiny"
+    saved = json.loads(path.read_text())
+    assert saved["format"] == "truthmap-detector" and "truthmap_version" in saved and len(saved["probe"]["coef"]) == HIDDEN
+    X_test, y_test = synthetic_cells(seed=1)
+    assert loaded.score(X_test, y_test) > 0.9  # the estimator face: AUC on held-out activations
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "does not exist"), ("not json", "not JSON"), ('{"format": "other"}', "is not a truthmap detector")],
+)
+def test_detector_load_errors_are_one_line(tmp_path, content, message):
+    path = tmp_path / "d.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises((ConfigError, DataError), match=message) as err:
+        Detector.load(path)
+    assert "\n" not in str(err.value)
+
+
+def fitted_tiny_detector(tiny, token):
+    from truthmap.activations import read_positions
+
+    texts = [tiny.tokenizer(f"Paris is {'the ' * k}capital", add_special_tokens=False)["input_ids"] for k in range(20)]
+    X = read_positions(tiny, texts, [[len(t) - 1] for t in texts], "mlp")[:, :, 0]  # [20, layers, hidden]
+    y = np.arange(20) % 2 == 0
+    detector = Detector(token=token, layer=1).fit(X, y)
+    detector.info = {"model": "tiny", "dataset": "geography", "chat_template": True, "extraction_tries": 1}
+    return detector
+
+
+def test_detector_scores_text_with_the_tiny_model(tiny):
+    from truthmap.activations import read_positions
+    from truthmap.detector import encode_rows
+
+    detector = fitted_tiny_detector(tiny, "-1")
+    p = detector.score("What is the capital of France?", "Paris is the capital.", lm=tiny)
+    assert 0 < p < 1
+    rows = encode_rows(tiny, detector.info, ["What is the capital of France?"], ["Paris is the capital."])
+    sequence = list(rows["prompt_ids"][0]) + list(rows["answer_ids"][0])
+    expected = detector.predict_proba(read_positions(tiny, [sequence], [[len(sequence) - 1]], "mlp")[:, :, 0])[0, 1]
+    assert p == pytest.approx(expected)  # the last answer token, read by one forward pass
+    batch = detector.score_many(["Q one?", "What is the capital of France?"], ["A one.", "Paris is the capital."], tiny)
+    assert batch[1]["error_probability"] == pytest.approx(p, abs=1e-6)
+
+
+def test_detector_at_exact_answer_uses_gold_when_given(tiny):
+    detector = fitted_tiny_detector(tiny, "exact_answer_last")
+    result = detector.score_many(["Capital of France?"], ["It is Paris, of course."], tiny, golds=[["Paris"]])[0]
+    assert result["exact_answer"] == "Paris" and result["exact_answer_source"] == "gold_match"
+    assert 0 < result["error_probability"] < 1
+
+
+def test_detector_refuses_another_model_and_empty_answers(tiny):
+    detector = fitted_tiny_detector(tiny, "-1")
+    detector.info["model"] = "smollm2"
+    with pytest.raises(ModelError, match="fitted on model 'smollm2', not 'tiny'"):
+        detector.score("Capital of France?", "Paris", lm=tiny)
+    with pytest.raises(DataError, match="The answer is empty"):
+        detector.score("Capital of France?", "  ", lm=tiny)
+
+
+def test_score_cli_errors_are_one_line(tmp_path):
+    from truthmap.cli import app
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["score", "--detector", str(tmp_path / "none.json"), "--question", "Q?", "--answer", "A"])
+    assert missing.exit_code == 1 and "Error: Detector file" in missing.output and "Traceback" not in missing.output
+    X, y = synthetic_cells()
+    detector = Detector(seeds=(0,)).fit(X, y)
+    detector.info = {"model": "smollm2", "dataset": "geography"}
+    path = detector.save(tmp_path / "d.json")
+    empty = runner.invoke(app, ["score", "--detector", str(path), "--question", "Q?", "--answer", " "])
+    assert empty.exit_code == 1 and "Error: The answer is empty" in empty.output
+    other = runner.invoke(app, ["score", "--detector", str(path), "--question", "Q?", "--answer", "A", "--model", "gpt2"])
+    assert other.exit_code == 1 and "fitted on model 'smollm2', not 'gpt2'" in other.output
+    bad = tmp_path / "in.csv"
+    pd.DataFrame({"question": ["Q?", "Q2?"], "answer": ["A", None]}).to_csv(bad, index=False)
+    rows = runner.invoke(app, ["score", "--detector", str(path), "--input", str(bad)])
+    assert rows.exit_code == 1 and "row 2: empty question or answer" in rows.output

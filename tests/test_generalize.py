@@ -1,0 +1,36 @@
+"""Cross-dataset generalization on runs with known error directions."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from test_detection import SIGNAL_LAYER, SIGNAL_POSITION, fake_run
+from truthmap.generalize import generalization
+
+HIDDEN = 6
+
+
+def runs_with_directions(root, directions: dict[str, int]):
+    runs = {}
+    for k, (name, axis) in enumerate(directions.items()):
+        direction = np.eye(HIDDEN)[axis]
+        train, _ = fake_run(root, "train", 600, 10 * k, direction, dataset=name)
+        test, _ = fake_run(root, "test", 100, 10 * k + 1, direction, dataset=name)
+        runs[name] = (train, test)
+    return runs
+
+
+def test_shared_direction_transfers_and_orthogonal_does_not(tmp_path):
+    runs = runs_with_directions(tmp_path, {"a": 0, "b": 0, "c": 1})
+    result = generalization(runs, "mlp", SIGNAL_POSITION, (0, 5, 26), tmp_path / "out")
+    auc = result["auc_table"]
+    assert list(auc.index) == ["a", "b", "c"] and list(auc.columns) == ["a", "b", "c"]
+    assert auc.loc["a", "a"] > 0.9 and auc.loc["a", "b"] > 0.9 and auc.loc["b", "a"] > 0.9
+    assert 0.4 <= auc.loc["a", "c"] <= 0.6 and 0.4 <= auc.loc["c", "a"] <= 0.6
+    assert auc.loc["c", "c"] > 0.9
+    baseline = pd.read_json(tmp_path / "out" / "generalization.json", typ="series")["baseline_auc"]
+    relative = pd.read_csv(tmp_path / "out" / "auc_minus_baseline.csv", index_col=0)
+    assert relative.loc["a", "c"] == pytest.approx(auc.loc["a", "c"] - baseline["c"], abs=1e-4)
+    assert pd.read_json(tmp_path / "out" / "generalization.json", typ="series")["layers"]["a"] == [SIGNAL_LAYER] * 3
+    for stem in ("auc", "auc_minus_baseline"):
+        assert (tmp_path / "out" / f"{stem}.png").stat().st_size > 1000
