@@ -241,3 +241,11 @@ def test_score_cli_errors_are_one_line(tmp_path):
     pd.DataFrame({"question": ["Q?", "Q2?"], "answer": ["A", None]}).to_csv(bad, index=False)
     rows = runner.invoke(app, ["score", "--detector", str(path), "--input", str(bad)])
     assert rows.exit_code == 1 and "row 2: empty question or answer" in rows.output
+
+
+def test_given_exact_answer_skips_extraction_and_must_occur(tiny):
+    detector = fitted_tiny_detector(tiny, "exact_answer_last")
+    result = detector.score_many(["Capital of France?"], ["It is Paris, of course."], tiny, exact_answers=["paris"])[0]
+    assert result["exact_answer"] == "Paris" and result["exact_answer_source"] == "given"
+    with pytest.raises(DataError, match="'Lyon' does not occur in the answer"):
+        detector.score_many(["Capital of France?"], ["It is Paris."], tiny, exact_answers=["Lyon"])

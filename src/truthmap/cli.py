@@ -40,6 +40,9 @@ QuestionColumn = Annotated[str, typer.Option(help="With --dataset custom: the qu
 AnswerColumn = Annotated[str, typer.Option(help="With --dataset custom: the answer column (a string or a list).")]
 Site = Annotated[str, typer.Option(help="mlp (MLP output, as the paper), mlp_in, attn or resid.")]
 Seeds = Annotated[str, typer.Option(help="Probe split seeds, comma- or space-separated.")]
+Executor = Annotated[str, typer.Option(help="local (in this process) or ray (shards over Ray workers, one model each).")]
+RayAddress = Annotated[Optional[str], typer.Option(help="With --executor ray: an existing cluster; default: start a local one.")]
+Workers = Annotated[Optional[int], typer.Option(help="With --executor ray: workers; default: one per GPU, else per CPU.")]
 StudyFile = Annotated[Optional[str], typer.Option(help="A TOML study file (see study.example.toml); flags given here override it.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback when a command fails.")]
 DEFAULT_SEEDS_TEXT = ",".join(str(s) for s in DEFAULT_SEEDS)
@@ -119,6 +122,9 @@ def generate(
     custom_path: CustomPath = None,
     question_column: QuestionColumn = "question",
     answer_column: AnswerColumn = "answer",
+    executor: Executor = "local",
+    ray_address: RayAddress = None,
+    workers: Workers = None,
 ):
     """Answer a dataset's questions, label them and locate the exact answers: writes answers.parquet.
 
@@ -142,6 +148,9 @@ def extract(
     batch_size: BatchSize = 16,
     device: Device = None,
     dtype: Dtype = None,
+    executor: Executor = "local",
+    ray_address: RayAddress = None,
+    workers: Workers = None,
 ):
     """Read every layer's activations at the 15 probed positions of each answer into the run's float16 store.
 
@@ -199,6 +208,9 @@ def run(
     answer_column: AnswerColumn = "answer",
     site: Site = "mlp",
     seeds: Seeds = DEFAULT_SEEDS_TEXT,
+    executor: Executor = "local",
+    ray_address: RayAddress = None,
+    workers: Workers = None,
 ):
     """The main job: generate, extract, probe, draw the heatmap and write report.html, skipping finished stages.
 
@@ -349,6 +361,8 @@ def score(
     detector: Annotated[str, typer.Option(help="A detector file from `truthmap fit-detector`.")],
     question: Annotated[Optional[str], typer.Option(help="The question (single mode).")] = None,
     answer: Annotated[Optional[str], typer.Option(help="The answer to score (single mode).")] = None,
+    exact_answer: Annotated[Optional[str], typer.Option(help="The span of the answer that answers (skips extraction).")] = None,
+    gold: Annotated[Optional[str], typer.Option(help="A correct answer; used as the exact answer when the answer contains it.")] = None,
     input_path: Annotated[Optional[str], typer.Option("--input", help="Batch mode: a CSV or JSONL file of questions and answers.")] = None,
     output: Annotated[Optional[str], typer.Option(help="Batch mode: write the rows with their scores here (.csv or .jsonl).")] = None,
     question_column: QuestionColumn = "question",
@@ -374,7 +388,9 @@ def score(
         raise typer.BadParameter("give --question and --answer, or --input FILE for batch mode", param_hint="--answer")
     check_texts([question], [answer])
     lm = load_scoring_model(found, model, device, dtype)
-    typer.echo(json.dumps(found.score_many([question], [answer], lm)[0], indent=2))
+    result = found.score_many([question], [answer], lm, golds=[gold] if gold else None,
+                              exact_answers=[exact_answer] if exact_answer else None)
+    typer.echo(json.dumps(result[0], indent=2))
 
 
 @app.command()

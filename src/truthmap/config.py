@@ -34,6 +34,9 @@ class RunConfig:
     answer_column: str = "answer"
     site: str = "mlp"
     seeds: tuple[int, ...] = DEFAULT_SEEDS
+    executor: str = "local"  # local (in-process) | ray (generation and extraction sharded over Ray workers)
+    ray_address: str | None = None  # None: start a local Ray instance
+    workers: int | None = None  # Ray workers, one model each; None: one per GPU of the cluster, else one per CPU
 
     def __post_init__(self):
         checks = {
@@ -43,6 +46,8 @@ class RunConfig:
             "prompt_style": (self.prompt_style in ("auto", "instruct", "base"), "auto, instruct or base"),
             "extraction_tries": (self.extraction_tries >= 1, "an integer >= 1"),
             "site": (self.site in ("mlp", "mlp_in", "attn", "resid"), "mlp, mlp_in, attn or resid"),
+            "executor": (self.executor in ("local", "ray"), "local or ray"),
+            "workers": (self.workers is None or self.workers >= 1, "an integer >= 1"),
         }
         for option, (ok, expected) in checks.items():
             if not ok:

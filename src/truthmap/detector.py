@@ -62,11 +62,13 @@ class Detector:
     def predict(self, X):
         return self.predict_proba(X)[:, 1] > 0.5
 
-    def score(self, question, answer=None, lm=None, gold=None):
+    def score(self, question, answer=None, lm=None, gold=None, exact_answer=None):
         """On text: P(wrong) of one answer to one question. (score(X, y) gives the test AUC, as a probe's auc.)"""
         if answer is None or not isinstance(question, str):
             return self.probe_.auc(np.asarray(np.asarray(question)[:, self.layer_], dtype=np.float64), answer)
-        return self.score_many([question], [answer], lm, golds=[gold] if gold else None)[0]["error_probability"]
+        result = self.score_many([question], [answer], lm, golds=[gold] if gold else None,
+                                 exact_answers=[exact_answer] if exact_answer else None)
+        return result[0]["error_probability"]
 
     # ------------------------------------------------------------------------------------------- save and load
 
@@ -146,15 +148,22 @@ class Detector:
                 f"site {self.site}; the detector expects {self.n_layers_} x {self.hidden_}. Use the detector's model."
             )
 
-    def score_many(self, questions, answers, lm=None, golds=None, batch_size: int = 16) -> list[dict]:
-        """One dict per answer: error_probability (None when the exact answer was not found), exact_answer, source."""
+    def score_many(self, questions, answers, lm=None, golds=None, exact_answers=None, batch_size: int = 16) -> list[dict]:
+        """One dict per answer: error_probability (None when the exact answer was not found), exact_answer, source.
+
+        The exact answer is, in this order: the given exact answer (it must occur in the answer), a given gold
+        alias found in the answer, or the span the model extracts."""
         from truthmap.models import load_model
 
         check_texts(questions, answers)
         lm = lm or load_model(self.info.get("model", "smollm2"))
         self.check_model(lm)
         rows = encode_rows(lm, self.info, questions, answers)
-        spans = locate_rows(lm, rows, golds, self.info, batch_size) if self.token in EXACT_POSITIONS else {}
+        spans = {}
+        if self.token in EXACT_POSITIONS:
+            spans = given_spans(rows, exact_answers)
+            golds_by_id = dict(zip(rows["id"], golds or []))
+            spans |= locate_rows(lm, rows[~rows["id"].isin(spans)], golds_by_id, self.info, batch_size)
         return score_rows(self, lm, rows, spans, batch_size)
 
 
@@ -191,8 +200,22 @@ def encode_rows(lm, info: dict, questions, answers):
     )
 
 
-def locate_rows(lm, rows, golds, info: dict, batch_size: int) -> dict:
-    """Exact answers of new answers: a gold alias when given and present, else extraction by the model."""
+def given_spans(rows, exact_answers) -> dict:
+    """Spans of exact answers given with the answers (case-insensitive, first occurrence)."""
+    spans = {}
+    for i, (row, exact) in enumerate(zip(rows.itertuples(), exact_answers or [])):
+        if not isinstance(exact, str) or not exact.strip():
+            continue
+        start = row.answer.lower().find(exact.strip().lower())
+        if start < 0:
+            where = f" (row {i + 1})" if len(rows) > 1 else ""
+            raise DataError(f"The exact answer{where} {exact!r} does not occur in the answer; give a span of the answer.")
+        spans[row.id] = ("given", (start, start + len(exact.strip())))
+    return spans
+
+
+def locate_rows(lm, rows, golds: dict, info: dict, batch_size: int) -> dict:
+    """Exact answers of new answers: a gold alias (golds: id -> aliases) when present, else extraction by the model."""
     import tempfile
 
     from truthmap.datasets import gold_span
@@ -201,7 +224,8 @@ def locate_rows(lm, rows, golds, info: dict, batch_size: int) -> dict:
     from truthmap.rundir import Checkpoints
 
     spans = {}
-    for row, gold in zip(rows.itertuples(), golds or [None] * len(rows)):
+    for row in rows.itertuples():
+        gold = golds.get(row.id)
         aliases = [gold] if isinstance(gold, str) else list(gold or [])
         span = gold_span(Record(id=row.id, question=row.question, answers=aliases), row.answer) if aliases else None
         if span is not None:
@@ -284,10 +308,12 @@ def read_pairs(path, question_column: str, answer_column: str):
 
 def score_file(detector: Detector, lm, frame, path, output, question_column: str, answer_column: str, batch_size: int) -> str:
     """Batch mode: every row of `frame` (from read_pairs) scored; written next to the input file (or to `output`)
-    with the score columns added."""
+    with the score columns added. Optional columns `exact_answer` and `gold` play the roles of --exact-answer/--gold."""
     from truthmap.rundir import write_atomic
 
-    scores = detector.score_many(list(frame[question_column]), list(frame[answer_column]), lm, batch_size=batch_size)
+    optional = {key: list(frame[key].where(frame[key].notna(), None)) if key in frame else None for key in ("exact_answer", "gold")}
+    scores = detector.score_many(list(frame[question_column]), list(frame[answer_column]), lm, golds=optional["gold"],
+                                 exact_answers=optional["exact_answer"], batch_size=batch_size)
     for key in ("error_probability", "exact_answer", "exact_answer_source"):
         frame[key] = [s[key] for s in scores]
     output = Path(output or Path(path).with_name(Path(path).stem + ".scored" + Path(path).suffix))

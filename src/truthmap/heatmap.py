@@ -119,7 +119,7 @@ def plot_matrix(frame, title: str, png_path, vmin: float, vmax: float, cmap: str
 
     values = frame.to_numpy(dtype=float)
     n_rows, n_cols = values.shape
-    fig = Figure(figsize=(2.2 + 1.1 * n_cols, 1.0 + 0.32 * n_rows), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 2.2 + 1.1 * n_cols), 1.0 + 0.32 * n_rows), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(n_cols), [str(c) for c in frame.columns], rotation=30, ha="right")

@@ -60,12 +60,10 @@ def answers_settings(config: RunConfig, spec) -> dict:
 
 def generate(config: RunConfig, lm=None) -> RunDir:
     """Generate, label and locate: writes answers.parquet and run.json (skipped when already done)."""
-    import pandas as pd
-
     from truthmap.datasets import build_prompt
     from truthmap.generate import generate_answers
     from truthmap.label import label_answers
-    from truthmap.locate import direct_spans, exact_answer_columns, extract_with_llm
+    from truthmap.locate import direct_spans, extract_with_llm
     from truthmap.models import load_model
 
     spec, records = load_config_records(config)
@@ -74,6 +72,10 @@ def generate(config: RunConfig, lm=None) -> RunDir:
     if run.answers.exists() and run.run_json.exists():
         check_matches(read_json(run.run_json)["settings"], settings, run.path)
         return run
+    if config.executor == "ray":
+        from truthmap.executor import generate_on_ray
+
+        return generate_on_ray(config, spec, records, run, settings)
     started = time.time()
     lm = lm or load_model(config.model, config.device, config.dtype)
     lm = dataclasses.replace(lm, is_chat=_use_chat(config.prompt_style, lm))
@@ -87,11 +89,26 @@ def generate(config: RunConfig, lm=None) -> RunDir:
     if spec.exact_answer == "match":
         extractor = lm if not config.extraction_model else load_model(config.extraction_model, config.device, config.dtype)
         pending = [(r.id, r.question, a) for r, a in zip(records, frame["answer"]) if r.id not in spans]
-        extraction_settings = settings | {"extraction_model": config.extraction_model, "tries": config.extraction_tries}
-        checkpoints = Checkpoints(run.extraction_parts, extraction_settings)
+        checkpoints = Checkpoints(run.extraction_parts, extraction_settings(config, settings))
         spans |= extract_with_llm(extractor, pending, config.batch_size, checkpoints, config.extraction_tries, config.seed)
     else:
         spans |= {r.id: ("not_found", None) for r in records if r.id not in spans}
+    write_answers(run, config, settings, records, prompts, frame, spans, lm, started)
+    return run
+
+
+def extraction_settings(config: RunConfig, settings: dict) -> dict:
+    """What decides the exact-answer extractions, on top of the answers' settings."""
+    return settings | {"extraction_model": config.extraction_model, "tries": config.extraction_tries}
+
+
+def write_answers(run: RunDir, config: RunConfig, settings: dict, records, prompts, frame, spans, lm, started) -> None:
+    """answers.parquet (records + generations + exact answers and positions) and run.json."""
+    import pandas as pd
+
+    from truthmap.locate import exact_answer_columns
+
+    ids = [r.id for r in records]
     table = pd.DataFrame(
         {
             "id": ids,
@@ -119,7 +136,6 @@ def generate(config: RunConfig, lm=None) -> RunDir:
             "versions": package_versions(),
         },
     )
-    return run
 
 
 def _use_chat(prompt_style: str, lm) -> bool:
@@ -164,6 +180,10 @@ def extract(config: RunConfig, lm=None) -> RunDir:
     table = _answers_table(run)
     if extraction_done(run, config.site):
         return run
+    if config.executor == "ray":
+        from truthmap.executor import extract_on_ray
+
+        return extract_on_ray(config, run, table)
     lm = lm or load_model(config.model, config.device, config.dtype)
     settings = read_json(run.run_json)["settings"]
     extract_activations(lm, table, run.activations(config.site), config.site, config.batch_size, settings)
@@ -214,7 +234,7 @@ def run_all(config: RunConfig) -> dict:
     """generate -> extract -> probe, skipping finished stages; returns where the figure is and the best cell."""
     run = run_dir(config)
     lm = None
-    if not run.answers.exists() or not extraction_done(run, config.site):
+    if config.executor == "local" and (not run.answers.exists() or not extraction_done(run, config.site)):
         from truthmap.models import load_model
 
         lm = load_model(config.model, config.device, config.dtype)

@@ -7,6 +7,7 @@
         answers.parquet             one row per sample (ANSWER_COLUMNS)
         work/generations/part-*.parquet   checkpoints of the generation stage, one per finished batch
         work/extractions/part-*.parquet   checkpoints of the exact-answer extraction, one per finished batch
+        work/shards/<k>-of-<n>/     `--executor ray`: shard k's generations/, extractions/, activations/<site>/
         activations/<site>/acts.f16       float16 memmap, cell-major [layers, positions, samples, hidden]
         activations/<site>/meta.json      shape, dtype, what made it, and how many samples are written
         probes/<site>/heatmap.png|svg|csv, top_cells.json, probes.json
@@ -97,6 +98,10 @@ class RunDir:
 
     def detector(self, site: str) -> Path:
         return self.path / f"detector_{site}.json"
+
+    def shard(self, k: int, n: int) -> Path:
+        """Work of shard k of n (`--executor ray`), laid out as the run's own work; merged into the run's files."""
+        return self.path / "work" / "shards" / f"{k}-of-{n}"
 
     def activations(self, site: str) -> Path:
         return self.path / "activations" / site

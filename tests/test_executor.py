@@ -1,0 +1,98 @@
+"""`--executor ray`: shards over Ray workers merge into exactly what a local run writes."""
+
+import csv
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from truthmap.cli import app
+from truthmap.config import RunConfig
+from truthmap.errors import ConfigError
+from truthmap.executor import deal, import_ray, plan_workers
+
+
+def test_deal_gives_whole_batches_round_robin():
+    assert deal(list(range(10)), 3, 2) == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9]]
+    assert deal([7, 8], 4, 3) == [[7, 8], [], []]
+
+
+def test_plan_workers_follows_the_cluster():
+    config = RunConfig(executor="ray")
+    assert plan_workers(config, {"CPU": 8.0}, n_batches=100) == (8, 0)
+    assert plan_workers(config, {"CPU": 8.0, "GPU": 2.0}, n_batches=100) == (2, 1)
+    assert plan_workers(RunConfig(device="cpu"), {"CPU": 8.0, "GPU": 2.0}, n_batches=100) == (8, 0)
+    assert plan_workers(config, {"CPU": 8.0}, n_batches=3) == (3, 0)  # no worker without a batch
+    with pytest.raises(ConfigError, match=r"^--workers 4 needs 4 CPUs, and the Ray cluster has 2\.$"):
+        plan_workers(RunConfig(workers=4), {"CPU": 2.0}, n_batches=100)
+
+
+def test_executor_is_validated_and_ray_missing_says_how_to_install(monkeypatch):
+    with pytest.raises(ConfigError, match=r"^Invalid --executor 'dask': expected local or ray\.$"):
+        RunConfig(executor="dask")
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails as if it were not installed
+    with pytest.raises(ConfigError, match=r'needs Ray, which is not installed\. Install it with: pip install "truthmap\[ray\]"$'):
+        import_ray()
+
+
+@pytest.fixture
+def small_study(tmp_path):
+    """A saved tiny model and 20 questions (16 in the train split), about half of whose greedy answers count as right."""
+    from tiny import tiny_lm
+
+    from truthmap.decoding import generate_batch
+    from truthmap.models import encode_prompt
+
+    lm = tiny_lm(seed=3)
+    model_dir = tmp_path / "tiny-model"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    questions = [f"What is the capital of {word}? {i}" for i, word in enumerate(["France", "Norway", "Peru", "Chile"] * 5)]
+    prompts = [encode_prompt(lm.tokenizer, q, True) for q in questions]
+    texts = [lm.tokenizer.decode(g.token_ids).strip() for g in generate_batch(lm.model, lm.tokenizer, prompts, 12, [2])]
+    path = tmp_path / "qa.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["question", "answer"])
+        for i, (q, text) in enumerate(zip(questions, texts)):
+            writer.writerow([q, text[:4] if i % 2 and text[:4].strip() else "zzzqqq"])
+    return model_dir, path
+
+
+def test_ray_run_writes_what_the_local_run_writes(small_study, tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'truthmap[ray]')")
+    import torch
+
+    model_dir, data = small_study
+    common = ["--model", str(model_dir), "--dataset", "custom", "--batch-size", "4"]
+    # Two extraction tries: the second one samples, and must draw the same tokens on a worker as here.
+    generate = ["generate", *common, "--custom-path", str(data), "--extraction-tries", "2", "--max-new-tokens", "12"]
+    runs = {"local": tmp_path / "local", "ray": tmp_path / "ray"}
+    ray_options = ["--executor", "ray", "--workers", "2"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each Ray worker: the float rounding of a forward pass may depend on the threads
+    try:
+        for name, extra in (("local", []), ("ray", ray_options)):
+            for command in (generate, ["extract", *common]):
+                result = CliRunner().invoke(app, [*command, "--runs-dir", str(runs[name]), *extra])
+                assert result.exit_code == 0, result.output
+    finally:
+        torch.set_num_threads(threads)
+        ray.shutdown()
+
+    local, distributed = (runs[name] / "tiny-model" / "custom" / "train" for name in ("local", "ray"))
+    answers = pd.read_parquet(local / "answers.parquet")
+    assert len(answers) == 16 and 0 < answers["correct"].sum() < 16  # the train split: 80 % of the questions
+    pd.testing.assert_frame_equal(pd.read_parquet(distributed / "answers.parquet"), answers)
+    for name in ("meta.json", "acts.f16"):
+        assert (distributed / "activations" / "mlp" / name).read_bytes() == (local / "activations" / "mlp" / name).read_bytes()
+    from truthmap.activations import open_store
+
+    acts, meta = open_store(distributed / "activations" / "mlp")
+    np.testing.assert_array_equal(acts, open_store(local / "activations" / "mlp")[0])
+    assert meta["written"] == 16 and acts.shape[:3] == (16, 2, 15)
+    shards = distributed / "work" / "shards"
+    assert sorted(p.name for p in shards.iterdir()) == ["0-of-2", "1-of-2"]
+    assert all(len(list((shards / s / "generations").glob("part-*.parquet"))) > 0 for s in ("0-of-2", "1-of-2"))
