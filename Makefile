@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench compare clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/extraction.py
+
+# truthmap against a per-sample pipeline in the reference's style (hours on 2 CPU cores; see README, Scale).
+compare: $(STAMP)
+	$(BIN)/python bench/compare.py $(if $(wildcard ../shared/data),--data-dir ../shared/data)
 
 clean:
 	rm -rf $(VENV) runs

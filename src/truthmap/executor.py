@@ -112,10 +112,8 @@ def plan_workers(config, resources: dict, n_batches: int) -> tuple[int, int]:
     return max(1, min(wanted, n_batches)), 1 if gpus else 0  # no idle worker loading a model for nothing
 
 
-# Workers may run in another directory: local paths sent to them must be absolute to mean the same thing there.
-
-
 def model_location(model: str) -> str:
+    """A local model path made absolute: workers may run in another directory. Other names are left as they are."""
     from truthmap.models import DEFAULT_MODEL
 
     local = model != DEFAULT_MODEL and Path(model).expanduser().exists()  # as models.resolve_source decides
@@ -123,7 +121,7 @@ def model_location(model: str) -> str:
 
 
 def shard_dir(run, k: int, n: int) -> Path:
-    return run.shard(k, n).absolute()
+    return run.shard(k, n).absolute()  # absolute, as model_location
 
 
 @contextmanager
@@ -137,11 +135,11 @@ def workers(config, n_items: int, extraction_model: str | None = None):
     )
     args = (model_location(config.model), "cuda" if gpus else "cpu", config.dtype, config.prompt_style,
             extraction_model and model_location(extraction_model))
-    # The first worker loads alone: converting a GGUF file into the cache once, not n times at once.
-    first = actor.remote(*args)
-    get([first.describe.remote()])
-    started = [first] + [actor.remote(*args) for _ in range(n - 1)]
+    started = [actor.remote(*args)]
     try:
+        # The first worker loads alone: a GGUF file is converted into the cache once, not n times at once.
+        get([started[0].describe.remote()])
+        started += [actor.remote(*args) for _ in range(n - 1)]
         yield started
     finally:
         for each in started:

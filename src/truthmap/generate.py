@@ -27,13 +27,20 @@ def generate_answers(lm, ids: list[str], prompts: list[str], max_new_tokens: int
                     {
                         "id": [i for i, _ in batch],
                         "prompt_ids": [p for _, p in batch],
-                        "answer_ids": [g.token_ids for g in generations],
-                        "answer_logprobs": [g.logprobs for g in generations],
-                        "stopped": [g.stopped for g in generations],
-                        "answer": [lm.tokenizer.decode(g.token_ids) for g in generations],
+                        **generation_columns(lm.tokenizer, generations),
                     }
                 )
             )
             advance(len(batch))
     frame = checkpoints.load().drop_duplicates("id", keep="last").set_index("id")
     return frame.loc[ids].reset_index()
+
+
+def generation_columns(tokenizer, generations) -> dict[str, list]:
+    """The columns every table of generated answers has (greedy or resampled)."""
+    return {
+        "answer_ids": [g.token_ids for g in generations],
+        "answer_logprobs": [g.logprobs for g in generations],
+        "stopped": [g.stopped for g in generations],
+        "answer": [tokenizer.decode(g.token_ids) for g in generations],
+    }

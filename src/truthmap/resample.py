@@ -13,6 +13,7 @@ from pathlib import Path
 
 from truthmap.decoding import batches, generate_batch
 from truthmap.error_types import ERROR_TYPES, NO_ANSWER
+from truthmap.generate import generation_columns
 from truthmap.errors import ConfigError, ProbeError
 from truthmap.progress import progress_bar
 from truthmap.rundir import (
@@ -61,10 +62,7 @@ def sample_answers(lm, greedy, n_resamples: int, temperature: float, seed: int, 
                         "question_id": [question_id for _, question_id, _, _ in batch],
                         "sample": [k for _, _, k, _ in batch],
                         "prompt_ids": prompts,
-                        "answer_ids": [g.token_ids for g in generations],
-                        "answer_logprobs": [g.logprobs for g in generations],
-                        "stopped": [g.stopped for g in generations],
-                        "answer": [lm.tokenizer.decode(g.token_ids) for g in generations],
+                        **generation_columns(lm.tokenizer, generations),
                     }
                 )
             )

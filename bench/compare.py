@@ -1,0 +1,401 @@
+"""truthmap against a per-sample pipeline in the style of the paper's scripts: time, memory and AUCs.
+
+    python bench/compare.py [--n 250,1000] [--big 10000] [--dataset winobias] [--data-dir DIR] [--model smollm2]
+
+For each size in --n, on the same model, questions and (layer, token) cells, in this one process:
+- truthmap: `pipeline.generate` (batched greedy answers, labels, exact answers), `pipeline.extract` (batched
+  forward passes with hooks that keep the 15 probed positions, float16 memmap) and `pipeline.probe` (every cell
+  fitted at once by batched L-BFGS);
+- per-sample, as the reference scripts (Orgad et al. 2025) do it: one `generate` call per question with
+  `output_scores=True`, every step's scores over the whole vocabulary kept in RAM; one forward pass per answer
+  (`output_hidden_states=True`) with hooks that keep every layer's output over the whole sequence, float32, all
+  in a list in RAM; one scikit-learn probe per (layer, token) cell and seed.
+Only the mechanics differ: the per-sample probes read the positions of truthmap's answers table (so no second
+exact-answer extraction), and use truthmap's splits (`grouped_split`, same seeds) and its model, a
+StandardScaler + LogisticRegression(C=1) (the reference fits an unscaled LogisticRegression with 100 iterations,
+which does not converge on raw activations).
+
+Per size it prints the wall time of each stage, peak RSS and working memory (peak RSS during the pipeline minus
+the RSS when it started, the model already loaded; also for anonymous memory only, without the file pages of the
+memmapped store and model weights, which the kernel can drop at will), the largest AUC difference over the
+cells, and the time of truthmap's extraction against a plain batched forward pass over the same sequences (same
+batches, no hooks, nothing kept). Then truthmap alone at --big samples (--big-dataset), and the targets of the
+issue, met or not. Memory is sampled every 10 ms by a thread reading /proc/self/status; freed memory is handed
+back to the OS (malloc_trim) between pipelines, so one pipeline's leftovers do not hide the next one's growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MB = 2**20
+STAGES = ("generate", "extract", "probe")
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+
+class MemorySampler(threading.Thread):
+    """Peak RSS (all, and anonymous only) since the last reset, read every `interval` seconds."""
+
+    def __init__(self, interval: float = 0.01):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak = self.peak_anon = 0
+
+    @staticmethod
+    def now() -> tuple[int, int]:
+        """(RSS, anonymous RSS) in bytes."""
+        fields = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssAnon"):
+                    fields[key] = int(value.split()[0]) * 1024
+        return fields["VmRSS"], fields.get("RssAnon", fields["VmRSS"])
+
+    def reset(self) -> None:
+        self.peak, self.peak_anon = self.now()
+
+    def run(self) -> None:
+        while True:
+            rss, anon = self.now()
+            self.peak, self.peak_anon = max(self.peak, rss), max(self.peak_anon, anon)
+            time.sleep(self.interval)
+
+
+def release_freed_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap; give it back so RSS shows the next growth
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class Measured:
+    """One pipeline's run: seconds and peak memory per stage, RSS when it started."""
+
+    name: str
+    start: tuple[int, int] = (0, 0)
+    seconds: dict = field(default_factory=dict)
+    peak: dict = field(default_factory=dict)
+    peak_anon: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    @property
+    def working(self) -> int:
+        return max(self.peak.values()) - self.start[0]
+
+    @property
+    def working_anon(self) -> int:
+        return max(self.peak_anon.values()) - self.start[1]
+
+
+@contextmanager
+def stage(sampler: MemorySampler, measured: Measured, name: str):
+    sampler.reset()
+    started = time.perf_counter()
+    yield
+    measured.seconds[name] = time.perf_counter() - started
+    time.sleep(2 * sampler.interval)  # one more sample of the stage's end
+    measured.peak[name], measured.peak_anon[name] = sampler.peak, sampler.peak_anon
+
+
+def warm_up(lm, configs) -> None:
+    """Import what the pipelines import, load their questions and run the model once (its weights are mapped
+    from disk and only become resident when first used): costs paid once, not by whichever pipeline runs first."""
+    import matplotlib.figure  # noqa: F401  (the heatmap)
+    import pyarrow.parquet  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+    import torch
+
+    from truthmap import activations, heatmap, pipeline, probes  # noqa: F401
+
+    for config in configs:
+        pipeline.load_config_records(config)
+    with torch.inference_mode():
+        lm.model(torch.tensor([[lm.tokenizer.eos_token_id] * 8], device=lm.model.device))
+
+
+def begin(sampler: MemorySampler, name: str) -> Measured:
+    release_freed_memory()
+    return Measured(name, start=sampler.now())
+
+
+# ------------------------------------------------------------------------------------------------- truthmap
+
+
+def run_truthmap(config, lm, sampler):
+    """truthmap's three stages; returns the measurements, the answers table and the mean AUC per cell (or None)."""
+    import pandas as pd
+
+    from truthmap import pipeline
+    from truthmap.errors import ProbeError
+    from truthmap.rundir import POSITIONS
+
+    measured = begin(sampler, "truthmap")
+    with stage(sampler, measured, "generate"):
+        run = pipeline.generate(config, lm)
+    with stage(sampler, measured, "extract"):
+        pipeline.extract(config, lm)
+    auc = None
+    with stage(sampler, measured, "probe"):
+        try:
+            pipeline.probe(config)
+        except ProbeError as error:
+            measured.notes.append(f"probe skipped: {error}")
+    if not measured.notes:
+        cells = pd.read_csv(run.probes(config.site) / "heatmap.csv")
+        auc = cells.pivot(index="layer", columns="token", values="auc_mean")[list(POSITIONS)].to_numpy()
+    return measured, pd.read_parquet(run.answers), auc
+
+
+def plain_forward_seconds(lm, table, batch_size: int) -> float:
+    """A batched forward pass over the same sequences and batches as `extract`, without hooks, keeping nothing."""
+    import torch
+
+    from truthmap.activations import processing_order
+    from truthmap.decoding import batches, left_pad
+
+    sequences = [list(p) + list(a) for p, a in zip(table["prompt_ids"], table["answer_ids"])]
+    started = time.perf_counter()
+    for batch in batches(processing_order([len(s) for s in sequences]), batch_size):
+        input_ids, attention_mask = left_pad([sequences[i] for i in batch], lm.tokenizer.pad_token_id)
+        with torch.inference_mode():
+            lm.model.base_model(input_ids=input_ids.to(lm.model.device), attention_mask=attention_mask.to(lm.model.device))
+    return time.perf_counter() - started
+
+
+# ------------------------------------------------------------------------------------------------- per sample
+
+
+def per_sample_generate(lm, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], list]:
+    """One `generate` per prompt, keeping every step's scores ([steps, vocab] float32) as the reference does."""
+    import torch
+
+    from truthmap.models import stop_token_ids
+
+    stop_ids = stop_token_ids(lm.tokenizer, lm.model)
+    answers, scores = [], []
+    for prompt in prompts:
+        with torch.no_grad():
+            out = lm.model.generate(
+                torch.tensor([prompt], device=lm.model.device), max_new_tokens=max_new_tokens, do_sample=False,
+                temperature=None, top_k=None, top_p=None, output_scores=True, return_dict_in_generate=True,
+                eos_token_id=stop_ids, pad_token_id=lm.tokenizer.pad_token_id,
+            )
+        scores.append(torch.stack(out.scores, dim=1)[0].float().cpu())  # [steps, vocab]
+        new = out.sequences[0, len(prompt) :].tolist()
+        stop = next((i for i, t in enumerate(new) if t in stop_ids), len(new))
+        answers.append(new[:stop])
+    return answers, scores
+
+
+def per_sample_extract(lm, sequences: list[list[int]], site: str) -> list:
+    """One forward pass per sequence; every layer's output at `site` over the whole sequence, float32:
+    a list of [layers, seq, hidden] arrays, all kept."""
+    import numpy as np
+    import torch
+
+    from truthmap.sites import site_hooks
+
+    outputs = {}
+
+    def keep(layer):
+        def hook(_module, args, output=None):
+            value = output if output is not None else args[0]  # forward_pre hooks see the input
+            value = value[0] if isinstance(value, tuple) else value
+            outputs[layer] = value[0].detach().float().cpu().numpy()  # [seq, hidden]
+        return hook
+
+    handles = []
+    for layer, (module, kind) in enumerate(site_hooks(lm.model, site)):
+        register = module.register_forward_hook if kind == "forward" else module.register_forward_pre_hook
+        handles.append(register(keep(layer)))
+    kept = []
+    try:
+        for sequence in sequences:
+            with torch.no_grad():
+                lm.model(torch.tensor([sequence], device=lm.model.device), output_hidden_states=True)
+            kept.append(np.stack([outputs[layer] for layer in range(len(handles))]))  # [layers, seq, hidden]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return kept
+
+
+def per_sample_probe(kept: list, table, seeds):
+    """One StandardScaler + LogisticRegression per (layer, token) cell and seed, on truthmap's rows and splits.
+    Returns the test AUC, [seeds, layers, positions]."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from truthmap.probes import grouped_split
+    from truthmap.rundir import POSITIONS, position_column
+
+    rows = np.flatnonzero(table["exact_answer_valid"].to_numpy())
+    is_error = ~table["correct"].to_numpy()[rows]
+    groups = [table["group"].iloc[i] for i in rows]
+    splits = [grouped_split(len(rows), groups, 0.2, seed, stratify=is_error) for seed in seeds]  # as probe_grid
+    positions = np.stack([table[position_column(p)].to_numpy()[rows] for p in POSITIONS], axis=1)  # [rows, 15]
+    n_layers = kept[0].shape[0]
+    aucs = np.empty((len(seeds), n_layers, len(POSITIONS)))
+    for layer in range(n_layers):
+        for j in range(len(POSITIONS)):
+            X = np.stack([kept[r][layer, positions[i, j]] for i, r in enumerate(rows)])  # [rows, hidden]
+            for s, (train, test) in enumerate(splits):
+                probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
+                probe.fit(X[train], is_error[train])
+                aucs[s, layer, j] = roc_auc_score(is_error[test], probe.decision_function(X[test]))
+    return aucs
+
+
+def run_per_sample(config, lm, table, sampler, max_new_tokens: int, probe: bool):
+    """The per-sample pipeline on truthmap's prompts and answers; returns measurements, mean AUC, answers that match."""
+    measured = begin(sampler, "per-sample")
+    with stage(sampler, measured, "generate"):
+        answers, scores = per_sample_generate(lm, list(map(list, table["prompt_ids"])), max_new_tokens)
+        del scores  # the reference saves them when its generation script ends
+    same = sum(a == list(b) for a, b in zip(answers, table["answer_ids"]))
+    with stage(sampler, measured, "extract"):
+        kept = per_sample_extract(lm, [list(p) + list(a) for p, a in zip(table["prompt_ids"], table["answer_ids"])], config.site)
+    auc = None
+    with stage(sampler, measured, "probe"):
+        if probe:
+            auc = per_sample_probe(kept, table, config.seeds).mean(0)
+        del kept
+    return measured, auc, same
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def per_stage(m: Measured) -> str:
+    parts = ", ".join(f"{s} {(m.peak[s] - m.start[0]) / MB:.0f} ({(m.peak_anon[s] - m.start[1]) / MB:.0f})" for s in m.peak)
+    return f"{m.name} working MB per stage (anonymous): {parts}"
+
+
+def row(m: Measured) -> str:
+    stages = " | ".join(f"{m.seconds.get(s, float('nan')):.1f}" for s in STAGES)
+    return (f"| {m.name} | {stages} | {m.total:.1f} | {max(m.peak.values()) / MB:.0f} | {m.working / MB:.0f} | "
+            f"{m.working_anon / MB:.0f} |")
+
+
+HEADER = ("| pipeline | generate s | extract s | probe s | total s | peak RSS MB | working MB | working anon MB |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def pick_dataset(name: str, data_dir: str | None) -> tuple[str, str]:
+    """The dataset to use, and a note when it falls back to the built-in one for want of a data directory."""
+    if name == "geography" or data_dir:  # geography is built in; the others are read from the data directory
+        return name, ""
+    return "geography", f"(no --data-dir or TRUTHMAP_DATA_DIR for {name}: built-in geography instead)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", default="250,1000", help="sizes compared with the per-sample pipeline")
+    parser.add_argument("--big", type=int, default=10000, help="size run by truthmap alone (0: none)")
+    parser.add_argument("--dataset", default="winobias")
+    parser.add_argument("--big-dataset", default="mnli", help="a dataset with --big questions (winobias has 1,584)")
+    parser.add_argument("--data-dir", default=os.environ.get("TRUTHMAP_DATA_DIR"))
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--site", default="mlp")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--extraction-tries", type=int, default=1, help="for datasets whose exact answers need the LLM")
+    parser.add_argument("--seeds", default="0,5,26,42,63")
+    parser.add_argument("--runs-dir", default=None, help="default: a temporary directory, removed at the end")
+    args = parser.parse_args()
+    os.environ.setdefault("TRUTHMAP_PROGRESS", "0")
+    sys.stdout.reconfigure(line_buffering=True)  # runs take hours: show each table when it is done, also in a pipe
+
+    import numpy as np
+
+    from truthmap.config import RunConfig
+    from truthmap.datasets import get_spec
+    from truthmap.models import load_model
+
+    sampler = MemorySampler()
+    sampler.start()
+    lm = load_model(args.model)
+    model_rss = sampler.now()[0]
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    dataset, note = pick_dataset(args.dataset, args.data_dir)
+    big_dataset, big_note = pick_dataset(args.big_dataset, args.data_dir)
+    sizes = [int(x) for x in args.n.split(",") if x.strip()]
+    print(f"model {args.model} ({lm.device}, {lm.dtype}), RSS with the model loaded {model_rss / MB:.0f} MB; "
+          f"site {args.site}; {len(seeds)} seeds; batch {args.batch_size}; torch threads "
+          f"{__import__('torch').get_num_threads()}")
+    targets = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.runs_dir or tmp)
+
+        def config_for(name: str, n: int) -> RunConfig:
+            return RunConfig(model=args.model, dataset=name, n_samples=n, data_dir=args.data_dir,
+                             runs_dir=str(root / f"{name}-{n}"), batch_size=args.batch_size, site=args.site,
+                             extraction_tries=args.extraction_tries, seeds=seeds)
+
+        warm_up(lm, [config_for(dataset, n) for n in sizes] + ([config_for(big_dataset, args.big)] if args.big else []))
+        print(f"RSS after imports and loading the questions (each pipeline's baseline): {sampler.now()[0] / MB:.0f} MB")
+        for n in sizes:
+            config = config_for(dataset, n)
+            ours, table, our_auc = run_truthmap(config, lm, sampler)
+            max_new_tokens = get_spec(dataset).max_new_tokens
+            theirs, their_auc, same = run_per_sample(config, lm, table, sampler, max_new_tokens, our_auc is not None)
+            plain = plain_forward_seconds(lm, table, args.batch_size)
+            print(f"\n## {dataset}, {len(table)} questions {note}\n\n{HEADER}\n{row(ours)}\n{row(theirs)}\n")
+            print(f"{per_stage(ours)}\n{per_stage(theirs)}")
+            speedup, memory = theirs.total / ours.total, theirs.working / max(ours.working, 1)
+            print(f"\nper-sample / truthmap: {speedup:.1f}x the time, {memory:.1f}x the working memory "
+                  f"({theirs.working_anon / max(ours.working_anon, 1):.1f}x anonymous)")
+            print(f"answers identical to truthmap's: {same}/{len(table)}")
+            ratio = ours.seconds["extract"] / plain
+            print(f"truthmap extract / plain batched forward: {ratio:.2f} ({ours.seconds['extract']:.1f} s / {plain:.1f} s)")
+            for message in ours.notes:
+                print(message)
+            delta = None
+            if our_auc is not None:
+                delta = float(np.abs(our_auc - their_auc).max())
+                print(f"max |AUC difference| over {our_auc.size} cells (mean over seeds): {delta:.4f}; "
+                      f"best cell AUC {our_auc.max():.3f} (truthmap), {their_auc.max():.3f} (per-sample)")
+            targets = [
+                (f"end to end >= 5x faster at n={len(table)}", speedup >= 5, f"{speedup:.1f}x"),
+                (f"working memory >= 10x smaller at n={len(table)}", memory >= 10, f"{memory:.1f}x"),
+                ("AUCs within 0.01", delta is not None and delta <= 0.01, "n/a" if delta is None else f"{delta:.4f}"),
+                ("extract <= 1.3x a plain batched forward", ratio <= 1.3, f"{ratio:.2f}x"),
+            ]
+        if args.big:
+            config = config_for(big_dataset, args.big)
+            ours, table, _ = run_truthmap(config, lm, sampler)
+            print(f"\n## truthmap alone: {big_dataset}, {len(table)} questions {big_note}\n\n{HEADER}\n{row(ours)}\n")
+            print(per_stage(ours))
+            for message in ours.notes:
+                print(message)
+            targets.append((f"working memory < 2 GB at n={len(table)}", ours.working < 2 * 2**30, f"{ours.working / MB:.0f} MB"))
+    if targets:
+        print("\n## targets (2 CPU cores, the default model)\n")
+        for name, met, value in targets:
+            print(f"- [{'x' if met else ' '}] {name}: {value}")
+
+
+if __name__ == "__main__":
+    main()
