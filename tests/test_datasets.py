@@ -1,7 +1,6 @@
 """Registry, prompts, loaders and sampling. Tests that read the real files skip when the data dir is absent."""
 
 import json
-import os
 import re
 import sys
 import types

@@ -12,7 +12,7 @@ from truthmap.baselines import BASELINE_NAMES, exact_token_span, p_true_error_sc
 from truthmap.detection import chosen_layer_probe, evaluate_dataset, markdown_table, write_detection_table
 from truthmap.detector import Detector
 from truthmap.errors import ConfigError, DataError, ModelError
-from truthmap.rundir import POSITIONS, RunDir, position_column, write_json
+from truthmap.rundir import POSITIONS, RunDir, write_json
 
 # ----------------------------------------------------------------------------------------------------- baselines
 

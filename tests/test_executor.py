@@ -1,6 +1,5 @@
 """`--executor ray`: shards over Ray workers merge into exactly what a local run writes."""
 
-import csv
 import sys
 
 import numpy as np
@@ -40,24 +39,12 @@ def test_executor_is_validated_and_ray_missing_says_how_to_install(monkeypatch):
 @pytest.fixture
 def small_study(tmp_path):
     """A saved tiny model and 20 questions (16 in the train split), about half of whose greedy answers count as right."""
-    from tiny import tiny_lm
-
-    from truthmap.decoding import generate_batch
-    from truthmap.models import encode_prompt
+    from tiny import half_right_qa, save_tiny_model, tiny_lm
 
     lm = tiny_lm(seed=3)
-    model_dir = tmp_path / "tiny-model"
-    lm.model.save_pretrained(model_dir)
-    lm.tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_model(lm, tmp_path / "tiny-model")
     questions = [f"What is the capital of {word}? {i}" for i, word in enumerate(["France", "Norway", "Peru", "Chile"] * 5)]
-    prompts = [encode_prompt(lm.tokenizer, q, True) for q in questions]
-    texts = [lm.tokenizer.decode(g.token_ids).strip() for g in generate_batch(lm.model, lm.tokenizer, prompts, 12, [2])]
-    path = tmp_path / "qa.csv"
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["question", "answer"])
-        for i, (q, text) in enumerate(zip(questions, texts)):
-            writer.writerow([q, text[:4] if i % 2 and text[:4].strip() else "zzzqqq"])
+    path = half_right_qa(lm, tmp_path / "qa.csv", questions, max_new_tokens=12)
     return model_dir, path
 
 

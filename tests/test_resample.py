@@ -1,6 +1,5 @@
 """Resampling on a tiny model: seeded per row (the same answers at any batch size), resumable, and complete."""
 
-import csv
 import json
 
 import numpy as np
@@ -8,6 +7,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from tiny import half_right_qa
 from truthmap import locate, pipeline
 from truthmap import resample as resampling
 from truthmap.cli import app
@@ -24,14 +24,7 @@ CELL = {"layer": 1, "token": "exact_answer_first"}
 def greedy_run(tmp_path, monkeypatch, tiny):
     """A finished greedy run (answers and activations) of the tiny model on 24 questions, half answered right."""
     questions = [f"What is the capital of {word}? {i}" for i, word in enumerate(["France", "Norway", "Peru"] * 10)]
-    prompts = [encode_prompt(tiny.tokenizer, q, True) for q in questions]
-    texts = [tiny.tokenizer.decode(g.token_ids).strip() for g in generate_batch(tiny.model, tiny.tokenizer, prompts, 12, [2])]
-    path = tmp_path / "qa.csv"
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["question", "answer"])
-        for i, (q, text) in enumerate(zip(questions, texts)):
-            writer.writerow([q, text[:4] if i % 2 and text[:4].strip() else "zzzqqq"])
+    path = half_right_qa(tiny, tmp_path / "qa.csv", questions, max_new_tokens=12)
 
     def first_word_extractor(model, tokenizer, prompts, *args, **kwargs):  # stands in for a capable extractor
         long_answers = [tokenizer.decode(p).rsplit("Long answer: ", 1)[1].split("\nExact answer:")[0] for p in prompts]

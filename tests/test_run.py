@@ -1,6 +1,5 @@
 """`truthmap run` end to end in-process on a tiny model saved to disk: generate, extract, probe, heatmap."""
 
-import csv
 import json
 
 import pandas as pd
@@ -9,29 +8,18 @@ from typer.testing import CliRunner
 
 from truthmap import locate
 from truthmap.cli import app
-from truthmap.decoding import Generation, generate_batch
-from truthmap.models import encode_prompt
+from truthmap.decoding import Generation
 
 
 @pytest.fixture
 def study(tmp_path, monkeypatch):
     """A saved tiny model and a custom dataset on which about half of its greedy answers are right."""
-    from tiny import tiny_lm
+    from tiny import half_right_qa, save_tiny_model, tiny_lm
 
     lm = tiny_lm(seed=3)
-    model_dir = tmp_path / "tiny-model"
-    lm.model.save_pretrained(model_dir)
-    lm.tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_model(lm, tmp_path / "tiny-model")
     questions = [f"What is the capital of {word}? {i}" for i, word in enumerate(["France", "Norway", "Peru"] * 30)]
-    prompts = [encode_prompt(lm.tokenizer, q, True) for q in questions]
-    answers = [g for start in range(0, 90, 30) for g in generate_batch(lm.model, lm.tokenizer, prompts[start : start + 30], 16, [2])]
-    texts = [lm.tokenizer.decode(g.token_ids).strip() for g in answers]
-    path = tmp_path / "qa.csv"
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["question", "answer"])
-        for i, (q, text) in enumerate(zip(questions, texts)):
-            writer.writerow([q, text[:4] if i % 2 and text[:4].strip() else "zzzqqq"])
+    path = half_right_qa(lm, tmp_path / "qa.csv", questions)
 
     def first_word_extractor(model, tokenizer, prompts, *args):  # stands in for a capable extraction model
         long_answers = [tokenizer.decode(p).rsplit("Long answer: ", 1)[1].split("\nExact answer:")[0] for p in prompts]

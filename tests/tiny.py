@@ -64,3 +64,31 @@ def tiny_lm(chat: bool = True, seed: int = 0):
     model = tiny_llama(len(tokenizer), seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return LoadedModel(model, tokenizer, "tiny", "memory", chat, "cpu", "float32")
+
+
+def half_right_qa(lm, path, questions, max_new_tokens: int = 16):
+    """A custom-dataset CSV on which about half of the model's greedy answers count as right.
+
+    Odd rows take the start of the model's own greedy answer as gold (a substring match), even rows a gold
+    no answer contains, so both classes are there for the probes."""
+    import csv
+
+    from truthmap.decoding import generate_batch
+    from truthmap.models import encode_prompt
+
+    prompts = [encode_prompt(lm.tokenizer, q, True) for q in questions]
+    generations = [g for start in range(0, len(prompts), 30)
+                   for g in generate_batch(lm.model, lm.tokenizer, prompts[start : start + 30], max_new_tokens, [2])]
+    texts = [lm.tokenizer.decode(g.token_ids).strip() for g in generations]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["question", "answer"])
+        for i, (q, text) in enumerate(zip(questions, texts)):
+            writer.writerow([q, text[:4] if i % 2 and text[:4].strip() else "zzzqqq"])
+    return path
+
+
+def save_tiny_model(lm, directory):
+    lm.model.save_pretrained(directory)
+    lm.tokenizer.save_pretrained(directory)
+    return directory

@@ -89,7 +89,7 @@ def p_true_error_scores(lm, questions: list[str], answers: list[str], batch_size
     return scores
 
 
-def baseline_scores(lm, table, batch_size: int) -> "pd.DataFrame":
+def baseline_scores(lm, table, batch_size: int):
     """Every baseline's error score for each row of an answers table: the content of baselines.parquet."""
     import pandas as pd
 

@@ -183,7 +183,7 @@ def detection_frames(results: list[dict]):
     return mean, std
 
 
-def best_per_column(mean) -> "pd.DataFrame":
+def best_per_column(mean):
     return mean.eq(mean.max(axis=0, skipna=True), axis=1) & mean.notna()
 
 
