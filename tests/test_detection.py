@@ -76,10 +76,10 @@ LAYERS, HIDDEN = 4, 6
 SIGNAL_LAYER, SIGNAL_POSITION = 2, "exact_answer_last"
 
 
-def fake_run(root, split, n, seed, direction=None, baseline_quality=1.0, dataset="toy"):
+def fake_run(root, split, n, seed, direction=None, baseline_quality=1.0, dataset="toy", error_rate=0.5):
     """A finished run: answers, activations where one cell separates errors along `direction`, baselines."""
     rng = np.random.default_rng(seed)
-    is_error = rng.random(n) < 0.5
+    is_error = rng.random(n) < error_rate
     valid = np.ones(n, dtype=bool)
     valid[:3] = False  # rows without an exact answer are left out of every method
     run = RunDir(root, "tiny", dataset, split)

@@ -34,3 +34,15 @@ def test_shared_direction_transfers_and_orthogonal_does_not(tmp_path):
     assert pd.read_json(tmp_path / "out" / "generalization.json", typ="series")["layers"]["a"] == [SIGNAL_LAYER] * 3
     for stem in ("auc", "auc_minus_baseline"):
         assert (tmp_path / "out" / f"{stem}.png").stat().st_size > 1000
+
+
+def test_a_dataset_without_enough_errors_leaves_its_row_and_column_blank(tmp_path):
+    runs = runs_with_directions(tmp_path, {"a": 0, "b": 0})
+    train, _ = fake_run(tmp_path, "train", 200, 7, error_rate=0.0, dataset="none")
+    test, _ = fake_run(tmp_path, "test", 50, 8, error_rate=0.0, dataset="none")
+    runs["none"] = (train, test)
+    result = generalization(runs, "mlp", SIGNAL_POSITION, (0, 5), tmp_path / "out")
+    auc = result["auc_table"]
+    assert auc.loc["none"].isna().all() and auc["none"].isna().all()
+    assert auc.loc["a", "b"] > 0.9
+    assert "Too few errors" in result["blank"]["train on none"] and "one class only" in result["blank"]["test on none"]

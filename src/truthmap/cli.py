@@ -327,6 +327,8 @@ def generalize(
     typer.echo(result["auc_table"].round(3).to_string())
     typer.echo("\nAUC minus the test dataset's Logits-min-exact AUC:")
     typer.echo(result["relative_table"].round(3).to_string())
+    for where, why in result["blank"].items():
+        typer.echo(f"Blank ({where}): {why}")
     typer.echo(f"Files: {result['auc']}, {result['auc_minus_baseline']} (+ .png)")
 
 
