@@ -121,7 +121,12 @@ def plot_matrix(frame, title: str, png_path, vmin: float, vmax: float, cmap: str
     n_rows, n_cols = values.shape
     fig = Figure(figsize=(max(6.0, 2.2 + 1.1 * n_cols), 1.0 + 0.32 * n_rows), layout="constrained")
     ax = fig.subplots()
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    from matplotlib import colormaps
+
+    colours = colormaps[cmap].with_extremes(bad="0.85")  # blank (NaN) cells in grey, not as the low end
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=colours, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xlabel(frame.columns.name or "")
+    ax.set_ylabel(frame.index.name or "")
     ax.set_xticks(range(n_cols), [str(c) for c in frame.columns], rotation=30, ha="right")
     ax.set_yticks(range(n_rows), [str(r) for r in frame.index])
     ax.tick_params(labelsize=8)
