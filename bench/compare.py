@@ -312,6 +312,7 @@ def pick_dataset(name: str, data_dir: str | None) -> tuple[str, str]:
 
 
 def main() -> None:
+    sys.stdout.reconfigure(line_buffering=True)  # each size's table shows as soon as it is measured, even in a log
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", default="250,1000", help="sizes compared with the per-sample pipeline")
     parser.add_argument("--big", type=int, default=10000, help="size run by truthmap alone (0: none)")
