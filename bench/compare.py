@@ -321,7 +321,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("TRUTHMAP_DATA_DIR"))
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--site", default="mlp")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=64, help="truthmap's batch for generation and extraction")
     parser.add_argument("--extraction-tries", type=int, default=1, help="for datasets whose exact answers need the LLM")
     parser.add_argument("--seeds", default="0,5,26,42,63")
     parser.add_argument("--runs-dir", default=None, help="default: a temporary directory, removed at the end")

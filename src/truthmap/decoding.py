@@ -1,12 +1,15 @@
 """Batched decoding shared by the stages that make the model write: answers, extractions, resamples.
 
-Left padding puts every prompt's last token at the same column, so one `generate` call serves a batch. The
-log-probability of each chosen token is read on the fly from the current step's scores, so memory stays at one
-[batch, vocab] row instead of every step's full vocabulary (what `output_scores=True` would keep).
+Left padding puts every prompt's last token at the same column, so one forward pass serves a batch. Rows leave
+the batch (and the KV cache) as soon as they stop: on CPU a step costs in proportion to the rows it carries, and
+answers differ a lot in length, so a batch no longer runs at the pace of its longest answer. The log-probability
+of each chosen token is read from the current step's logits, so memory holds one [batch, vocab] row, not every
+step's full vocabulary (what `output_scores=True` would keep).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from truthmap.errors import ConfigError
@@ -15,62 +18,43 @@ from truthmap.errors import ConfigError
 @dataclass
 class Generation:
     token_ids: list[int]  # generated tokens, without the stop token
-    logprobs: list[float]  # log-probability of each of token_ids under the decoding distribution
+    logprobs: list[float]  # log-probability of each of token_ids under the model (temperature 1)
     stopped: bool  # ended on a stop token rather than on max_new_tokens
 
 
-def _logprob_recorder():
+def _greedy(logits, rows):
+    return logits.argmax(-1)
+
+
+def _sampler(temperature: float):
+    """Draws from softmax(logits / T) with torch's global generator (seeded by the caller)."""
     import torch
-    from transformers import LogitsProcessor
 
-    class RecordLogprobs(LogitsProcessor):
-        """Sees each step's scores; the token chosen from them shows up as input_ids[:, -1] one step later."""
+    def choose(logits, rows):
+        return torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(1)
 
-        def __init__(self):
-            self.previous = None  # [batch, vocab] log-softmax of the last step
-            self.steps = []  # per step: [batch]
-
-        def __call__(self, input_ids, scores):
-            self._collect(input_ids[:, -1])
-            self.previous = torch.log_softmax(scores.float(), dim=-1)
-            return scores
-
-        def _collect(self, chosen):
-            if self.previous is not None:
-                self.steps.append(self.previous.gather(1, chosen[:, None]).squeeze(1).cpu())
-
-        def finish(self, sequences):
-            self._collect(sequences[:, -1])
-            return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(len(sequences), 0)
-
-    return RecordLogprobs()
+    return choose
 
 
 def _row_sampler(temperature: float, row_seeds: list[int]):
+    """Draws each row's next token with that row's own generator (Gumbel-max: argmax of logits/T + Gumbel noise).
+
+    The draws of a row never depend on the batch, so a seed gives the same answer at any batch size. Batching
+    still moves logits by float noise (~1e-5 in float32); Gumbel-max flips a token only when the two best
+    perturbed scores lie that close, where an inverse-CDF draw flips whenever its uniform lands that close to any
+    of the vocabulary's bin edges (hundreds of times likelier).
+    """
     import torch
-    from transformers import LogitsProcessor
 
-    class SamplePerRow(LogitsProcessor):
-        """Draws each row's next token with that row's own generator (Gumbel-max: argmax of logits/T + Gumbel noise).
+    generators = [torch.Generator().manual_seed(s) for s in row_seeds]  # CPU: same draws on any device
 
-        The draws of a row never depend on the batch, so a seed gives the same answer at any batch size. Batching
-        still moves logits by float noise (~1e-5 in float32); Gumbel-max flips a token only when the two best
-        perturbed scores lie that close, where an inverse-CDF draw flips whenever its uniform lands that close to
-        any of the vocabulary's bin edges (hundreds of times likelier). Returns -inf everywhere but the drawn token.
-        """
+    def choose(logits, rows):
+        vocab = logits.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=generators[r], dtype=torch.float64) for r in rows.tolist()])
+        gumbel = -torch.log(-torch.log(uniform)).to(logits.device)  # [rows, vocab]; u = 0 gives -inf, never drawn
+        return (logits.double() / temperature + gumbel).argmax(-1)
 
-        def __init__(self):
-            self.generators = [torch.Generator().manual_seed(s) for s in row_seeds]  # CPU: same draws on any device
-
-        def __call__(self, input_ids, scores):
-            vocab = scores.shape[-1]
-            uniform = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in self.generators])
-            gumbel = -torch.log(-torch.log(uniform)).to(scores.device)  # [batch, vocab]; u = 0 gives -inf, never drawn
-            drawn = (scores.double() / temperature + gumbel).argmax(-1)  # [batch]
-            forced = torch.full_like(scores, float("-inf"))
-            return forced.scatter_(1, drawn[:, None], 0.0)
-
-    return SamplePerRow()
+    return choose
 
 
 def generate_batch(
@@ -86,42 +70,68 @@ def generate_batch(
     """Greedy when temperature == 0, else sampling from the full distribution at that temperature.
 
     row_seeds (one per prompt, temperature > 0): each row samples with its own generator, so its answer does not
-    depend on the batch it shares. The logprobs are then the model's own (temperature 1), as a greedy answer's.
+    depend on the batch it shares. seed (temperature > 0, no row_seeds): one generator for the whole batch.
     """
     import torch
-    from transformers import LogitsProcessorList
 
-    pad_id = tokenizer.pad_token_id
-    input_ids, attention_mask = left_pad(prompts, pad_id)  # [batch, prompt]
-    width = input_ids.shape[1]
-    recorder = _logprob_recorder()
-    processors = [recorder]
-    sampling = temperature > 0
-    if row_seeds is not None:
-        if not sampling or len(row_seeds) != len(prompts):
-            raise ConfigError(f"row_seeds needs temperature > 0 and one seed per prompt; got temperature "
-                              f"{temperature} and {len(row_seeds)} seeds for {len(prompts)} prompts.")
-        # The sampler forces its token; `generate` then decodes greedily, which applies no temperature of its own.
-        processors.append(_row_sampler(temperature, row_seeds))
-        sampling = False
-    if seed is not None:
-        torch.manual_seed(seed)
+    if row_seeds is not None and (temperature <= 0 or len(row_seeds) != len(prompts)):
+        raise ConfigError(f"row_seeds needs temperature > 0 and one seed per prompt; got temperature "
+                          f"{temperature} and {len(row_seeds)} seeds for {len(prompts)} prompts.")
+    if temperature <= 0:
+        choose = _greedy
+    elif row_seeds is not None:
+        choose = _row_sampler(temperature, row_seeds)
+    else:
+        if seed is not None:
+            torch.manual_seed(seed)
+        choose = _sampler(temperature)
+    generations = [Generation([], [], False) for _ in prompts]
+    for rows, chosen, logprobs in _decode(model, tokenizer.pad_token_id, prompts, max_new_tokens, set(stop_ids), choose):
+        for row, token, logprob in zip(rows, chosen, logprobs):
+            if token in stop_ids:
+                generations[row].stopped = True
+            else:
+                generations[row].token_ids.append(token)
+                generations[row].logprobs.append(logprob)
+    return generations
+
+
+def _decode(model, pad_id: int, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int], choose):
+    """Per step: (rows still writing, the tokens chosen for them, those tokens' log-probabilities), as lists.
+
+    A row leaves the batch, and its keys and values the cache, after the step that chose a stop token.
+    """
+    import torch
+
+    device = model.device
+    input_ids, attention_mask = (t.to(device) for t in left_pad(prompts, pad_id))  # [batch, prompt]
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # pads get 0; the mask hides them
+    rows = torch.arange(len(prompts))
+    accepts = inspect.signature(model.forward).parameters
+    cache_name = "cache" if "cache" in accepts else "past_key_values"  # renamed in transformers 5.24
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+    cache = None
     with torch.inference_mode():
-        sequences = model.generate(
-            input_ids=input_ids.to(model.device),
-            attention_mask=attention_mask.to(model.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=sampling,
-            temperature=temperature if sampling else None,
-            top_k=0 if sampling else None,
-            top_p=1.0 if sampling else None,
-            eos_token_id=stop_ids,
-            pad_token_id=pad_id,
-            logits_processor=LogitsProcessorList(processors),
-        )  # [batch, width + steps]
-    logprobs = recorder.finish(sequences)  # [batch, steps]
-    new_tokens = sequences[:, width:].cpu()
-    return [_trim(new_tokens[row].tolist(), logprobs[row].tolist(), set(stop_ids)) for row in range(len(prompts))]
+        for step in range(max_new_tokens):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                        **{cache_name: cache}, **keep_last)
+            cache, logits = out[cache_name], out.logits[:, -1].float()  # [rows, vocab]
+            chosen = choose(logits, rows)
+            logprobs = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
+            chosen, logprobs = chosen.cpu(), logprobs.cpu()
+            yield rows.tolist(), chosen.tolist(), logprobs.tolist()
+            writing = torch.tensor([t not in stop_ids for t in chosen.tolist()])
+            if step == max_new_tokens - 1 or not writing.any():
+                return
+            if not writing.all():
+                index = writing.nonzero().squeeze(1)
+                rows, chosen = rows[index], chosen[index]
+                index = index.to(device)
+                cache.batch_select_indices(index)
+                attention_mask, positions = attention_mask[index], positions[index]
+            input_ids = chosen[:, None].to(device)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+            positions = positions[:, -1:] + 1
 
 
 def left_pad(sequences: list[list[int]], pad_id: int):
@@ -135,13 +145,6 @@ def left_pad(sequences: list[list[int]], pad_id: int):
         input_ids[row, width - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
         attention_mask[row, width - len(sequence) :] = 1
     return input_ids, attention_mask
-
-
-def _trim(tokens: list[int], logprobs: list[float], stop_ids: set[int]) -> Generation:
-    for index, token in enumerate(tokens):
-        if token in stop_ids:
-            return Generation(tokens[:index], logprobs[:index], True)
-    return Generation(tokens, logprobs, False)
 
 
 def batches(items: list, size: int):
