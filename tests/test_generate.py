@@ -57,3 +57,21 @@ def test_generation_stops_on_stop_token_and_drops_it(tiny):
     first = free.token_ids.index(stop_at)
     assert gen.stopped and gen.token_ids == free.token_ids[:first]
     assert len(gen.logprobs) == len(gen.token_ids)
+
+
+def test_stopped_rows_leave_the_batch(tiny):
+    """A row that stopped is not carried through later steps: the model sees fewer rows, answers unchanged."""
+    prompts = [encode_prompt(tiny.tokenizer, q, True) for q in QUESTIONS[:4]]
+    free = generate_batch(tiny.model, tiny.tokenizer, prompts, 8, [10**9])
+    stop_at = free[0].token_ids[1]  # row 0 stops at its second token
+    rows_seen = []
+    hook = tiny.model.register_forward_pre_hook(lambda _m, _a, kw: rows_seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        gens = generate_batch(tiny.model, tiny.tokenizer, prompts, 8, [stop_at])
+    finally:
+        hook.remove()
+    singles = [generate_batch(tiny.model, tiny.tokenizer, [p], 8, [stop_at])[0] for p in prompts]
+    assert [g.token_ids for g in gens] == [g.token_ids for g in singles]
+    assert gens[0].stopped and gens[0].token_ids == free[0].token_ids[:1]
+    still_writing = [sum(not g.stopped or len(g.token_ids) >= step for g in gens) for step in range(len(rows_seen))]
+    assert rows_seen == still_writing and rows_seen[-1] < len(prompts)
