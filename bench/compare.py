@@ -170,12 +170,12 @@ def plain_forward_seconds(lm, table, batch_size: int) -> float:
     """A batched forward pass over the same sequences and batches as `extract`, without hooks, keeping nothing."""
     import torch
 
-    from truthmap.activations import processing_order
-    from truthmap.decoding import batches, left_pad
+    from truthmap.activations import extraction_batches
+    from truthmap.decoding import left_pad
 
     sequences = [list(p) + list(a) for p, a in zip(table["prompt_ids"], table["answer_ids"])]
     started = time.perf_counter()
-    for batch in batches(processing_order([len(s) for s in sequences]), batch_size):
+    for batch in extraction_batches([len(s) for s in sequences], batch_size):
         input_ids, attention_mask = left_pad([sequences[i] for i in batch], lm.tokenizer.pad_token_id)
         with torch.inference_mode():
             lm.model.base_model(input_ids=input_ids.to(lm.model.device), attention_mask=attention_mask.to(lm.model.device))

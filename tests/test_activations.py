@@ -65,20 +65,20 @@ def test_killed_store_resumes_to_the_same_bytes(tiny, tmp_path, monkeypatch):
 
     table = make_table(tiny.tokenizer)
     extract_activations(tiny, table, tmp_path / "whole", "mlp", batch_size=2, run_settings={})
-    real_batches = activations.batches
+    real_read, calls = activations.read_positions, []
 
-    def dying_batches(items, size):
-        for count, batch in enumerate(real_batches(items, size)):
-            if count == 2:
-                raise KeyboardInterrupt
-            yield batch
+    def dies_on_third_batch(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_read(*args)
 
-    monkeypatch.setattr(activations, "batches", dying_batches)
+    monkeypatch.setattr(activations, "read_positions", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         extract_activations(tiny, table, tmp_path / "killed", "mlp", batch_size=2, run_settings={})
     with pytest.raises(Exception, match="incomplete \\(4 of 7 samples\\)"):
         open_store(tmp_path / "killed")
-    monkeypatch.setattr(activations, "batches", real_batches)
+    monkeypatch.setattr(activations, "read_positions", real_read)
     extract_activations(tiny, table, tmp_path / "killed", "mlp", batch_size=2, run_settings={})
     whole = (tmp_path / "whole" / "acts.f16").read_bytes()
     assert (tmp_path / "killed" / "acts.f16").read_bytes() == whole
@@ -89,3 +89,17 @@ def test_resume_refuses_other_settings(tiny, tmp_path):
     extract_activations(tiny, table, tmp_path, "mlp", batch_size=4, run_settings={"model": "a"})
     with pytest.raises(Exception, match="was made with answers="):
         extract_activations(tiny, table, tmp_path, "mlp", batch_size=4, run_settings={"model": "b"})
+
+
+def test_extraction_batches_bound_rows_and_tokens(monkeypatch):
+    from truthmap import activations
+    from truthmap.executor import deal_batches
+
+    monkeypatch.setattr(activations, "EXTRACT_TOKENS", 100)
+    lengths = [30, 120, 10, 50, 25, 25, 40, 10, 5, 33]
+    cut = activations.extraction_batches(lengths, batch_size=4)
+    assert cut == [[1], [3, 6], [9, 0, 4], [5, 2, 7, 8]]  # 120 alone; 2 x 50 and 3 x 33 fit, not 3 x 50; 4 rows at most
+    assert sorted(i for batch in cut for i in batch) == list(range(len(lengths)))
+    for shard in deal_batches(cut, 2):  # a shard re-cuts its rows into the very batches it was dealt
+        again = activations.extraction_batches([lengths[i] for i in shard], batch_size=4)
+        assert [[shard[i] for i in batch] for batch in again] == [b for b in cut if b[0] in shard]

@@ -32,13 +32,15 @@ RAY_PIP = 'pip install "truthmap[ray]"'
 
 
 def deal(items: list, batch_size: int, n_shards: int) -> list[list]:
-    """Cut items into consecutive batches of batch_size (as a local run does) and deal them round-robin.
+    """Cut items into consecutive batches of batch_size (as a local run does) and deal them round-robin."""
+    return deal_batches([items[start : start + batch_size] for start in range(0, len(items), batch_size)], n_shards)
 
-    Round-robin over batches that come sorted by length gives every shard a similar mix of long and short ones.
-    """
+
+def deal_batches(batches: list[list], n_shards: int) -> list[list]:
+    """Deal whole batches round-robin: over batches sorted by length, every shard gets a similar mix."""
     shards = [[] for _ in range(n_shards)]
-    for index, start in enumerate(range(0, len(items), batch_size)):
-        shards[index % n_shards].extend(items[start : start + batch_size])
+    for index, batch in enumerate(batches):
+        shards[index % n_shards].extend(batch)
     return shards
 
 
@@ -217,15 +219,15 @@ def generate_on_ray(config, spec, records, run, settings):
 
 def extract_on_ray(config, run, table):
     """pipeline.extract on Ray workers: each shard fills its own store, then they merge into the run's store."""
-    from truthmap.activations import extract_activations, processing_order
+    from truthmap.activations import extract_activations, extraction_batches
     from truthmap.rundir import POSITIONS, position_column, read_json
 
     settings = read_json(run.run_json)["settings"]
-    order = processing_order([len(p) + len(a) for p, a in zip(table["prompt_ids"], table["answer_ids"])])
+    cut = extraction_batches([len(p) + len(a) for p, a in zip(table["prompt_ids"], table["answer_ids"])], config.batch_size)
     columns = ["prompt_ids", "answer_ids", *(position_column(p) for p in POSITIONS)]
     with workers(config, len(table)) as actors:
         n = len(actors)
-        shards = deal(order, config.batch_size, n)
+        shards = deal_batches(cut, n)
         directories = [shard_dir(run, k, n) / "activations" / config.site for k in range(n)]
         jobs = [
             rows and (table[columns].iloc[rows].reset_index(drop=True), directory, config.site, config.batch_size, settings)
