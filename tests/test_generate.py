@@ -65,7 +65,8 @@ def test_stopped_rows_leave_the_batch(tiny):
     free = generate_batch(tiny.model, tiny.tokenizer, prompts, 8, [10**9])
     stop_at = free[0].token_ids[1]  # row 0 stops at its second token
     rows_seen = []
-    hook = tiny.model.register_forward_pre_hook(lambda _m, _a, kw: rows_seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    hook = tiny.model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: rows_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     try:
         gens = generate_batch(tiny.model, tiny.tokenizer, prompts, 8, [stop_at])
     finally:

@@ -86,7 +86,8 @@ def generate_batch(
             torch.manual_seed(seed)
         choose = _sampler(temperature)
     generations = [Generation([], [], False) for _ in prompts]
-    for rows, chosen, logprobs in _decode(model, tokenizer.pad_token_id, prompts, max_new_tokens, set(stop_ids), choose):
+    steps = _decode(model, tokenizer.pad_token_id, prompts, max_new_tokens, set(stop_ids), choose)
+    for rows, chosen, logprobs in steps:
         for row, token, logprob in zip(rows, chosen, logprobs):
             if token in stop_ids:
                 generations[row].stopped = True

@@ -223,7 +223,8 @@ def extract_on_ray(config, run, table):
     from truthmap.rundir import POSITIONS, position_column, read_json
 
     settings = read_json(run.run_json)["settings"]
-    cut = extraction_batches([len(p) + len(a) for p, a in zip(table["prompt_ids"], table["answer_ids"])], config.batch_size)
+    lengths = [len(p) + len(a) for p, a in zip(table["prompt_ids"], table["answer_ids"])]
+    cut = extraction_batches(lengths, config.batch_size)
     columns = ["prompt_ids", "answer_ids", *(position_column(p) for p in POSITIONS)]
     with workers(config, len(table)) as actors:
         n = len(actors)

@@ -133,7 +133,8 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=1e-4, hist
         index = cells[done]
         result["coef"][index], result["intercept"][index] = w[done], b[done]
         result["logits"][index] = logits_at(w[done], b[done], v[done], m[done], XnT[done])
-        result["converged"][index] = (torch.maximum(g_w[done].abs().amax(-1), g_b[done].abs()) <= threshold) | stuck[done]
+        gradient = torch.maximum(g_w[done].abs().amax(-1), g_b[done].abs())
+        result["converged"][index] = (gradient <= threshold) | stuck[done]
 
     for n_iter in range(1, max_iter + 1):
         active = (torch.maximum(g_w.abs().amax(-1), g_b.abs()) > threshold) & ~stuck  # [cells, S]
@@ -193,7 +194,8 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=1e-4, hist
         y_w, y_b = g_w_new - g_w, g_b_new - g_b
         # scipy's L-BFGS-B test (as sklearn runs it): an accepted step that barely lowers the objective means the
         # optimum within the float precision of this dtype, where more steps only churn rounding.
-        stuck |= active & (loss - loss_new <= FTOL_EPS * torch.finfo(dtype).eps * torch.maximum(loss.abs(), loss_new.abs()).clamp_min(1))
+        scale = torch.maximum(loss.abs(), loss_new.abs()).clamp_min(1)
+        stuck |= active & (loss - loss_new <= FTOL_EPS * torch.finfo(dtype).eps * scale)
         sy = (s_w * y_w).sum(-1) + s_b * y_b
         rho = torch.where(sy > 1e-10, 1 / sy.clamp_min(1e-10), torch.zeros_like(sy))
         memory = (memory + [(s_w, s_b, y_w, y_b, rho)])[-history:]
