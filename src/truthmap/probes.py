@@ -420,7 +420,7 @@ def probe_grid(
     progress=True,
     name="",
     max_iter=1000,
-    threads=1,
+    threads=None,
 ) -> ProbeGrid:
     """Fit and score an error probe for every (layer, position) cell of acts [n, layers, positions, hidden].
 
@@ -428,8 +428,9 @@ def probe_grid(
     cell-major float16 store is never loaded whole. is_error: bool [n], the positive class. For each seed one
     grouped split (stratified by is_error) serves all cells; each cell gets a standardized L2 logistic regression
     (sklearn's C) on train and its ROC AUC on test. Cells are fitted in batches of up to one layer.
-    threads: torch threads for the fits (None: leave torch's setting). The default is 1 because torch's OpenMP
-    threads spin-wait: on a CPU shared with other work, 2 threads made small ops 100x slower and the grid 10x.
+    threads: torch threads for the fits (None: torch's setting, as for generation and extraction; 2 threads fit
+    1.6x faster than 1 on 2 free cores). Pass 1 on a CPU shared with other work: torch's OpenMP threads spin-wait,
+    and there 2 threads made small ops 100x slower and the grid 10x.
     """
     import torch
 
