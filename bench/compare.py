@@ -114,6 +114,10 @@ def stage(sampler: MemorySampler, measured: Measured, name: str):
     measured.seconds[name] = time.perf_counter() - started
     time.sleep(2 * sampler.interval)  # one more sample of the stage's end
     measured.peak[name], measured.peak_anon[name] = sampler.peak, sampler.peak_anon
+    # A line per stage as it ends: a run of hours killed midway still leaves what it measured in the log.
+    print(f"  {measured.name} {name}: {measured.seconds[name]:.1f} s, working "
+          f"{(sampler.peak - measured.start[0]) / MB:.0f} MB ({(sampler.peak_anon - measured.start[1]) / MB:.0f} MB "
+          f"anonymous)", flush=True)
 
 
 def warm_up(lm, configs) -> None:
@@ -150,6 +154,9 @@ def run_truthmap(config, lm, sampler):
     from truthmap.rundir import POSITIONS
 
     measured = begin(sampler, "truthmap")
+    run = pipeline.run_dir(config)
+    if run.answers.exists() or (run.generation_parts.exists() and any(run.generation_parts.iterdir())):
+        measured.notes.append(f"resumed from the finished work in {run.path}: times and memory are the rest's only")
     with stage(sampler, measured, "generate"):
         run = pipeline.generate(config, lm)
     with stage(sampler, measured, "extract"):
@@ -158,9 +165,11 @@ def run_truthmap(config, lm, sampler):
     with stage(sampler, measured, "probe"):
         try:
             pipeline.probe(config)
+            probed = True
         except ProbeError as error:
             measured.notes.append(f"probe skipped: {error}")
-    if not measured.notes:
+            probed = False
+    if probed:
         cells = pd.read_csv(run.probes(config.site) / "heatmap.csv")
         auc = cells.pivot(index="layer", columns="token", values="auc_mean")[list(POSITIONS)].to_numpy()
     return measured, pd.read_parquet(run.answers), auc
@@ -317,7 +326,8 @@ def main() -> None:
     parser.add_argument("--n", default="250,1000", help="sizes compared with the per-sample pipeline")
     parser.add_argument("--big", type=int, default=10000, help="size run by truthmap alone (0: none)")
     parser.add_argument("--dataset", default="winobias")
-    parser.add_argument("--big-dataset", default="mnli", help="a dataset with --big questions (winobias has 1,584)")
+    parser.add_argument("--big-dataset", default="winogrande",
+                        help="a dataset with --big questions (winobias has 1,584; winogrande's train split 10,000)")
     parser.add_argument("--data-dir", default=os.environ.get("TRUTHMAP_DATA_DIR"))
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--site", default="mlp")
