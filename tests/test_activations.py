@@ -103,3 +103,23 @@ def test_extraction_batches_bound_rows_and_tokens(monkeypatch):
     for shard in deal_batches(cut, 2):  # a shard re-cuts its rows into the very batches it was dealt
         again = activations.extraction_batches([lengths[i] for i in shard], batch_size=4)
         assert [[shard[i] for i in batch] for batch in again] == [b for b in cut if b[0] in shard]
+
+
+def test_cell_store_reads_one_cell_at_a_time(tmp_path):
+    from truthmap.activations import CellStore
+
+    file_shape = (3, 4, 5, 2)  # layers, positions, samples, hidden
+    values = np.arange(np.prod(file_shape), dtype=np.float16).reshape(file_shape)
+    values.tofile(tmp_path / "acts.f16")
+    acts = CellStore(tmp_path / "acts.f16", file_shape)
+    assert acts.shape == (5, 3, 4, 2) and len(acts) == 5
+    np.testing.assert_array_equal(acts[:, 2, 1, :], values[2, 1])
+    np.testing.assert_array_equal(acts[:, -1, -1, :], values[2, 3])
+    np.testing.assert_array_equal(np.asarray(acts, dtype=np.float32), values.transpose(2, 0, 1, 3))
+    with pytest.raises(IndexError, match="one cell at a time"):
+        acts[0]
+    with pytest.raises(IndexError):
+        acts[:, 3, 0, :]
+    CellStore(tmp_path / "acts.f16", (3, 4, 6, 2))[:, 0, 0, :]  # the first cell still fits in the file
+    with pytest.raises(Exception, match="shorter than its meta.json"):
+        CellStore(tmp_path / "acts.f16", (3, 4, 6, 2))[:, 2, 3, :]

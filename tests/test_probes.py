@@ -130,6 +130,24 @@ def test_grid_batches_do_not_change_results(tmp_path, monkeypatch):
     np.testing.assert_allclose(single.aucs, whole.aucs, atol=1e-3)
 
 
+def test_grid_runs_on_the_device_it_is_given(tmp_path, monkeypatch):
+    import torch
+
+    from truthmap import probes
+
+    seen = []
+    fit = probes.fit_logistic
+    monkeypatch.setattr(probes, "fit_logistic", lambda X, *a, **k: seen.append(X.device.type) or fit(X, *a, **k))
+    store, is_error = make_store(tmp_path, 0, n=200)
+    on_cpu = probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, device="cpu")
+    assert set(seen) == {"cpu"}
+    if not torch.cuda.is_available():
+        return
+    on_gpu = probe_grid(sample_major(store), is_error, seeds=(0,), progress=False)  # default: cuda when present
+    assert seen[-1] == "cuda"
+    np.testing.assert_allclose(on_gpu.aucs, on_cpu.aucs, atol=1e-6)
+
+
 def test_grid_restores_torch_threads(tmp_path):
     import torch
 

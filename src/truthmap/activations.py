@@ -1,9 +1,12 @@
-"""Stage 4: activations of every layer at the probed positions, written to a float16 memmap on disk.
+"""Stage 4: activations of every layer at the probed positions, written to a float16 file on disk.
 
 One batched forward pass over prompt + answer per batch, with hooks that keep only the 15 probed positions,
 so memory is bounded by the batch, not the dataset. The store is cell-major, [layers, positions, samples,
 hidden], so a probe reading one (layer, position) cell touches only that cell's bytes; `open_store` returns it
-viewed as [samples, layers, positions, hidden].
+as a `CellStore`, indexed [samples, layers, positions, hidden] one cell at a time.
+Neither side keeps the file mapped: a mapping keeps every page it touched resident and counted in the process's
+RSS (all 5 GB of a 10,000-sample store once every cell has been read), while file reads and a mapping dropped
+after each batch leave those pages to the kernel's page cache.
 """
 
 from __future__ import annotations
@@ -73,7 +76,6 @@ def extract_activations(lm, table, directory: Path, site: str, batch_size: int, 
         directory.mkdir(parents=True, exist_ok=True)
         np.memmap(store_path, dtype=np.float16, mode="w+", shape=tuple(meta["shape"])).flush()
         write_json(meta_path, meta)
-    store = np.memmap(store_path, dtype=np.float16, mode="r+", shape=tuple(meta["shape"]))
     sequences = [list(p) + list(a) for p, a in zip(table["prompt_ids"], table["answer_ids"])]
     positions = np.stack([table[position_column(p)].to_numpy() for p in POSITIONS], axis=1)  # [samples, 15]
     cut = extraction_batches([len(s) for s in sequences], batch_size)
@@ -83,8 +85,10 @@ def extract_activations(lm, table, directory: Path, site: str, batch_size: int, 
         for batch in todo:
             values = read_positions(lm, [sequences[i] for i in batch], positions[batch], site)
             meta["clipped"] += int((np.abs(values) > FLOAT16_MAX).sum())
+            store = np.memmap(store_path, dtype=np.float16, mode="r+", shape=tuple(meta["shape"]))  # see the top
             store[:, :, batch, :] = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).transpose(1, 2, 0, 3)
             store.flush()
+            del store
             meta["written"] += len(batch)
             write_json(meta_path, meta)
             advance(len(batch))
@@ -108,9 +112,7 @@ def read_positions(lm, sequences: list[list[int]], positions, site: str):
 
 
 def open_store(directory: Path):
-    """The finished store as a read-only [samples, layers, positions, hidden] float16 view, and its meta."""
-    import numpy as np
-
+    """The finished store as a CellStore ([samples, layers, positions, hidden] float16), and its meta."""
     directory = Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.exists():
@@ -121,8 +123,50 @@ def open_store(directory: Path):
             f"Activations in {directory} are incomplete ({meta['written']} of {meta['shape'][2]} samples). "
             "Rerun `truthmap extract` to finish them."
         )
-    store = np.memmap(directory / STORE_FILE, dtype=np.float16, mode="r", shape=tuple(meta["shape"]))
-    return store.transpose(2, 0, 1, 3), meta
+    return CellStore(directory / STORE_FILE, meta["shape"]), meta
+
+
+class CellStore:
+    """A store file [layers, positions, samples, hidden], read as [samples, layers, positions, hidden] one
+    (layer, position) cell at a time: acts[:, layer, position, :] is a plain read of that cell's bytes into a new
+    [samples, hidden] float16 array. np.asarray(acts) reads the whole store (small stores, tests)."""
+
+    def __init__(self, path: Path, file_shape):
+        self.path = Path(path)
+        self.file_shape = tuple(int(x) for x in file_shape)
+        layers, positions, samples, hidden = self.file_shape
+        self.shape = (samples, layers, positions, hidden)
+        self.ndim = 4
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def cell(self, layer: int, position: int):
+        import numpy as np
+
+        layers, positions, samples, hidden = self.file_shape
+        layer, position = range(layers)[layer], range(positions)[position]  # negative indices, IndexError
+        out = np.empty((samples, hidden), dtype=np.float16)
+        with open(self.path, "rb") as f:
+            f.seek((layer * positions + position) * out.nbytes)
+            if f.readinto(out) != out.nbytes:
+                raise ConfigError(f"{self.path} is shorter than its meta.json says; extract the activations again.")
+        return out
+
+    def __getitem__(self, key):
+        import numbers
+
+        whole = slice(None)
+        if isinstance(key, tuple) and len(key) == 4 and key[0] == whole and key[3] == whole:
+            if isinstance(key[1], numbers.Integral) and isinstance(key[2], numbers.Integral):
+                return self.cell(int(key[1]), int(key[2]))
+        raise IndexError(f"A CellStore is read one cell at a time, acts[:, layer, position, :]; got {key!r}.")
+
+    def __array__(self, dtype=None, copy=None):
+        import numpy as np
+
+        whole = np.fromfile(self.path, dtype=np.float16).reshape(self.file_shape).transpose(2, 0, 1, 3)
+        return whole if dtype is None else whole.astype(dtype)
 
 
 class RowView:

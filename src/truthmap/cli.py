@@ -172,6 +172,7 @@ def probe(
     runs_dir: RunsDir = "runs",
     site: Site = "mlp",
     seeds: Seeds = DEFAULT_SEEDS_TEXT,
+    device: Device = None,
 ):
     """Train a probe per (layer, token) cell and draw the layer x token AUC heatmap.
 
@@ -179,7 +180,9 @@ def probe(
     """
     from truthmap import pipeline
 
-    config = RunConfig(model=model, dataset=dataset, split=split, runs_dir=runs_dir, site=site, seeds=parse_seeds(seeds))
+    config = RunConfig(
+        model=model, dataset=dataset, split=split, runs_dir=runs_dir, site=site, seeds=parse_seeds(seeds), device=device
+    )
     run = pipeline.probe(config)
     typer.echo(json.dumps(pipeline.read_json(run.probes(site) / "probes.json")["best"], indent=2))
 

@@ -253,12 +253,12 @@ def merge_stores(parts: list[tuple[list[int], Path]], directory: Path, n_samples
                        "clipped": sum(m["clipped"] for m in metas)}
     directory.mkdir(parents=True, exist_ok=True)
     (directory / META_FILE).unlink(missing_ok=True)
-    store = np.memmap(directory / STORE_FILE, dtype=np.float16, mode="w+", shape=tuple(meta["shape"]))
+    np.memmap(directory / STORE_FILE, dtype=np.float16, mode="w+", shape=tuple(meta["shape"])).flush()
     for (rows, part_dir), part_meta in zip(parts, metas):
-        part = np.memmap(Path(part_dir) / STORE_FILE, dtype=np.float16, mode="r", shape=tuple(part_meta["shape"]))
-        for layer in range(n_layers):  # one layer of one shard in memory at a time
+        for layer in range(n_layers):  # one layer of one shard mapped at a time (see activations.py's docstring)
+            store = np.memmap(directory / STORE_FILE, dtype=np.float16, mode="r+", shape=tuple(meta["shape"]))
+            part = np.memmap(Path(part_dir) / STORE_FILE, dtype=np.float16, mode="r", shape=tuple(part_meta["shape"]))
             store[layer][:, rows, :] = part[layer]  # [positions, shard samples, hidden]
-        del part
-    store.flush()
-    del store
+            store.flush()
+            del store, part
     write_json(directory / META_FILE, meta)

@@ -209,7 +209,9 @@ def probe(config: RunConfig) -> RunDir:
     rows = np.flatnonzero(table["exact_answer_valid"].to_numpy())
     is_error = ~table["correct"].to_numpy()[rows]
     groups = [table["group"].iloc[i] for i in rows]
-    grid = probe_grid(RowView(acts, rows), is_error, groups=groups, seeds=config.seeds, name=config.dataset)
+    grid = probe_grid(
+        RowView(acts, rows), is_error, groups=groups, seeds=config.seeds, name=config.dataset, device=config.device
+    )
     title = f"{model_slug(config.model)} · {config.dataset} ({config.split}) · {config.site} · n={len(rows)}"
     plot_heatmap(grid.mean, POSITIONS, title, out / "heatmap.png", out / "heatmap.svg")
     write_heatmap_csv(grid, POSITIONS, out / "heatmap.csv")

@@ -60,15 +60,15 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=1e-4, hist
     Each (cell, split) minimises 0.5*||w||^2 + C * sum_train logloss, on features standardized with the train
     rows' mean and std (population std, 0 -> 1, as StandardScaler); the intercept is not penalised. This is
     sklearn's LogisticRegression(C) objective, and `tol` is its gradient tolerance.
-    Returns a dict of tensors: coef [B, S, d], intercept [B, S] (standardized space), mean and scale [B, S, d]
-    (raw space), logits [B, S, n] for every row, converged [B, S] bool, and n_iter (int).
+    Runs on X's device. Returns a dict of tensors there: coef [B, S, d], intercept [B, S] (standardized space),
+    mean and scale [B, S, d] (raw space), logits [B, S, n] for every row, converged [B, S] bool, and n_iter (int).
     """
     import torch
 
     B, n, d = X.shape
-    dtype = X.dtype
-    y = torch.as_tensor(y, dtype=dtype)  # [n]
-    train = torch.as_tensor(train, dtype=dtype)  # [S, n], 1.0 on train rows
+    dtype, device = X.dtype, X.device
+    y = torch.as_tensor(y, dtype=dtype, device=device)  # [n]
+    train = torch.as_tensor(train, dtype=dtype, device=device)  # [S, n], 1.0 on train rows
     S = train.shape[0]
     n_train = train.sum(1)  # [S]
 
@@ -85,8 +85,8 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=1e-4, hist
         v = torch.where(v > 1e-6, v, torch.ones_like(v))
     else:
         sd = torch.ones_like(mu)
-        m = torch.zeros(B, S, d, dtype=dtype)
-        v = torch.ones(B, S, d, dtype=dtype)
+        m = torch.zeros(B, S, d, dtype=dtype, device=device)
+        v = torch.ones(B, S, d, dtype=dtype, device=device)
     XnT = Xn.transpose(1, 2).contiguous()  # [B, d, n]: the fast layout for the forward pass on this CPU BLAS
 
     def logits_at(w, b, v, m, XnT):  # every row's logits for standardized weights w [B, S, d], intercepts b [B, S]
@@ -109,7 +109,7 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=1e-4, hist
     # Beyond GRAM_ROWS rows a strided subset estimates X^T X well enough and keeps this O(d^2) per row cost bounded.
     step = -(-n // GRAM_ROWS)
     frac = float(n_train.mean()) / Xn[:, ::step].shape[1]
-    P = torch.eye(d, dtype=dtype) + (0.25 * C * frac) * (XnT[:, :, ::step] @ Xn[:, ::step])  # [B, d, d]
+    P = torch.eye(d, dtype=dtype, device=device) + (0.25 * C * frac) * (XnT[:, :, ::step] @ Xn[:, ::step])  # [B, d, d]
     # An explicit inverse: batched cholesky_solve is ~20x slower than a matmul on CPU, and a preconditioner
     # need not be exact.
     P_inv = torch.cholesky_inverse(torch.linalg.cholesky(P))  # [B, d, d], symmetric
@@ -118,16 +118,16 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=1e-4, hist
     def precondition(q_w, q_b):  # q_w [B, S, d] -> P^-1 q_w (row vectors: q_w P^-1, P^-1 symmetric)
         return q_w @ P_inv, q_b / p_b
 
-    w = torch.zeros(B, S, d, dtype=dtype)
-    b = torch.zeros(B, S, dtype=dtype)
-    z = torch.zeros(B, S, n, dtype=dtype)
+    w = torch.zeros(B, S, d, dtype=dtype, device=device)
+    b = torch.zeros(B, S, dtype=dtype, device=device)
+    z = torch.zeros(B, S, n, dtype=dtype, device=device)
     loss, g_w, g_b = loss_grad(w, b, z)
     threshold = tol * C * n_train  # [S] sklearn's tol on the objective divided by C * n_train
     memory = []  # (s_w, s_b, y_w, y_b, rho), newest last
-    stuck = torch.zeros(B, S, dtype=torch.bool)  # no descent found: the optimum within float precision
+    stuck = torch.zeros(B, S, dtype=torch.bool, device=device)  # no descent found: the optimum within precision
     result = {"mean": mu + sd * m, "scale": sd * v,  # [B, S, d] raw-space mean and scale of the train rows
               "coef": w.clone(), "intercept": b.clone(), "logits": z.clone(), "converged": stuck.clone(), "n_iter": 0}
-    cells = torch.arange(B)  # the cells still in the loop; a cell leaves when all its splits have converged
+    cells = torch.arange(B, device=device)  # cells still in the loop; a cell leaves when all its splits converged
 
     def retire(done):  # store the results of cells[done]; recomputed logits: z accumulated rounding over the steps
         index = cells[done]
@@ -202,7 +202,7 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=1e-4, hist
         w, b, loss, g_w, g_b = w_new, b_new, loss_new, g_w_new, g_b_new
 
     if len(cells):
-        retire(torch.ones(len(cells), dtype=torch.bool))
+        retire(torch.ones(len(cells), dtype=torch.bool, device=device))
     result["n_iter"] = n_iter
     return result
 
@@ -421,16 +421,19 @@ def probe_grid(
     name="",
     max_iter=1000,
     threads=None,
+    device=None,
 ) -> ProbeGrid:
     """Fit and score an error probe for every (layer, position) cell of acts [n, layers, positions, hidden].
 
-    acts is read one cell (acts[:, layer, pos, :]) at a time and converted to float64, so a memmap view over a
-    cell-major float16 store is never loaded whole. is_error: bool [n], the positive class. For each seed one
-    grouped split (stratified by is_error) serves all cells; each cell gets a standardized L2 logistic regression
-    (sklearn's C) on train and its ROC AUC on test. Cells are fitted in batches of up to one layer.
+    acts is read one cell (acts[:, layer, pos, :]) at a time and converted to float64, so a cell-major float16
+    store (activations.CellStore, or a memmap view) is never loaded whole. is_error: bool [n], the positive class.
+    For each seed one grouped split (stratified by is_error) serves all cells; each cell gets a standardized L2
+    logistic regression (sklearn's C) on train and its ROC AUC on test. Cells are fitted in batches of up to one
+    layer.
     threads: torch threads for the fits (None: torch's setting, as for generation and extraction; 2 threads fit
     1.6x faster than 1 on 2 free cores). Pass 1 on a CPU shared with other work: torch's OpenMP threads spin-wait,
     and there 2 threads made small ops 100x slower and the grid 10x.
+    device: where the fits run (None: cuda when available, else cpu); cells are read on the CPU and moved there.
     """
     import torch
 
@@ -470,6 +473,7 @@ def probe_grid(
     aucs = np.empty((len(seeds), n_layers, n_positions))
     cells = [(layer, pos) for layer in range(n_layers) for pos in range(n_positions)]
     per_batch = max(1, min(n_positions, CELL_BUDGET_BYTES // (2 * 8 * n * hidden)))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     not_converged = 0
     probing = progress_bar(len(cells), f"Probing{_on(name)}", unit="cell", enabled=progress)
     with probing as advance, _torch_threads(threads):
@@ -483,8 +487,8 @@ def probe_grid(
                         f"Activations{_of(name)} at layer {layer}, position {pos} hold "
                         f"{int((~torch.isfinite(X[i])).sum())} NaN or inf values; extract the activations again."
                     )
-            fit = fit_logistic(X, y.astype(np.float64), train, float(C), max_iter=max_iter, tol=GRID_TOL)
-            logits = fit["logits"].numpy()  # [cells, seeds, n]
+            fit = fit_logistic(X.to(device), y.astype(np.float64), train, float(C), max_iter=max_iter, tol=GRID_TOL)
+            logits = fit["logits"].cpu().numpy()  # [cells, seeds, n]
             not_converged += int((~fit["converged"]).sum())
             for s in range(len(seeds)):
                 test = ~train[s]

@@ -8,7 +8,7 @@
         work/generations/part-*.parquet   checkpoints of the generation stage, one per finished batch
         work/extractions/part-*.parquet   checkpoints of the exact-answer extraction, one per finished batch
         work/shards/<k>-of-<n>/     `--executor ray`: shard k's generations/, extractions/, activations/<site>/
-        activations/<site>/acts.f16       float16 memmap, cell-major [layers, positions, samples, hidden]
+        activations/<site>/acts.f16       float16, cell-major [layers, positions, samples, hidden]
         activations/<site>/meta.json      shape, dtype, what made it, and how many samples are written
         probes/<site>/heatmap.png|svg|csv, top_cells.json, probes.json
         baselines.parquet           per-row error scores of the logit baselines and p(True) (`truthmap table`)
