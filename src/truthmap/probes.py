@@ -473,7 +473,9 @@ def probe_grid(
     aucs = np.empty((len(seeds), n_layers, n_positions))
     cells = [(layer, pos) for layer in range(n_layers) for pos in range(n_positions)]
     per_batch = max(1, min(n_positions, CELL_BUDGET_BYTES // (2 * 8 * n * hidden)))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "mps":  # Apple GPUs have no float64
+        device = torch.device("cpu")
     not_converged = 0
     probing = progress_bar(len(cells), f"Probing{_on(name)}", unit="cell", enabled=progress)
     with probing as advance, _torch_threads(threads):
