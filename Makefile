@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/truthmap run --n-samples 300 --extraction-tries 2
+	$(BIN)/truthmap run --n-samples 300
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2
@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/extraction.py
+	$(BIN)/python bench/exact_answers.py
 
 # truthmap against a per-sample pipeline in the reference's style (hours on 2 CPU cores; see README, Scale).
 compare: $(STAMP)

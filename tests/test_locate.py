@@ -103,17 +103,17 @@ def test_extraction_retries_until_valid_and_checkpoints(tiny, tmp_path, monkeypa
     replies = iter([["Lyon", "Oslo"], ["Berlin"], ["Madrid"], ["Rome"], ["Bonn"]])
     calls = []
 
-    def fake_generate(model, tokenizer, prompts, max_new, stops, temperature, seed):
+    def fake_generate(model, tokenizer, prompts, max_new, stops, temperature, seed, prefix=None):
         calls.append((len(prompts), temperature, seed))
         return [Generation(tokenizer(t, add_special_tokens=False)["input_ids"], [], True) for t in next(replies)]
 
     monkeypatch.setattr(locate, "generate_batch", fake_generate)
-    rows = [("a", "Capital of France?", "I think it is Berlin."), ("b", "Capital?", "It is Oslo.")]
+    rows = [("a", "Capital of France?", "I think it is Berlin.", None), ("b", "Capital?", "It is Oslo.", None)]
     checkpoints = Checkpoints(tmp_path / "parts", {"k": 1})
-    found = locate.extract_with_llm(tiny, rows, 8, checkpoints, tries=5, seed=7)
+    found = locate.extract_spans(tiny, rows, 8, checkpoints, "free", tries=5, seed=7)
     assert found == {"a": ("extracted", (14, 20)), "b": ("extracted", (6, 10))}
     assert calls == [(2, 0.0, 7), (1, 1.0, 8)]  # greedy first, then sampled for the one still missing
-    again = locate.extract_with_llm(tiny, rows, 8, Checkpoints(tmp_path / "parts", {"k": 1}), tries=5, seed=7)
+    again = locate.extract_spans(tiny, rows, 8, Checkpoints(tmp_path / "parts", {"k": 1}), "free", tries=5, seed=7)
     assert again == found and len(calls) == 2  # resumed from the checkpoint, no new generation
 
 
@@ -121,14 +121,125 @@ def test_extraction_gives_up_after_the_tries(tiny, tmp_path, monkeypatch):
     from truthmap.decoding import Generation
 
     monkeypatch.setattr(
-        locate, "generate_batch", lambda m, t, prompts, *a: [Generation([], [], True) for _ in prompts]
+        locate, "generate_batch", lambda m, t, prompts, *a, **k: [Generation([], [], True) for _ in prompts]
     )
-    found = locate.extract_with_llm(tiny, [("a", "Q?", "text")], 4, Checkpoints(tmp_path, {}), tries=3, seed=0)
+    found = locate.extract_spans(tiny, [("a", "Q?", "text", None)], 4, Checkpoints(tmp_path, {}), "free", tries=3, seed=0)
     assert found == {"a": ("not_found", None)}
 
 
 def test_extraction_prompt_ends_with_assistant_header(tiny):
     ids = locate.extraction_prompt_ids(tiny.tokenizer, True, "Capital of France?", "Paris, surely.")
     text = tiny.tokenizer.decode(ids)
-    assert text.endswith("<|im_start|>assistant\n")
+    assert text.endswith("<|im_start|>assistant\nExact answer:")
     assert text.count("Exact answer:") == len(locate.EXTRACTION_EXAMPLES) + 1
+
+
+def contiguous_in(span_ids, answer_ids) -> bool:
+    n = len(span_ids)
+    return any(list(answer_ids[i : i + n]) == list(span_ids) for i in range(len(answer_ids) - n + 1))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_constrained_extractor_only_writes_spans_of_the_answer(seed):
+    """Property: whatever random weights prefer, every extraction is a run of the answer's tokens or NO ANSWER."""
+    import random
+
+    from tiny import tiny_lm
+    from truthmap.decoding import generate_batch
+    from truthmap.models import stop_token_ids
+
+    lm = tiny_lm(seed=seed)
+    tokenizer = lm.tokenizer
+    rng = random.Random(seed)
+    vocab = [t for t in range(3, len(tokenizer))]
+    answers = [[rng.choice(vocab) for _ in range(rng.randint(0, 12))] for _ in range(12)]
+    questions = ["What is the capital of France?"] * len(answers)
+    no_answer = locate._no_answer_ids(tokenizer)
+    stops = stop_token_ids(tokenizer, lm.model)
+    starts = [locate.span_starts(tokenizer, a, q) for a, q in zip(answers, questions)]
+    chooser = locate.SpanChooser(tokenizer, answers, starts, no_answer, stops)
+    prompts = [locate.extraction_prompt_ids(tokenizer, True, q, tokenizer.decode(a)) for q, a in zip(questions, answers)]
+    written = generate_batch(lm.model, tokenizer, prompts, 16, stops, choose=chooser)
+    for k, (answer, generation) in enumerate(zip(answers, written)):
+        span = chooser.span(k)
+        if span is None:
+            assert generation.token_ids[: len(no_answer)] == no_answer
+            continue
+        first, last = span
+        assert 0 <= first <= last < len(answer)
+        assert first in starts[k]
+        kept = answer[first : last + 1]
+        assert contiguous_in(generation.token_ids[1 : len(kept)], answer[first + 1 :])  # what it wrote after the start
+        assert contiguous_in(kept, answer)
+    assert any(chooser.span(k) is not None for k in range(len(answers)))
+    assert all(chooser.span(k) is None for k, answer in enumerate(answers) if not answer)  # nothing to copy
+
+
+def test_span_chooser_keeps_the_most_probable_end():
+    """It copies on, but keeps the length at which stopping was most probable: here after two tokens."""
+    import torch
+
+    from tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    answer = tokenizer("is Hartford, a city", add_special_tokens=False)["input_ids"]
+    stop = tokenizer.eos_token_id
+    chooser = locate.SpanChooser(tokenizer, [answer], [[1]], [5, 6], [stop])
+    vocab = len(tokenizer)
+    for step, stop_logit in enumerate([-9.0, -9.0, 3.0, -1.0, -9.0, -9.0]):
+        logits = torch.zeros(1, vocab)
+        logits[0, stop] = stop_logit
+        if step < len(answer):
+            logits[0, answer[min(step + 1, len(answer) - 1)]] = 2.0
+        chosen = chooser(logits, torch.tensor([0]))
+        if int(chosen[0]) == stop:
+            break
+    assert chooser.span(0) == (1, 2)
+
+
+def test_span_starts_skip_question_words_articles_and_word_middles(tiny):
+    tokenizer = tiny.tokenizer
+    answer = "The capital of France is Paris."
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    offsets = answer_offsets(tokenizer, answer, ids)
+    starts = locate.span_starts(tokenizer, ids, "What is the capital of France?")
+    assert [answer[offsets[i][0] : offsets[i][1]].strip() for i in starts][:1] == ["Paris"]
+    assert all(answer[offsets[i][0] : offsets[i][1]].strip() not in ("The", "capital", "France") for i in starts)
+    # Every word in the question: any word may start the span.
+    assert locate.span_starts(tokenizer, tokenizer("France", add_special_tokens=False)["input_ids"], "France?") == [0]
+
+
+def test_cached_prefix_gives_the_same_tokens_as_the_whole_prompt(tiny):
+    from truthmap.decoding import encode_prefix, generate_batch
+    from truthmap.models import stop_token_ids
+
+    rows = [("Capital of France?", "The capital of France is Paris."), ("Where is Tromsø?", "Tromsø is in Norway."),
+            ("?", "Hartford")]
+    prompts = [locate.extraction_prompt_ids(tiny.tokenizer, True, q, a) for q, a in rows]
+    prefix = locate.extraction_prefix(tiny)
+    assert all(p[: len(prefix.ids)] == prefix.ids for p in prompts) and len(prefix.ids) > 50
+    stops = stop_token_ids(tiny.tokenizer, tiny.model)
+    whole = generate_batch(tiny.model, tiny.tokenizer, prompts, 12, stops)
+    cached = generate_batch(tiny.model, tiny.tokenizer, prompts, 12, stops, prefix=prefix)
+    assert [g.token_ids for g in cached] == [g.token_ids for g in whole]
+    assert all(abs(a - b) < 1e-4 for g, h in zip(whole, cached) for a, b in zip(g.logprobs, h.logprobs))
+    again = generate_batch(tiny.model, tiny.tokenizer, prompts[:1], 12, stops, prefix=prefix)  # the cache is reusable
+    assert again[0].token_ids == whole[0].token_ids
+    with pytest.raises(ValueError, match="start with the prefix"):
+        generate_batch(tiny.model, tiny.tokenizer, [[5, 6]], 4, stops, prefix=encode_prefix(tiny.model, [7, 8]))
+
+
+def test_constrained_extraction_is_valid_and_resumes(tiny, tmp_path, monkeypatch):
+    rows = [(str(i), "What is the capital of France?", a, tiny.tokenizer(a, add_special_tokens=False)["input_ids"])
+            for i, a in enumerate(["The capital of France is Paris.", "Tromsø is in Norway.", "", "Hartford, a city"])]
+    found = locate.extract_spans(tiny, rows, 3, Checkpoints(tmp_path, {"k": 1}), "constrained")
+    assert found["2"] == ("no_answer", None)  # an empty answer has nothing to copy
+    for row_id, _, answer, _ in rows:
+        source, span = found[row_id]
+        assert source in ("extracted", "no_answer")
+        if span:
+            assert 0 <= span[0] < span[1] <= len(answer) and answer[span[0] : span[1]].strip() == answer[span[0] : span[1]]
+    calls = []
+    monkeypatch.setattr(locate, "generate_batch", lambda *a, **k: calls.append(1))
+    assert locate.extract_spans(tiny, rows, 3, Checkpoints(tmp_path, {"k": 1}), "constrained") == found
+    assert calls == []  # resumed from the checkpoints

@@ -8,11 +8,11 @@ import pytest
 from typer.testing import CliRunner
 
 from tiny import half_right_qa
-from truthmap import locate, pipeline
+from truthmap import pipeline
 from truthmap import resample as resampling
 from truthmap.cli import app
 from truthmap.config import RunConfig
-from truthmap.decoding import Generation, generate_batch
+from truthmap.decoding import generate_batch
 from truthmap.errors import ConfigError
 from truthmap.models import encode_prompt, stop_token_ids
 
@@ -21,17 +21,11 @@ CELL = {"layer": 1, "token": "exact_answer_first"}
 
 
 @pytest.fixture
-def greedy_run(tmp_path, monkeypatch, tiny):
+def greedy_run(tmp_path, tiny):
     """A finished greedy run (answers and activations) of the tiny model on 24 questions, half answered right."""
     questions = [f"What is the capital of {word}? {i}" for i, word in enumerate(["France", "Norway", "Peru"] * 10)]
     path = half_right_qa(tiny, tmp_path / "qa.csv", questions, max_new_tokens=12)
 
-    def first_word_extractor(model, tokenizer, prompts, *args, **kwargs):  # stands in for a capable extractor
-        long_answers = [tokenizer.decode(p).rsplit("Long answer: ", 1)[1].split("\nExact answer:")[0] for p in prompts]
-        words = [(a.split() or ["NO ANSWER"])[0] for a in long_answers]
-        return [Generation(tokenizer(w, add_special_tokens=False)["input_ids"], [], True) for w in words]
-
-    monkeypatch.setattr(locate, "generate_batch", first_word_extractor)
     config = RunConfig(dataset="custom", custom_path=str(path), runs_dir=str(tmp_path / "runs"), batch_size=8,
                        max_new_tokens=12, extraction_tries=1, seeds=(0, 1))
     pipeline.generate(config, tiny)

@@ -6,13 +6,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from truthmap import locate
 from truthmap.cli import app
-from truthmap.decoding import Generation
 
 
 @pytest.fixture
-def study(tmp_path, monkeypatch):
+def study(tmp_path):
     """A saved tiny model and a custom dataset on which about half of its greedy answers are right."""
     from tiny import half_right_qa, save_tiny_model, tiny_lm
 
@@ -21,11 +19,6 @@ def study(tmp_path, monkeypatch):
     questions = [f"What is the capital of {word}? {i}" for i, word in enumerate(["France", "Norway", "Peru"] * 30)]
     path = half_right_qa(lm, tmp_path / "qa.csv", questions)
 
-    def first_word_extractor(model, tokenizer, prompts, *args):  # stands in for a capable extraction model
-        long_answers = [tokenizer.decode(p).rsplit("Long answer: ", 1)[1].split("\nExact answer:")[0] for p in prompts]
-        return [Generation(tokenizer((a.split() or ["NO ANSWER"])[0], add_special_tokens=False)["input_ids"], [], True) for a in long_answers]
-
-    monkeypatch.setattr(locate, "generate_batch", first_word_extractor)
     return model_dir, path
 
 

@@ -34,7 +34,11 @@ Dtype = Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16
 PromptStyle = Annotated[str, typer.Option(help="auto (chat template if the model has one), instruct or base.")]
 MaxNewTokens = Annotated[Optional[int], typer.Option(help="Default: the dataset's (100; 200 for math).")]
 ExtractionModel = Annotated[Optional[str], typer.Option(help="Model that extracts exact answers; default: the same.")]
-ExtractionTries = Annotated[int, typer.Option(help="Tries per incorrect answer: greedy first, then sampled.")]
+ExtractionTries = Annotated[int, typer.Option(help="With --extractor free: tries per answer, greedy first, then sampled.")]
+Locate = Annotated[str, typer.Option(help="blind (the extractor locates every open answer, right or wrong) or gold "
+                                          "(a gold alias in correct answers, the extractor for the rest: the paper's way).")]
+Extractor = Annotated[str, typer.Option(help="constrained (can only copy a span of the answer, or say NO ANSWER) or "
+                                             "free (free text that must occur in the answer, retried).")]
 CustomPath = Annotated[Optional[str], typer.Option(help="With --dataset custom: a CSV or JSONL file.")]
 QuestionColumn = Annotated[str, typer.Option(help="With --dataset custom: the question column.")]
 AnswerColumn = Annotated[str, typer.Option(help="With --dataset custom: the answer column (a string or a list).")]
@@ -119,6 +123,8 @@ def generate(
     max_new_tokens: MaxNewTokens = None,
     extraction_model: ExtractionModel = None,
     extraction_tries: ExtractionTries = 5,
+    locate: Locate = "blind",
+    extractor: Extractor = "constrained",
     custom_path: CustomPath = None,
     question_column: QuestionColumn = "question",
     answer_column: AnswerColumn = "answer",
@@ -206,6 +212,8 @@ def run(
     max_new_tokens: MaxNewTokens = None,
     extraction_model: ExtractionModel = None,
     extraction_tries: ExtractionTries = 5,
+    locate: Locate = "blind",
+    extractor: Extractor = "constrained",
     custom_path: CustomPath = None,
     question_column: QuestionColumn = "question",
     answer_column: AnswerColumn = "answer",
@@ -271,6 +279,8 @@ def table(
     device: Device = None,
     dtype: Dtype = None,
     extraction_tries: ExtractionTries = 5,
+    locate: Locate = "blind",
+    extractor: Extractor = "constrained",
     custom_path: CustomPath = None,
     question_column: QuestionColumn = "question",
     answer_column: AnswerColumn = "answer",
@@ -309,6 +319,8 @@ def generalize(
     device: Device = None,
     dtype: Dtype = None,
     extraction_tries: ExtractionTries = 5,
+    locate: Locate = "blind",
+    extractor: Extractor = "constrained",
     custom_path: CustomPath = None,
     question_column: QuestionColumn = "question",
     answer_column: AnswerColumn = "answer",

@@ -28,7 +28,9 @@ class RunConfig:
     prompt_style: str = "auto"  # auto (chat template when the model has one) | instruct | base
     max_new_tokens: int | None = None  # None: the dataset's (100; 200 for math)
     extraction_model: str | None = None  # None: the answering model extracts its own exact answers
-    extraction_tries: int = 5
+    extraction_tries: int = 5  # with extractor "free"
+    locate: str = "blind"  # blind (the extractor on every open answer) | gold (gold alias for correct answers)
+    extractor: str = "constrained"  # constrained (a span of the answer or NO ANSWER) | free (free text, retried)
     custom_path: str | None = None  # dataset "custom": a CSV or JSONL file
     question_column: str = "question"
     answer_column: str = "answer"
@@ -45,6 +47,8 @@ class RunConfig:
             "n_samples": (self.n_samples is None or self.n_samples >= 1, "an integer >= 1"),
             "prompt_style": (self.prompt_style in ("auto", "instruct", "base"), "auto, instruct or base"),
             "extraction_tries": (self.extraction_tries >= 1, "an integer >= 1"),
+            "locate": (self.locate in ("blind", "gold"), "blind or gold"),
+            "extractor": (self.extractor in ("constrained", "free"), "constrained or free"),
             "site": (self.site in ("mlp", "mlp_in", "attn", "resid"), "mlp, mlp_in, attn or resid"),
             "executor": (self.executor in ("local", "ray"), "local or ray"),
             "workers": (self.workers is None or self.workers >= 1, "an integer >= 1"),

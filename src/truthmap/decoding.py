@@ -5,10 +5,14 @@ the batch (and the KV cache) as soon as they stop: on CPU a step costs in propor
 answers differ a lot in length, so a batch no longer runs at the pace of its longest answer. The log-probability
 of each chosen token is read from the current step's logits, so memory holds one [batch, vocab] row, not every
 step's full vocabulary (what `output_scores=True` would keep).
+
+A prompt prefix shared by every row (the extractor's few-shot examples) can be encoded once (`encode_prefix`) and
+its keys and values reused by every batch: each row then costs only its own tokens.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -20,6 +24,23 @@ class Generation:
     token_ids: list[int]  # generated tokens, without the stop token
     logprobs: list[float]  # log-probability of each of token_ids under the model (temperature 1)
     stopped: bool  # ended on a stop token rather than on max_new_tokens
+
+
+@dataclass
+class Prefix:
+    ids: list[int]  # the shared first tokens of every prompt it serves
+    cache: object  # the model's KV cache after those tokens, batch 1
+
+
+def encode_prefix(model, ids: list[int]) -> Prefix:
+    import torch
+
+    accepts = inspect.signature(model.forward).parameters
+    cache_name = "cache" if "cache" in accepts else "past_key_values"
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True,
+                    **({"logits_to_keep": 1} if "logits_to_keep" in accepts else {}))
+    return Prefix(list(ids), out[cache_name])
 
 
 def _greedy(logits, rows):
@@ -66,18 +87,24 @@ def generate_batch(
     temperature: float = 0.0,
     seed: int | None = None,
     row_seeds: list[int] | None = None,
+    prefix: Prefix | None = None,
+    choose=None,
 ) -> list[Generation]:
     """Greedy when temperature == 0, else sampling from the full distribution at that temperature.
 
     row_seeds (one per prompt, temperature > 0): each row samples with its own generator, so its answer does not
     depend on the batch it shares. seed (temperature > 0, no row_seeds): one generator for the whole batch.
+    prefix: every prompt starts with prefix.ids, whose cache is reused instead of encoding them again.
+    choose(logits [rows, vocab], rows) -> token ids: a decoding rule of the caller's (a constraint), instead.
     """
     import torch
 
     if row_seeds is not None and (temperature <= 0 or len(row_seeds) != len(prompts)):
         raise ConfigError(f"row_seeds needs temperature > 0 and one seed per prompt; got temperature "
                           f"{temperature} and {len(row_seeds)} seeds for {len(prompts)} prompts.")
-    if temperature <= 0:
+    if choose is not None:
+        pass
+    elif temperature <= 0:
         choose = _greedy
     elif row_seeds is not None:
         choose = _row_sampler(temperature, row_seeds)
@@ -86,7 +113,7 @@ def generate_batch(
             torch.manual_seed(seed)
         choose = _sampler(temperature)
     generations = [Generation([], [], False) for _ in prompts]
-    steps = _decode(model, tokenizer.pad_token_id, prompts, max_new_tokens, set(stop_ids), choose)
+    steps = _decode(model, tokenizer.pad_token_id, prompts, max_new_tokens, set(stop_ids), choose, prefix)
     for rows, chosen, logprobs in steps:
         for row, token, logprob in zip(rows, chosen, logprobs):
             if token in stop_ids:
@@ -97,21 +124,32 @@ def generate_batch(
     return generations
 
 
-def _decode(model, pad_id: int, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int], choose):
+def _decode(model, pad_id: int, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int], choose,
+            prefix: Prefix | None = None):
     """Per step: (rows still writing, the tokens chosen for them, those tokens' log-probabilities), as lists.
 
     A row leaves the batch, and its keys and values the cache, after the step that chose a stop token.
+    With a prefix, each row's own tokens are left-padded after it: the pads sit between the prefix and the row,
+    hidden by the mask, and positions count only real tokens, so every row sees what an unpadded prompt would.
     """
     import torch
 
     device = model.device
+    cache = None
+    if prefix is not None:
+        if any(p[: len(prefix.ids)] != prefix.ids or len(p) == len(prefix.ids) for p in prompts):
+            raise ValueError("Every prompt must start with the prefix's tokens and go on after them.")
+        prompts = [p[len(prefix.ids) :] for p in prompts]
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_repeat_interleave(len(prompts))
     input_ids, attention_mask = (t.to(device) for t in left_pad(prompts, pad_id))  # [batch, prompt]
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # pads get 0; the mask hides them
+    if prefix is not None:
+        attention_mask = torch.cat([attention_mask.new_ones(len(prompts), len(prefix.ids)), attention_mask], dim=1)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]  # pads: hidden by the mask
     rows = torch.arange(len(prompts))
     accepts = inspect.signature(model.forward).parameters
     cache_name = "cache" if "cache" in accepts else "past_key_values"  # renamed in transformers 5.24
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
-    cache = None
     with torch.inference_mode():
         for step in range(max_new_tokens):
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,

@@ -220,7 +220,7 @@ def locate_rows(lm, rows, golds: dict, info: dict, batch_size: int) -> dict:
 
     from truthmap.datasets import gold_span
     from truthmap.datasets.spec import Record
-    from truthmap.locate import extract_with_llm
+    from truthmap.locate import extract_spans
     from truthmap.rundir import Checkpoints
 
     spans = {}
@@ -230,10 +230,11 @@ def locate_rows(lm, rows, golds: dict, info: dict, batch_size: int) -> dict:
         span = gold_span(Record(id=row.id, question=row.question, answers=aliases), row.answer) if aliases else None
         if span is not None:
             spans[row.id] = ("gold_match", span)
-    pending = [(r.id, r.question, r.answer) for r in rows.itertuples() if r.id not in spans]
+    pending = [(r.id, r.question, r.answer, r.answer_ids) for r in rows.itertuples() if r.id not in spans]
     with tempfile.TemporaryDirectory() as scratch:
-        tries = int(info.get("extraction_tries", 5))
-        spans |= extract_with_llm(lm, pending, batch_size, Checkpoints(Path(scratch), {}), tries, seed=0)
+        tries = int(info.get("extraction_tries") or 1)
+        method = info.get("extractor", "free")  # detectors saved before the constrained extractor used free text
+        spans |= extract_spans(lm, pending, batch_size, Checkpoints(Path(scratch), {}), method, tries, seed=0)
     return spans
 
 

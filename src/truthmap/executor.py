@@ -2,7 +2,7 @@
 
 `--executor ray` runs the stages that need the model on a Ray cluster: a local one started here, or an existing
 one at `--ray-address`. Each worker is a Ray actor that loads the model itself (one per GPU, else one per CPU
-with one torch thread) and runs the local run's own stage functions (`generate_answers`, `extract_with_llm`,
+with one torch thread) and runs the local run's own stage functions (`generate_answers`, `extract_spans`,
 `extract_activations`) on its shard, checkpointing into its own directory (`run.shard(k, n)`), so that each shard
 resumes on its own. The driver labels, merges and writes: answers.parquet in record order, the activation store
 in the local layout.
@@ -179,7 +179,7 @@ def generate_on_ray(config, spec, records, run, settings):
     from truthmap.datasets import build_prompt
     from truthmap.generate import generate_answers
     from truthmap.label import label_answers
-    from truthmap.locate import direct_spans, extract_with_llm
+    from truthmap.locate import extract_spans, locate_answers
     from truthmap.models import encode_prompt
     from truthmap.rundir import Checkpoints
 
@@ -194,25 +194,27 @@ def generate_on_ray(config, spec, records, run, settings):
         order = sorted(range(len(ids)), key=lambda i: -lengths[i])  # generate_answers' order: longest first
         jobs = [
             rows and ([ids[i] for i in rows], [prompts[i] for i in rows], max_new_tokens, config.batch_size,
-                      Checkpoints(shard_dir(run, k, n) / "generations", settings))
+                      Checkpoints(shard_dir(run, k, n) / "generations", pipeline.generation_settings(settings)))
             for k, rows in enumerate(deal(order, config.batch_size, n))
         ]
         frames = run_shards(actors, generate_answers, jobs, f"Generating answers on {n} Ray workers")
         frame = pd.concat(frames, ignore_index=True).set_index("id").loc[ids].reset_index()  # record order
         frame["correct"] = label_answers(spec, records, list(frame["answer"]))
-        spans = direct_spans(spec, records, list(frame["answer"]), list(frame["correct"]))
-        if spec.exact_answer == "match":
-            pending = [(r.id, r.question, a) for r, a in zip(records, frame["answer"]) if r.id not in spans]
-            made_by = pipeline.extraction_settings(config, settings)
+
+        def extract(pending):
             jobs = [
-                rows and (rows, config.batch_size, Checkpoints(shard_dir(run, k, n) / "extractions", made_by),
-                          config.extraction_tries, config.seed)
+                rows and (rows, config.batch_size, Checkpoints(shard_dir(run, k, n) / "extractions", settings),
+                          config.extractor, config.extraction_tries, config.seed)
                 for k, rows in enumerate(deal(pending, config.batch_size, n))
             ]
-            for found in run_shards(actors, extract_with_llm, jobs, "Extracting exact answers", extractor=True):
-                spans |= found
-        else:
-            spans |= {r.id: ("not_found", None) for r in records if r.id not in spans}
+            found = {}
+            for shard in run_shards(actors, extract_spans, jobs, "Extracting exact answers", extractor=True):
+                found |= shard
+            return found
+
+        answer_ids = list(frame["answer_ids"]) if not config.extraction_model else [None] * len(frame)
+        spans = locate_answers(spec, records, list(frame["answer"]), answer_ids, list(frame["correct"]),
+                               config.locate, extract)
     pipeline.write_answers(run, config, settings, records, prompts, frame, spans, lm, started)
     return run
 

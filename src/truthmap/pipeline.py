@@ -55,7 +55,17 @@ def answers_settings(config: RunConfig, spec) -> dict:
         "prompt_style": config.prompt_style,
         "max_new_tokens": config.max_new_tokens or spec.max_new_tokens,
         "custom_path": config.custom_path,
-    }
+    } | locating_settings(config)
+
+
+def locating_settings(config: RunConfig) -> dict:
+    """What decides the exact answers of answers.parquet (not the generations: another locating reuses those)."""
+    return {"locate": config.locate, "extractor": config.extractor, "extraction_model": config.extraction_model,
+            "extraction_tries": config.extraction_tries if config.extractor == "free" else None}
+
+
+def generation_settings(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in ("locate", "extractor", "extraction_model", "extraction_tries")}
 
 
 def generate(config: RunConfig, lm=None) -> RunDir:
@@ -63,7 +73,7 @@ def generate(config: RunConfig, lm=None) -> RunDir:
     from truthmap.datasets import build_prompt
     from truthmap.generate import generate_answers
     from truthmap.label import label_answers
-    from truthmap.locate import direct_spans, extract_with_llm
+    from truthmap.locate import extract_spans, gold_spans, locate_answers
     from truthmap.models import load_model
 
     spec, records = load_config_records(config)
@@ -82,31 +92,28 @@ def generate(config: RunConfig, lm=None) -> RunDir:
     prompts = [build_prompt(spec, r, "instruct" if lm.is_chat else "base") for r in records]
     ids = [r.id for r in records]
     frame = generate_answers(
-        lm, ids, prompts, settings["max_new_tokens"], config.batch_size, Checkpoints(run.generation_parts, settings)
+        lm, ids, prompts, settings["max_new_tokens"], config.batch_size,
+        Checkpoints(run.generation_parts, generation_settings(settings)),
     )
     frame["correct"] = label_answers(spec, records, list(frame["answer"]))
-    spans = direct_spans(spec, records, list(frame["answer"]), list(frame["correct"]))
-    if spec.exact_answer == "match":
+
+    def extract(rows):
         extractor = lm if not config.extraction_model else load_model(config.extraction_model, config.device, config.dtype)
-        pending = [(r.id, r.question, a) for r, a in zip(records, frame["answer"]) if r.id not in spans]
-        checkpoints = Checkpoints(run.extraction_parts, extraction_settings(config, settings))
-        spans |= extract_with_llm(extractor, pending, config.batch_size, checkpoints, config.extraction_tries, config.seed)
-    else:
-        spans |= {r.id: ("not_found", None) for r in records if r.id not in spans}
+        return extract_spans(extractor, rows, config.batch_size, Checkpoints(run.extraction_parts, settings),
+                             config.extractor, config.extraction_tries, config.seed)
+
+    answer_ids = list(frame["answer_ids"]) if not config.extraction_model else [None] * len(frame)
+    spans = locate_answers(spec, records, list(frame["answer"]), answer_ids, list(frame["correct"]), config.locate,
+                           extract)
     write_answers(run, config, settings, records, prompts, frame, spans, lm, started)
     return run
-
-
-def extraction_settings(config: RunConfig, settings: dict) -> dict:
-    """What decides the exact-answer extractions, on top of the answers' settings."""
-    return settings | {"extraction_model": config.extraction_model, "tries": config.extraction_tries}
 
 
 def write_answers(run: RunDir, config: RunConfig, settings: dict, records, prompts, frame, spans, lm, started) -> None:
     """answers.parquet (records + generations + exact answers and positions) and run.json."""
     import pandas as pd
 
-    from truthmap.locate import exact_answer_columns
+    from truthmap.locate import exact_answer_columns, gold_agreement, gold_spans
 
     ids = [r.id for r in records]
     table = pd.DataFrame(
@@ -118,7 +125,8 @@ def write_answers(run: RunDir, config: RunConfig, settings: dict, records, promp
             "group": [r.group for r in records],
         }
     ).merge(frame, on="id")
-    table = table.assign(**exact_answer_columns(table, lm.tokenizer, spans))
+    golds = gold_spans(records, list(table["answer"]), list(table["correct"]))
+    table = table.assign(**exact_answer_columns(table, lm.tokenizer, spans, golds))
     table["prompt_len"] = table["prompt_ids"].map(len)
     table["answer_len"] = table["answer_ids"].map(len)
     write_parquet(run.answers, table[list(ANSWER_COLUMNS)])
@@ -132,6 +140,7 @@ def write_answers(run: RunDir, config: RunConfig, settings: dict, records, promp
             "device": lm.device,
             "dtype": lm.dtype,
             "n_samples": len(table),
+            "exact_answer_agreement": gold_agreement(table),
             "seconds": round(time.time() - started, 1),
             "versions": package_versions(),
         },
@@ -148,6 +157,9 @@ def summarize_answers(run: RunDir) -> dict:
     import pandas as pd
 
     table = pd.read_parquet(run.answers, columns=["correct", "exact_answer_valid", "exact_answer_source"])
+    no_answer = table["exact_answer_source"] == "no_answer"
+    wrong = ~table["correct"] & ~no_answer
+    made = read_json(run.run_json)
     return {
         "answers": str(run.answers),
         "samples": len(table),
@@ -155,6 +167,11 @@ def summarize_answers(run: RunDir) -> dict:
         "incorrect": int((~table["correct"]).sum()),
         "valid_exact_answer": int(table["exact_answer_valid"].sum()),
         "exact_answer_sources": table["exact_answer_source"].value_counts().to_dict(),
+        # Answers that name no answer are their own kind: left out of probes and baselines, as in the paper.
+        "no_answer": int(no_answer.sum()),
+        "wrong_with_exact_answer": f"{int(table['exact_answer_valid'][wrong].sum())} of {int(wrong.sum())}",
+        "locate": made["settings"].get("locate", "gold"),
+        "gold_agreement": made.get("exact_answer_agreement"),
     }
 
 
@@ -349,7 +366,7 @@ def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | No
         "model": config.model,
         "dataset": config.dataset,
         "chat_template": made["chat_template"],
-        "extraction_tries": made["config"].get("extraction_tries", 5),
+        **{k: made["settings"].get(k) for k in ("locate", "extractor", "extraction_tries")},
         "training": {
             "run": str(run.path),
             "rows": len(data.ids),
@@ -441,7 +458,8 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
 
     out = run.resamples
     settings = made["settings"] | {"n_resamples": n_resamples, "temperature": temperature, "resample_seed": seed}
-    extraction = {"extraction_model": config.extraction_model, "extraction_tries": config.extraction_tries}
+    # Resamples are located as the greedy answers were (runs made before "locate" existed: these flags).
+    extraction = {k: made["settings"].get(k, v) for k, v in locating_settings(config).items()}
     answers_made_by = settings | extraction | {"n_questions": len(greedy)}
     state = read_json(out / "resamples.json") if (out / "resamples.json").exists() else {}
     get_lm = model_loader(config) if lm is None else (lambda: lm)
@@ -453,13 +471,13 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
             raise ConfigError(f"The dataset no longer has question {missing[0]!r} of {run.answers}; check --data-dir.")
         model = dataclasses.replace(get_lm(), is_chat=made["chat_template"])
         extractor = model
-        if config.extraction_model:
+        if extraction["extraction_model"]:
             from truthmap.models import load_model
 
-            extractor = load_model(config.extraction_model, config.device, config.dtype)
+            extractor = load_model(extraction["extraction_model"], config.device, config.dtype)
         answers = resampling.resample_answers(
-            model, extractor, spec, records, greedy, settings, out / "work", config.batch_size,
-            config.extraction_model, config.extraction_tries,
+            model, extractor, spec, records, greedy, generation_settings(settings), out / "work", config.batch_size,
+            extraction,
         )
         write_parquet(out / "answers.parquet", answers)
         state = {"settings": answers_made_by}

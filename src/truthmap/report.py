@@ -69,6 +69,7 @@ def summary_section(run: RunDir, info: dict, answers) -> str:
         "dataset": f"{run.path.parent.name} ({run.path.name})",
         "answers": f"{len(answers)}: {correct} correct, {len(answers) - correct} incorrect",
         "with a valid exact answer": int(answers["exact_answer_valid"].sum()),
+        **_locating_rows(info, answers),
         "run directory": str(run.path),
     }
     for site in _sites_with(run, "probes.json"):
@@ -78,6 +79,25 @@ def summary_section(run: RunDir, info: dict, answers) -> str:
                 f"layer {best['layer']}, token {best['token']}, AUC {best['auc_mean']:.3f} ± {best['auc_std']:.3f}"
             )
     return _key_value_table(rows)
+
+
+def _locating_rows(info: dict, answers) -> dict:
+    """How exact answers were found, the answers that name none (left out of probes), and the gold check."""
+    settings = info.get("settings", {})
+    sources = answers["exact_answer_source"].value_counts().to_dict()
+    rows = {
+        "exact answers located": f"{settings.get('locate', 'gold')}, {settings.get('extractor', 'free')} extractor",
+        "exact-answer sources": ", ".join(f"{k} {v}" for k, v in sources.items()),
+        "NO ANSWER (left out of probes and baselines)": sources.get("no_answer", 0),
+    }
+    agreement = info.get("exact_answer_agreement")
+    if agreement and agreement.get("correct_with_gold"):
+        n = agreement["correct_with_gold"]
+        rows["agreement with the gold alias (correct answers)"] = (
+            f"same tokens {agreement['same_tokens']} of {n} ({agreement['same_share']:.0%}), "
+            f"overlapping {agreement['overlapping']} of {n} ({agreement['overlapping_share']:.0%})"
+        )
+    return rows
 
 
 def heatmap_sections(run: RunDir) -> list[tuple[str, str, str]]:

@@ -73,27 +73,30 @@ def sample_answers(lm, greedy, n_resamples: int, temperature: float, seed: int, 
 
 
 def label_and_locate(extractor, tokenizer, spec, records: dict, frame, batch_size: int, checkpoints: Checkpoints,
-                     tries: int, seed: int):
+                     locating: dict, seed: int):
     """Add correct, exact-answer and position columns to the sampled answers, as the greedy answers have them.
 
-    records: question id -> Record. Correct answers get their gold alias, classification answers their label,
-    the other wrong ones an extraction by `extractor` (locate.extract_with_llm, up to `tries` times).
+    records: question id -> Record. locating: the greedy run's "locate", "extractor" and "extraction_tries"
+    (pipeline.locating_settings), so that resamples are located as the greedy answers were.
     """
     from truthmap.label import label_answers
-    from truthmap.locate import direct_spans, exact_answer_columns, extract_with_llm
+    from truthmap.locate import exact_answer_columns, extract_spans, gold_spans, locate_answers
 
     keys = [row_key(i, k) for i, k in zip(frame["id"], frame["sample"])]
     keyed = [dataclasses.replace(records[i], id=key) for i, key in zip(frame["id"], keys)]  # one record per answer
     answers = list(frame["answer"])
     frame = frame.assign(correct=label_answers(spec, keyed, answers))
-    spans = direct_spans(spec, keyed, answers, list(frame["correct"]))
-    pending = [(r.id, r.question, a) for r, a in zip(keyed, answers) if r.id not in spans]
-    if spec.exact_answer == "match":
-        spans |= extract_with_llm(extractor, pending, batch_size, checkpoints, tries, seed)
-    else:
-        spans |= {key: ("not_found", None) for key, _, _ in pending}
+    same_tokens = extractor.tokenizer is tokenizer
+    answer_ids = list(frame["answer_ids"]) if same_tokens else [None] * len(frame)
+
+    def extract(rows):
+        return extract_spans(extractor, rows, batch_size, checkpoints, locating["extractor"],
+                             locating["extraction_tries"] or 1, seed)
+
+    spans = locate_answers(spec, keyed, answers, answer_ids, list(frame["correct"]), locating["locate"], extract)
     located = frame.assign(id=keys)  # exact_answer_columns looks spans up by row id
-    frame = frame.assign(**exact_answer_columns(located, tokenizer, spans))
+    golds = gold_spans(keyed, answers, list(frame["correct"]))
+    frame = frame.assign(**exact_answer_columns(located, tokenizer, spans, golds))
     frame["prompt_len"] = frame["prompt_ids"].map(len)
     frame["answer_len"] = frame["answer_ids"].map(len)
     return frame
@@ -184,7 +187,7 @@ def greedy_cell(acts, cell: dict):
 
 
 def resample_answers(lm, extractor, spec, records: dict, greedy, settings: dict, work: Path, batch_size: int,
-                     extraction_model: str | None, tries: int):
+                     locating: dict):
     """Sample, label and locate: the frame of resamples/answers.parquet (RESAMPLE_COLUMNS).
 
     settings: what made the greedy answers, plus n_resamples, temperature and resample_seed; it keys the sampling
@@ -197,10 +200,9 @@ def resample_answers(lm, extractor, spec, records: dict, greedy, settings: dict,
         settings["max_new_tokens"], batch_size, Checkpoints(work / "generations", settings),
         stop_token_ids(lm.tokenizer, lm.model),
     )
-    extraction_settings = settings | {"extraction_model": extraction_model, "tries": tries}
     frame = label_and_locate(
         extractor, lm.tokenizer, spec, records, generated, batch_size,
-        Checkpoints(work / "extractions", extraction_settings), tries, settings["resample_seed"],
+        Checkpoints(work / "extractions", settings | locating), locating, settings["resample_seed"],
     )
     return frame[RESAMPLE_COLUMNS]
 
