@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+# The bar in progress, if any: what the CLI names when a run is stopped (Ctrl-C, SIGTERM).
+CURRENT: dict = {}
+
 
 @contextmanager
 def progress_bar(total: int, description: str, initial: int = 0, unit: str = "sample", enabled: bool = True):
@@ -12,5 +15,23 @@ def progress_bar(total: int, description: str, initial: int = 0, unit: str = "sa
     from tqdm.auto import tqdm
 
     disable = not enabled or os.environ.get("TRUTHMAP_PROGRESS", "1") == "0"
-    with tqdm(total=total, initial=initial, desc=description, unit=unit, disable=disable, dynamic_ncols=True) as bar:
-        yield bar.update
+    outer = dict(CURRENT)
+    CURRENT.update(description=description, done=initial, total=total, unit=unit)
+
+    def advance(n: int = 1):
+        CURRENT["done"] += n
+        bar.update(n)
+
+    try:
+        with tqdm(total=total, initial=initial, desc=description, unit=unit, disable=disable, dynamic_ncols=True) as bar:
+            yield advance
+    finally:
+        CURRENT.clear()
+        CURRENT.update(outer)
+
+
+def where() -> str:
+    """Where the work is now, for a stopped run: 'during Generating answers (32 of 90 samples done)'."""
+    if not CURRENT:
+        return ""
+    return f" during {CURRENT['description']} ({CURRENT['done']} of {CURRENT['total']} {CURRENT['unit']}s done)"
