@@ -93,6 +93,9 @@ def reports_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        from truthmap.progress import STOPPED
+
+        STOPPED.clear()
         previous = _on_sigterm(_raise_stopped)
         try:
             with warnings.catch_warnings():

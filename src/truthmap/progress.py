@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-# The bar in progress, if any: what the CLI names when a run is stopped (Ctrl-C, SIGTERM).
+# The bar in progress, if any, and the innermost bar an exception left: what the CLI names when a run is stopped.
 CURRENT: dict = {}
+STOPPED: dict = {}
 
 
 @contextmanager
@@ -25,13 +26,18 @@ def progress_bar(total: int, description: str, initial: int = 0, unit: str = "sa
     try:
         with tqdm(total=total, initial=initial, desc=description, unit=unit, disable=disable, dynamic_ncols=True) as bar:
             yield advance
+    except BaseException:
+        if not STOPPED:
+            STOPPED.update(CURRENT)
+        raise
     finally:
         CURRENT.clear()
         CURRENT.update(outer)
 
 
 def where() -> str:
-    """Where the work is now, for a stopped run: 'during Generating answers (32 of 90 samples done)'."""
-    if not CURRENT:
+    """Where a stopped run was: ' during Generating answers (32 of 90 samples done)', or '' outside any bar."""
+    bar = STOPPED or CURRENT
+    if not bar:
         return ""
-    return f" during {CURRENT['description']} ({CURRENT['done']} of {CURRENT['total']} {CURRENT['unit']}s done)"
+    return f" during {bar['description']} ({bar['done']} of {bar['total']} {bar['unit']}s done)"

@@ -158,7 +158,7 @@ def read_parquet(path: Path, columns=None, fix: str = REBUILD):
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
         if not Path(path).is_file():
             raise
-        reason = (str(err).strip().split(". ")[0] or type(err).__name__).rstrip(".")
+        reason = (str(err).strip().split(". ")[0].split("': ")[-1] or type(err).__name__).rstrip(".")  # no path again
         raise DataError(f"{path} is damaged ({reason}); {fix}.") from None
 
 
