@@ -297,6 +297,10 @@ def test_10_a_resume_with_another_setting_is_refused_before_the_model_loads(stud
                 "Use another --runs-dir, or delete that directory to start over.")
     assert one_line(cli("generate", *other)) == expected
     assert one_line(cli("run", *other)) == expected
+    expected = (f"Error: {run.generation_parts} was made with dtype='float32', not 'bfloat16'. "
+                "Use another --runs-dir, or delete that directory to start over.")
+    assert one_line(cli("generate", *args, "--dtype", "bfloat16")) == expected  # batches in two dtypes would mix
+    assert one_line(cli("run", *args, "--dtype", "bfloat16")) == expected
 
 
 # ----------------------------------------------------------------------------------------- 11-12: silent surprises

@@ -87,10 +87,24 @@ def check_resume(config: RunConfig) -> None:
     if run.run_json.exists():
         check_matches(read_json(run.run_json)["settings"], settings, run.path)
     if not run.answers.exists():
-        check_checkpoints(run.generation_parts, settings)
+        local = compute_settings(config) if config.executor == "local" else {}  # Ray workers resolve their own
+        check_checkpoints(run.generation_parts, settings | local)
         check_checkpoints(run.extraction_parts, extraction_settings(config, settings))
     elif run.run_json.exists() and config.executor == "local" and not extraction_done(run, config.site):
         check_extract_resume(config, run, read_json(run.run_json)["settings"])
+
+
+def compute_settings(config: RunConfig, lm=None) -> dict:
+    """The dtype and the kind of device the model computes in (the loaded model's, or what loading would give):
+    both change the numbers generated, so finished batches are not continued with others."""
+    from truthmap.activations import device_kind
+
+    if lm is not None:
+        return {"dtype": lm.dtype, "device": device_kind(lm.device)}
+    from truthmap.models import default_device_and_dtype
+
+    device, dtype = default_device_and_dtype(config.device, config.dtype)
+    return {"dtype": dtype, "device": device_kind(device)}
 
 
 def check_extract_resume(config: RunConfig, run: RunDir, settings: dict) -> None:
@@ -127,7 +141,8 @@ def generate(config: RunConfig, lm=None) -> RunDir:
         from truthmap.executor import generate_on_ray
 
         return generate_on_ray(config, spec, records, run, settings)
-    check_checkpoints(run.generation_parts, settings)  # before the model loads
+    generation = settings | compute_settings(config, lm)
+    check_checkpoints(run.generation_parts, generation)  # before the model loads
     check_checkpoints(run.extraction_parts, extraction_settings(config, settings))
     started = time.time()
     lm = lm or load_model(config.model, config.device, config.dtype)
@@ -135,7 +150,7 @@ def generate(config: RunConfig, lm=None) -> RunDir:
     prompts = [build_prompt(spec, r, "instruct" if lm.is_chat else "base") for r in records]
     ids = [r.id for r in records]
     frame = generate_answers(
-        lm, ids, prompts, settings["max_new_tokens"], config.batch_size, Checkpoints(run.generation_parts, settings)
+        lm, ids, prompts, settings["max_new_tokens"], config.batch_size, Checkpoints(run.generation_parts, generation)
     )
     frame["correct"] = label_answers(spec, records, list(frame["answer"]))
     spans = direct_spans(spec, records, list(frame["answer"]), list(frame["correct"]))
