@@ -524,7 +524,10 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
     state = read_json(out / "resamples.json") if (out / "resamples.json").exists() else {}
     get_lm = model_loader(config) if lm is None else (lambda: lm)
     if state.get("settings") != json.loads(json.dumps(answers_made_by)) or not (out / "answers.parquet").exists():
-        spec, records = load_config_records(_greedy_records_config(config, made["config"]))
+        greedy_config = _greedy_records_config(config, made["config"])
+        spec, records = load_config_records(greedy_config)
+        if "custom_sha256" in made["settings"]:  # the questions must be those the greedy answers answered
+            check_matches(made["settings"], {"custom_sha256": answers_settings(greedy_config, spec)["custom_sha256"]}, run.path)
         records = {r.id: r for r in records}
         missing = [i for i in greedy["id"] if i not in records]
         if missing:
