@@ -189,7 +189,8 @@ def check_fields(data: dict, path: Path) -> None:
         ("token", lambda v: v in POSITIONS, "a token position such as exact_answer_last or -1"),
         ("n_layers", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
         ("hidden", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-        ("layer", lambda v: _is_int(v) and 0 <= v < data["n_layers"], f"a layer from 0 to {data.get('n_layers', 1) - 1} (n_layers - 1)"),
+        ("layer", lambda v: _is_int(v) and 0 <= v < data["n_layers"],
+         f"a layer from 0 to {data['n_layers'] - 1} (n_layers - 1)" if _is_int(data.get("n_layers")) else ""),
         ("probe", lambda v: isinstance(v, dict), "an object with the probe's weights"),
     ):
         if field not in data:

@@ -195,7 +195,7 @@ def check_checkpoints(directory: Path, settings: dict) -> None:
         check_matches(read_json(meta_path), settings, directory)
 
 
-_HELD: dict[str, list] = {}  # lock path -> [open file, depth]: run_all holds the lock its stages take again
+_HELD: set[str] = set()  # locks this process holds: run_all holds the lock its stages take again
 
 
 @contextlib.contextmanager
@@ -214,15 +214,11 @@ def run_lock(run: "RunDir"):
     path = run.lock
     key = os.path.abspath(path)
     if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[key][1] -= 1
+        yield
         return
     created = [p for p in (run.path, *run.path.parents[:3]) if not p.exists()]
-    run.path.mkdir(parents=True, exist_ok=True)
     while True:
+        run.path.mkdir(parents=True, exist_ok=True)  # again: a holder that just ended may have removed it
         f = open(path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -235,18 +231,19 @@ def run_lock(run: "RunDir"):
                 f"{run.path} is in use by another truthmap run ({who}); wait for it to finish, or stop it, "
                 "then run this again."
             ) from None
-        if path.exists() and os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
-            break
-        f.close()  # the previous holder removed the file after we opened it: lock the new one
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        f.close()  # the previous holder removed the file after we opened it: lock the one there now
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
-    _HELD[key] = [f, 1]
+    _HELD.add(key)
     try:
         yield
     finally:
-        del _HELD[key]
+        _HELD.discard(key)
         path.unlink(missing_ok=True)
         f.close()
         for directory in created:  # deepest first; one that now holds anything stays
