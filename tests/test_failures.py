@@ -59,15 +59,6 @@ def study(tmp_path, model_dir):
     return args, RunDir(runs, "tiny-model", "custom", "train"), data
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Any model load fails the test: the refusals below must come before it."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(models, "load_model", refuse)
-
-
 def stop_generation_at_second_batch(monkeypatch, how):
     import truthmap.generate as generate_module
 
@@ -168,6 +159,21 @@ def test_4_extraction_killed_then_resumed_with_another_dtype_is_refused_then_res
     clean_store = RunDir(clean_root, "tiny-model", "custom", "train").activations("mlp")
     assert (store / "acts.f16").read_bytes() == (clean_store / "acts.f16").read_bytes()
     assert json.loads((store / "meta.json").read_text())["device"] == "cpu"
+
+
+def test_4_activations_of_another_model_with_the_same_name_are_refused(tmp_path, study, monkeypatch):
+    args, run, data = study
+    assert cli("generate", *args).exit_code == 0
+    other = shutil.copytree(args[1], tmp_path / "elsewhere" / "tiny-model")  # the same run directory, other weights
+    with monkeypatch.context() as patched:
+        patched.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+        line = one_line(cli("extract", "--model", other, "--dataset", "custom", "--runs-dir", run.path.parents[2]))
+    assert line == (f"Error: {run.path} holds the answers of model '{args[1]}', not '{other}': activations must come "
+                    f"from the model that answered. Use --model {args[1]}.")
+    assert not run.activations("mlp").exists()
+    monkeypatch.chdir(args[1].parent)  # the same model by a relative path is the same model
+    same = cli("extract", "--model", "tiny-model", "--dataset", "custom", "--runs-dir", run.path.parents[2])
+    assert same.exit_code == 0, same.output
 
 
 def test_5_a_second_run_on_the_same_directory_stops_at_once_naming_the_first(study):
