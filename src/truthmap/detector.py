@@ -182,7 +182,9 @@ def _is_number(value) -> bool:
 def check_fields(data: dict, path: Path) -> None:
     """A hand-edited or partial detector file fails here, naming the field, not deep inside scoring."""
     def bad(field: str, what: str):
-        raise DataError(f"{path} is not a valid detector: field {field!r} {what}. Refit it with `truthmap fit-detector`.")
+        raise DataError(
+            f"{path} is not a valid detector: field {field!r} {what}. Refit it with `truthmap fit-detector`."
+        )
 
     for field, ok, expected in (
         ("site", lambda v: v in SITES, f"one of {', '.join(SITES)}"),

@@ -527,7 +527,8 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
         greedy_config = _greedy_records_config(config, made["config"])
         spec, records = load_config_records(greedy_config)
         if "custom_sha256" in made["settings"]:  # the questions must be those the greedy answers answered
-            check_matches(made["settings"], {"custom_sha256": answers_settings(greedy_config, spec)["custom_sha256"]}, run.path)
+            now = answers_settings(greedy_config, spec)["custom_sha256"]
+            check_matches(made["settings"], {"custom_sha256": now}, run.path)
         records = {r.id: r for r in records}
         missing = [i for i in greedy["id"] if i not in records]
         if missing:

@@ -24,7 +24,8 @@ def progress_bar(total: int, description: str, initial: int = 0, unit: str = "sa
         bar.update(n)
 
     try:
-        with tqdm(total=total, initial=initial, desc=description, unit=unit, disable=disable, dynamic_ncols=True) as bar:
+        bar = tqdm(total=total, initial=initial, desc=description, unit=unit, disable=disable, dynamic_ncols=True)
+        with bar:
             yield advance
     except BaseException:
         if not STOPPED:

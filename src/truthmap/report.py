@@ -369,7 +369,8 @@ def run_status(run: RunDir, damaged: list[str] | None = None) -> dict:
     answers = None
     if run.answers.exists():
         try:
-            labels = read_parquet(run.answers, ["correct"], "delete it and rerun the command that made this run to rebuild it")["correct"]
+            fix = "delete it and rerun the command that made this run to rebuild it"
+            labels = read_parquet(run.answers, ["correct"], fix)["correct"]
             samples, correct = len(labels), int(labels.sum())
         except DataError as err:
             damaged.append(str(err))
@@ -428,5 +429,6 @@ def format_runs(runs: list[RunDir], runs_dir) -> str:
     numeric = {"samples", "correct"}
     return "\n".join(
         ["  ".join(cell.rjust(w) if c in numeric else cell.ljust(w) for c, cell, w in zip(columns, row, widths)).rstrip()
-         for row in rows] + [f"Damaged: {message}" for message in damaged]
+         for row in rows]
+        + [f"Damaged: {message}" for message in damaged]
     )

@@ -176,7 +176,9 @@ def file_sha256(path: str | Path) -> str:
 
 
 # How a changed setting is described when its raw values say little.
-CHANGED = {"custom_sha256": "from another content of the custom file (sha256 {saved:.12}..., now {value:.12}...: edited since)"}
+CHANGED = {
+    "custom_sha256": "from another content of the custom file (sha256 {saved:.12}..., now {value:.12}...: edited since)",
+}
 
 
 def check_matches(saved: dict, wanted: dict, where: Path) -> None:
@@ -185,7 +187,9 @@ def check_matches(saved: dict, wanted: dict, where: Path) -> None:
         if key in saved and saved[key] != value:
             made = CHANGED[key].format(saved=saved[key], value=value) if key in CHANGED else (
                 f"with {key}={saved[key]!r}, not {value!r}")
-            raise ConfigError(f"{where} was made {made}. Use another --runs-dir, or delete that directory to start over.")
+            raise ConfigError(
+                f"{where} was made {made}. Use another --runs-dir, or delete that directory to start over."
+            )
 
 
 def check_checkpoints(directory: Path, settings: dict) -> None:
