@@ -265,6 +265,17 @@ def test_7_a_truncated_checkpoint_part_is_named_and_deleting_it_redoes_that_batc
     assert resumed.exit_code == 0 and json.loads(resumed.output)["samples"] == 8, resumed.output
 
 
+def test_7_a_new_checkpoint_part_never_takes_the_number_of_one_kept(tmp_path):
+    from truthmap.rundir import Checkpoints
+
+    checkpoints = Checkpoints(tmp_path, {"seed": 0})
+    for batch in range(3):
+        checkpoints.write(pd.DataFrame({"id": [f"q{batch}"]}))
+    (tmp_path / "part-000000.parquet").unlink()  # a damaged part, deleted as its error says
+    checkpoints.write(pd.DataFrame({"id": ["q0"]}))
+    assert sorted(checkpoints.done_ids()) == ["q0", "q1", "q2"]
+
+
 def test_8_a_corrupt_activations_meta_json_is_named(tmp_path):
     runs = tmp_path / "runs"
     run = RunDir.from_path(make_run(runs, "geography", full=False))

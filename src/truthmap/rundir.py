@@ -281,7 +281,10 @@ class Checkpoints:
         return set(frame["id"]) if len(frame) else set()
 
     def write(self, frame) -> None:
-        write_parquet(self.directory / f"part-{len(self.parts()):06d}.parquet", frame)
+        # After the last part, not at the count of parts: once a damaged part is deleted, the count is a taken number.
+        parts = self.parts()
+        number = int(parts[-1].stem.removeprefix("part-")) + 1 if parts else 0
+        write_parquet(self.directory / f"part-{number:06d}.parquet", frame)
 
 
 def package_versions() -> dict:
