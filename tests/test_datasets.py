@@ -20,7 +20,7 @@ from truthmap.datasets import (
     load_records,
 )
 from truthmap.datasets import loaders
-from truthmap.errors import ConfigError, DataError
+from truthmap.errors import ConfigError, DataError, TruthmapWarning
 
 PAPER_DATASETS = ["triviaqa", "hotpotqa", "hotpotqa_with_context", "movies", "winobias", "winogrande", "mnli",
                   "imdb", "math", "natural_questions_with_context"]
@@ -212,7 +212,8 @@ def test_subsample_nested_and_capped(tmp_path, seed, monkeypatch):
     large = load_records("movies", "test", data_dir=tmp_path, n_samples=10, seed=seed)
     assert len(small) == 5 and len(large) == 10
     assert {r.id for r in small} <= {r.id for r in large}
-    assert len(load_records("movies", "test", data_dir=tmp_path, n_samples=500)) == 50
+    with pytest.warns(TruthmapWarning, match=r"--n-samples 500 is more than the 50 questions of dataset 'movies'"):
+        assert len(load_records("movies", "test", data_dir=tmp_path, n_samples=500)) == 50
     monkeypatch.setattr(loaders, "MAX_PER_SPLIT", 8)
     capped = load_records("movies", "test", data_dir=tmp_path)
     assert len(capped) == 8
@@ -236,7 +237,7 @@ def test_split_keeps_groups_whole(seed):
 
 def test_custom_csv_aliases_and_split(tmp_path):
     rows = ['"Capital of France?",Paris', '"Largest planet?","[""Jupiter"", ""jupiter""]"',
-            "\"Red planet?\",\"['Mars', 'the red planet']\"", '"Odd?","[not a list"']
+            "\"Red planet?\",\"['Mars', 'the red planet']\"", '"Odd?","not [a list"']
     rows += [f'"Question {i}?",Answer {i}' for i in range(16)]
     path = write(tmp_path / "qa.csv", "question,answer\n" + "\n".join(rows) + "\n")
     train = load_records("custom", "train", custom=CustomSource(path))
@@ -247,8 +248,16 @@ def test_custom_csv_aliases_and_split(tmp_path):
     assert by_id["00000"].answers == ["Paris"]
     assert by_id["00001"].answers == ["Jupiter", "jupiter"]
     assert by_id["00002"].answers == ["Mars", "the red planet"]
-    assert by_id["00003"].answers == ["[not a list"]
+    assert by_id["00003"].answers == ["not [a list"]
     assert all(re.fullmatch(r"custom-(train|test)-\d{5}", r.id) for r in train + test)
+
+
+def test_custom_answer_starting_with_a_bracket_must_be_a_list(tmp_path):
+    # Taken as one literal gold answer, '["Paris", "paris"' would label "The capital is Paris." incorrect.
+    path = write(tmp_path / "qa.csv", 'question,answer\nCapital of France?,"[""Paris"", ""paris"""\n')
+    with pytest.raises(DataError, match=r"qa\.csv line 2: column 'answer' starts with '\[' but is not a valid JSON "
+                                        r"list \(got '\[\"Paris\", \"paris\"'\)"):
+        load_records("custom", "train", custom=CustomSource(path))
 
 
 def test_custom_jsonl_named_columns(tmp_path):

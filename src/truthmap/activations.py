@@ -26,7 +26,18 @@ FLOAT16_MAX = 65504.0
 EXTRACT_TOKENS = 1024
 
 
-def store_meta(run_settings: dict, site: str, n_samples: int, n_layers: int, hidden: int, model_dtype: str) -> dict:
+# What a resumed store must share with the store on disk: every setting that changes the numbers written.
+# The device counts by kind only (cuda:0 and cuda:1 compute alike; cpu and cuda do not).
+RESUME_KEYS = ("answers", "site", "positions", "model_dtype", "device")
+META_FIX = "delete it and rerun `truthmap extract` with the same options to extract these activations again"
+
+
+def device_kind(device: str) -> str:
+    return str(device).split(":")[0]
+
+
+def store_meta(run_settings: dict, site: str, n_samples: int, n_layers: int, hidden: int, model_dtype: str,
+               device: str = "cpu") -> dict:
     return {
         "answers": run_settings,  # what made the answers these activations belong to
         "site": site,
@@ -35,6 +46,7 @@ def store_meta(run_settings: dict, site: str, n_samples: int, n_layers: int, hid
         "shape": [n_layers, len(POSITIONS), n_samples, hidden],
         "dtype": "float16",
         "model_dtype": model_dtype,
+        "device": device_kind(device),
         "written": 0,  # samples done, counted in the (deterministic) processing order
         "clipped": 0,  # values beyond the float16 range, clipped to +-65504
     }
@@ -66,11 +78,11 @@ def extract_activations(lm, table, directory: Path, site: str, batch_size: int, 
 
     directory = Path(directory)
     n_samples, n_layers, hidden = len(table), num_layers(lm.model), site_width(lm.model, site)
-    meta = store_meta(run_settings, site, n_samples, n_layers, hidden, lm.dtype)
+    meta = store_meta(run_settings, site, n_samples, n_layers, hidden, lm.dtype, lm.device)
     meta_path, store_path = directory / META_FILE, directory / STORE_FILE
     if meta_path.exists() and store_path.exists():
-        saved = read_json(meta_path)
-        check_matches(saved, {k: meta[k] for k in ("answers", "site", "positions", "shape")}, directory)
+        saved = read_json(meta_path, META_FIX)
+        check_matches(saved, {k: meta[k] for k in (*RESUME_KEYS, "shape")}, directory)
         meta = saved
     else:
         directory.mkdir(parents=True, exist_ok=True)
@@ -95,6 +107,14 @@ def extract_activations(lm, table, directory: Path, site: str, batch_size: int, 
     return directory
 
 
+def check_resume(directory: Path, run_settings: dict, site: str, model_dtype: str, device: str) -> None:
+    """Refuse, before the model loads, to finish a store begun with other settings (a mixed store looks fine)."""
+    directory = Path(directory)
+    if (directory / META_FILE).exists() and (directory / STORE_FILE).exists():
+        wanted = store_meta(run_settings, site, 0, 0, 0, model_dtype, device)
+        check_matches(read_json(directory / META_FILE, META_FIX), {k: wanted[k] for k in RESUME_KEYS}, directory)
+
+
 def read_positions(lm, sequences: list[list[int]], positions, site: str):
     """One forward pass over a batch of token sequences: [batch, layers, k, hidden] float32 at positions [batch, k]
     (indices into each unpadded sequence). Negative positions (no exact answer) read the first real token."""
@@ -117,7 +137,7 @@ def open_store(directory: Path):
     meta_path = directory / META_FILE
     if not meta_path.exists():
         raise ConfigError(f"No activations in {directory}. Run `truthmap extract` first.")
-    meta = read_json(meta_path)
+    meta = read_json(meta_path, META_FIX)
     if meta["written"] != meta["shape"][2]:
         raise ConfigError(
             f"Activations in {directory} are incomplete ({meta['written']} of {meta['shape'][2]} samples). "

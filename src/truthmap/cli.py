@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
+import warnings
 from typing import Annotated, Optional
 
 import typer
 
 from truthmap.config import DEFAULT_SEEDS, RunConfig
-from truthmap.errors import TruthmapError
+from truthmap.errors import TruthmapError, TruthmapWarning
 
 app = typer.Typer(
     help="Find where a language model knows that it is wrong: answers, exact answers, activations, probes.",
@@ -81,22 +83,69 @@ def parse_datasets(items: list[str]) -> list[str]:
     return [name for item in items for name in item.replace(",", " ").split()]
 
 
+class Stopped(BaseException):
+    """SIGTERM, raised where the run is, as Ctrl-C raises KeyboardInterrupt: the stop is reported in one line."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped()
+
+
 def reports_errors(command):
-    """Print any error as one line and exit 1; the traceback only with --debug."""
+    """Print any error as one line and exit 1; the traceback only with --debug. Warnings are one line each, and
+    a run stopped by Ctrl-C or SIGTERM says where it stopped and how to resume (exit 130 or 143)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        from truthmap.progress import STOPPED
+
+        STOPPED.clear()
+        previous = _on_sigterm(_raise_stopped)
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", TruthmapWarning)
+                warnings.showwarning = functools.partial(show_warning, warnings.showwarning)
+                return command(*args, **kwargs)
         except CLICK_EXCEPTIONS:
             raise
+        except (KeyboardInterrupt, Stopped) as stop:
+            if DEBUG["on"]:
+                raise
+            typer.echo(stopped_line("Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"), err=True)
+            raise typer.Exit(130 if isinstance(stop, KeyboardInterrupt) else 143) from None
         except Exception as error:
             if DEBUG["on"]:
                 raise
             typer.echo(error_line(error), err=True)
             raise typer.Exit(1) from None
+        finally:
+            _on_sigterm(previous)
 
     return wrapper
+
+
+def _on_sigterm(handler):
+    """Install a SIGTERM handler; returns the previous one. Only the main thread may (None elsewhere: no change)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
+def show_warning(original, message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, TruthmapWarning):
+        typer.echo(f"Warning: {message}", err=True)
+    else:
+        original(message, category, filename, lineno, file, line)
+
+
+def stopped_line(how: str) -> str:
+    from truthmap.progress import where
+
+    return (f"Stopped by {how}{where()}. Finished batches and stages are saved: run the same command again to "
+            "resume from there.")
 
 
 def error_line(error: Exception) -> str:
@@ -394,7 +443,15 @@ def score(
     Example: truthmap score --detector runs/smollm2/geography/train/detector_mlp.json --question "What is the capital of Peru?" --answer "The capital of Peru is Lima."
     """
     from truthmap.detector import Detector, check_texts, load_scoring_model, read_pairs, score_file
+    from truthmap.errors import ConfigError
 
+    single = {"--question": question, "--answer": answer, "--exact-answer": exact_answer, "--gold": gold}
+    if input_path and any(value is not None for value in single.values()):
+        flag = next(name for name, value in single.items() if value is not None)
+        raise ConfigError(
+            f"--input scores the rows of a file, {flag} one answer: give one or the other (in batch mode the file's "
+            "columns exact_answer and gold play the roles of --exact-answer and --gold)."
+        )
     found = Detector.load(detector)
     if input_path:
         frame = read_pairs(input_path, question_column, answer_column)  # bad input fails before the model loads

@@ -45,6 +45,7 @@ class RunConfig:
             "split": (self.split in ("train", "test"), "train or test"),
             "batch_size": (self.batch_size >= 1, "an integer >= 1"),
             "n_samples": (self.n_samples is None or self.n_samples >= 1, "an integer >= 1"),
+            "max_new_tokens": (self.max_new_tokens is None or self.max_new_tokens >= 1, "an integer >= 1"),
             "prompt_style": (self.prompt_style in ("auto", "instruct", "base"), "auto, instruct or base"),
             "extraction_tries": (self.extraction_tries >= 1, "an integer >= 1"),
             "locate": (self.locate in ("blind", "gold"), "blind or gold"),

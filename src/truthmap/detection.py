@@ -36,11 +36,10 @@ class ProbeData:
 
 
 def probe_data(run: RunDir, site: str, name: str = "") -> ProbeData:
-    import pandas as pd
-
     from truthmap.activations import RowView, open_store
+    from truthmap.rundir import ANSWERS_FIX, read_parquet
 
-    table = pd.read_parquet(run.answers, columns=["id", "group", "correct", "exact_answer_valid"])
+    table = read_parquet(run.answers, ["id", "group", "correct", "exact_answer_valid"], ANSWERS_FIX)
     acts, _ = open_store(run.activations(site))
     rows = np.flatnonzero(table["exact_answer_valid"].to_numpy())
     return ProbeData(

@@ -116,6 +116,7 @@ class Detector:
             raise DataError(f"{path} is not a truthmap detector (no \"format\": \"{FORMAT}\"); use a file from `truthmap fit-detector`.")
         if data.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{path} has detector format {data.get('format_version')}; this truthmap reads {FORMAT_VERSION}. Refit it.")
+        check_fields(data, path)
         weights = data["probe"]
         detector = cls(token=data["token"], layer=data["layer"], site=data["site"], C=weights["C"])
         detector.layer_, detector.n_layers_, detector.hidden_ = data["layer"], data["n_layers"], data["hidden"]
@@ -165,6 +166,55 @@ class Detector:
             golds_by_id = dict(zip(rows["id"], golds or []))
             spans |= locate_rows(lm, rows[~rows["id"].isin(spans)], golds_by_id, self.info, batch_size)
         return score_rows(self, lm, rows, spans, batch_size)
+
+
+SITES = ("mlp", "mlp_in", "attn", "resid")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def check_fields(data: dict, path: Path) -> None:
+    """A hand-edited or partial detector file fails here, naming the field, not deep inside scoring."""
+    def bad(field: str, what: str):
+        raise DataError(
+            f"{path} is not a valid detector: field {field!r} {what}. Refit it with `truthmap fit-detector`."
+        )
+
+    for field, ok, expected in (
+        ("site", lambda v: v in SITES, f"one of {', '.join(SITES)}"),
+        ("token", lambda v: v in POSITIONS, "a token position such as exact_answer_last or -1"),
+        ("n_layers", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        ("hidden", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        ("layer", lambda v: _is_int(v) and 0 <= v < data["n_layers"],
+         f"a layer from 0 to {data['n_layers'] - 1} (n_layers - 1)" if _is_int(data.get("n_layers")) else ""),
+        ("probe", lambda v: isinstance(v, dict), "an object with the probe's weights"),
+    ):
+        if field not in data:
+            bad(field, "is missing")
+        if not ok(data[field]):
+            bad(field, f"is {data[field]!r}; expected {expected}")
+    weights, hidden = data["probe"], data["hidden"]
+    for field, ok, expected in (
+        ("C", lambda v: _is_number(v) and v > 0, "a number > 0"),
+        ("intercept", _is_number, "a number"),
+        ("classes", lambda v: v == [False, True], "[false, true]"),
+        *((key, lambda v: isinstance(v, list) and all(_is_number(x) for x in v), "a list of numbers")
+          for key in ("coef", "mean", "scale")),
+    ):
+        if field not in weights:
+            bad(f"probe.{field}", "is missing")
+        if not ok(weights[field]):
+            shown = repr(weights[field])
+            bad(f"probe.{field}", f"is {shown[:40] + '...' if len(shown) > 40 else shown}; expected {expected}")
+    for field in ("coef", "mean", "scale"):
+        if len(weights[field]) != hidden:
+            bad(f"probe.{field}", f"has {len(weights[field])} values; expected {hidden}, the field 'hidden'")
 
 
 def check_texts(questions, answers) -> None:

@@ -19,3 +19,7 @@ class ConfigError(TruthmapError):
 
 class ProbeError(TruthmapError):
     """A probe cannot be fitted or scored on the data given."""
+
+
+class TruthmapWarning(UserWarning):
+    """Something the user may not expect, but not wrong: the CLI prints it as one `Warning: ...` line."""

@@ -66,6 +66,11 @@ def resolve_source(name: str) -> ModelSource:
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}. Give the path of an existing .gguf file.")
         return ModelSource(str(path.parent), path.name)
+    if path.is_file():
+        raise ModelError(
+            f"Model {path} is a file, not a model: give a directory saved by save_pretrained (with config.json), "
+            "a .gguf file, or a hub id like 'org/name'."
+        )
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelError(f"Model directory {path} has no config.json. Give a directory saved by save_pretrained.")
@@ -76,6 +81,14 @@ def resolve_source(name: str) -> ModelSource:
         f"Unknown model '{name}': not '{DEFAULT_MODEL}', not a local directory or .gguf file, and not a hub id "
         "like 'org/name'."
     )
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two --model values name the same model: the same text, or the same local path written two ways."""
+    if a == b:
+        return True
+    first, second = Path(a).expanduser(), Path(b).expanduser()
+    return first.exists() and second.exists() and first.resolve() == second.resolve()
 
 
 def default_device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, str]:

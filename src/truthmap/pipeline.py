@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -11,13 +12,18 @@ from truthmap.config import RunConfig
 from truthmap.errors import ConfigError
 from truthmap.rundir import (
     ANSWER_COLUMNS,
+    ANSWERS_FIX,
     POSITIONS,
     Checkpoints,
     RunDir,
+    check_checkpoints,
     check_matches,
+    file_sha256,
     generalization_dir,
     package_versions,
     read_json,
+    read_parquet,
+    run_lock,
     tables_dir,
     write_json,
     write_parquet,
@@ -28,6 +34,18 @@ def run_dir(config: RunConfig) -> RunDir:
     from truthmap.models import model_slug
 
     return RunDir(config.runs_dir, model_slug(config.model), config.dataset, config.split)
+
+
+def locked(stage):
+    """Hold the run directory's lock while a stage may write there: a second process writing the same run stops at
+    once (rundir.run_lock). run_all's stages take it again, which the lock allows within one process."""
+
+    @functools.wraps(stage)
+    def wrapper(config: RunConfig, *args, **kwargs):
+        with run_lock(run_dir(config)):
+            return stage(config, *args, **kwargs)
+
+    return wrapper
 
 
 def load_config_records(config: RunConfig):
@@ -54,7 +72,10 @@ def answers_settings(config: RunConfig, spec) -> dict:
         "seed": config.seed,
         "prompt_style": config.prompt_style,
         "max_new_tokens": config.max_new_tokens or spec.max_new_tokens,
-        "custom_path": config.custom_path,
+        # The file's content, not its path: a file edited in place is another dataset, and the same file given
+        # by an absolute or a relative path is the same one. (Runs made before this recorded custom_path.)
+        **({"custom_sha256": file_sha256(Path(config.custom_path).expanduser()),
+            "custom_columns": [config.question_column, config.answer_column]} if config.dataset == "custom" else {}),
     } | locating_settings(config)
 
 
@@ -68,6 +89,50 @@ def generation_settings(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in ("locate", "extractor", "extraction_model", "extraction_tries")}
 
 
+def check_resume(config: RunConfig) -> None:
+    """Refuse bad input and work on disk made with other settings before any model loads (it takes seconds)."""
+    spec, _ = load_config_records(config)  # the dataset's own errors first
+    run = run_dir(config)
+    settings = answers_settings(config, spec)
+    if run.run_json.exists():
+        check_matches(read_json(run.run_json)["settings"], settings, run.path)
+    if not run.answers.exists():
+        local = compute_settings(config) if config.executor == "local" else {}  # Ray workers resolve their own
+        check_checkpoints(run.generation_parts, generation_settings(settings) | local)
+        check_checkpoints(run.extraction_parts, settings)
+    elif run.run_json.exists() and config.executor == "local" and not extraction_done(run, config.site):
+        check_extract_resume(config, run, read_json(run.run_json)["settings"])
+
+
+def compute_settings(config: RunConfig, lm=None) -> dict:
+    """The dtype and the kind of device the model computes in (the loaded model's, or what loading would give):
+    both change the numbers generated, so finished batches are not continued with others."""
+    from truthmap.activations import device_kind
+
+    if lm is not None:
+        return {"dtype": lm.dtype, "device": device_kind(lm.device)}
+    from truthmap.models import default_device_and_dtype
+
+    device, dtype = default_device_and_dtype(config.device, config.dtype)
+    return {"dtype": dtype, "device": device_kind(device)}
+
+
+def check_extract_resume(config: RunConfig, run: RunDir, settings: dict) -> None:
+    """The activations must come from the model that answered, and a store begun with another dtype, device kind
+    or site is not finished with this one (the numbers would differ from row to row)."""
+    from truthmap.activations import check_resume as check_store
+    from truthmap.models import default_device_and_dtype, same_model
+
+    if not same_model(config.model, settings["model"]):
+        raise ConfigError(
+            f"{run.path} holds the answers of model {settings['model']!r}, not {config.model!r}: activations must "
+            f"come from the model that answered. Use --model {settings['model']}."
+        )
+    device, dtype = default_device_and_dtype(config.device, config.dtype)
+    check_store(run.activations(config.site), settings, config.site, dtype, device)
+
+
+@locked
 def generate(config: RunConfig, lm=None) -> RunDir:
     """Generate, label and locate: writes answers.parquet and run.json (skipped when already done)."""
     from truthmap.datasets import build_prompt
@@ -86,14 +151,16 @@ def generate(config: RunConfig, lm=None) -> RunDir:
         from truthmap.executor import generate_on_ray
 
         return generate_on_ray(config, spec, records, run, settings)
+    generation = generation_settings(settings) | compute_settings(config, lm)
+    check_checkpoints(run.generation_parts, generation)  # before the model loads
+    check_checkpoints(run.extraction_parts, settings)
     started = time.time()
     lm = lm or load_model(config.model, config.device, config.dtype)
     lm = dataclasses.replace(lm, is_chat=_use_chat(config.prompt_style, lm))
     prompts = [build_prompt(spec, r, "instruct" if lm.is_chat else "base") for r in records]
     ids = [r.id for r in records]
     frame = generate_answers(
-        lm, ids, prompts, settings["max_new_tokens"], config.batch_size,
-        Checkpoints(run.generation_parts, generation_settings(settings)),
+        lm, ids, prompts, settings["max_new_tokens"], config.batch_size, Checkpoints(run.generation_parts, generation)
     )
     frame["correct"] = label_answers(spec, records, list(frame["answer"]))
 
@@ -154,9 +221,7 @@ def _use_chat(prompt_style: str, lm) -> bool:
 
 
 def summarize_answers(run: RunDir) -> dict:
-    import pandas as pd
-
-    table = pd.read_parquet(run.answers, columns=["correct", "exact_answer_valid", "exact_answer_source"])
+    table = read_parquet(run.answers, ["correct", "exact_answer_valid", "exact_answer_source"], ANSWERS_FIX)
     no_answer = table["exact_answer_source"] == "no_answer"
     wrong = ~table["correct"] & ~no_answer
     made = read_json(run.run_json)
@@ -176,18 +241,19 @@ def summarize_answers(run: RunDir) -> dict:
 
 
 def _answers_table(run: RunDir):
-    import pandas as pd
-
     if not run.answers.exists():
         raise ConfigError(f"No answers in {run.path}. Run `truthmap generate` with the same options first.")
-    return pd.read_parquet(run.answers)
+    return read_parquet(run.answers, fix=ANSWERS_FIX)
 
 
 def extraction_done(run: RunDir, site: str) -> bool:
+    from truthmap.activations import META_FIX
+
     meta_path = run.activations(site) / "meta.json"
-    return meta_path.exists() and (meta := read_json(meta_path))["written"] == meta["shape"][2]
+    return meta_path.exists() and (meta := read_json(meta_path, META_FIX))["written"] == meta["shape"][2]
 
 
+@locked
 def extract(config: RunConfig, lm=None) -> RunDir:
     """Activations at the probed positions for every answer (skipped when the store is complete)."""
     from truthmap.activations import extract_activations
@@ -201,12 +267,15 @@ def extract(config: RunConfig, lm=None) -> RunDir:
         from truthmap.executor import extract_on_ray
 
         return extract_on_ray(config, run, table)
-    lm = lm or load_model(config.model, config.device, config.dtype)
     settings = read_json(run.run_json)["settings"]
+    if lm is None:
+        check_extract_resume(config, run, settings)  # before the model loads
+    lm = lm or load_model(config.model, config.device, config.dtype)
     extract_activations(lm, table, run.activations(config.site), config.site, config.batch_size, settings)
     return run
 
 
+@locked
 def probe(config: RunConfig) -> RunDir:
     """Probe every (layer, position) cell on the rows with a valid exact answer; write the heatmap and tables."""
     import numpy as np
@@ -249,9 +318,11 @@ def probe(config: RunConfig) -> RunDir:
     return run
 
 
+@locked
 def run_all(config: RunConfig) -> dict:
     """generate -> extract -> probe, skipping finished stages; returns where the figure is and the best cell."""
     run = run_dir(config)
+    check_resume(config)
     lm = None
     if config.executor == "local" and (not run.answers.exists() or not extraction_done(run, config.site)):
         from truthmap.models import load_model
@@ -295,6 +366,7 @@ def model_loader(config: RunConfig):
     return get
 
 
+@locked
 def baselines(config: RunConfig, get_lm) -> RunDir:
     """baselines.parquet: token-probability aggregates and p(True) for every answer (skipped when complete)."""
     import pandas as pd
@@ -310,6 +382,7 @@ def baselines(config: RunConfig, get_lm) -> RunDir:
     return run
 
 
+@locked
 def prepare(config: RunConfig, get_lm) -> RunDir:
     """Answers and activations of one run, and baselines for a test split (the only split they are scored on).
 
@@ -347,6 +420,7 @@ def table(config: RunConfig, datasets: list[str], test_samples: int | None = Non
     return write_detection_table(results, tables_dir(Path(config.runs_dir) / slug), title)
 
 
+@locked
 def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | None = None) -> dict:
     """Fit a detector on a run, save it, and score that run's rows (and its test split's, when extracted)."""
     import numpy as np
@@ -422,6 +496,7 @@ def generalize(config: RunConfig, datasets: list[str], token: str, test_samples:
     return generalization(runs, config.site, token, config.seeds, directory)
 
 
+@locked
 def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0, seed: int = 0,
              layer: int | None = None, token: str | None = None, lm=None, n_questions: int | None = None) -> dict:
     """K sampled answers per question of a finished greedy run; their error types, type probes and answer selection.
@@ -464,7 +539,11 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
     state = read_json(out / "resamples.json") if (out / "resamples.json").exists() else {}
     get_lm = model_loader(config) if lm is None else (lambda: lm)
     if state.get("settings") != json.loads(json.dumps(answers_made_by)) or not (out / "answers.parquet").exists():
-        spec, records = load_config_records(_greedy_records_config(config, made["config"]))
+        greedy_config = _greedy_records_config(config, made["config"])
+        spec, records = load_config_records(greedy_config)
+        if "custom_sha256" in made["settings"]:  # the questions must be those the greedy answers answered
+            now = answers_settings(greedy_config, spec)["custom_sha256"]
+            check_matches(made["settings"], {"custom_sha256": now}, run.path)
         records = {r.id: r for r in records}
         missing = [i for i in greedy["id"] if i not in records]
         if missing:

@@ -12,8 +12,8 @@ import html
 import json
 from pathlib import Path
 
-from truthmap.errors import ConfigError
-from truthmap.rundir import RunDir, read_json, write_atomic
+from truthmap.errors import ConfigError, DataError
+from truthmap.rundir import RunDir, read_json, read_parquet, write_atomic
 
 EXAMPLES_CAP = 500  # rows of answers.parquet shown; the page stays light in a browser
 TOP_ERRORS = 25  # rows in the "highest-scored errors" filter
@@ -381,23 +381,30 @@ def find_runs(runs_dir) -> list[RunDir]:
     return [RunDir.from_path(p) for p in sorted(found)]
 
 
-def run_status(run: RunDir) -> dict:
-    """What a run directory holds, read from its files only: counts and the stages done."""
+def run_status(run: RunDir, damaged: list[str] | None = None) -> dict:
+    """What a run directory holds, read from its files only: counts and the stages done. A damaged file marks its
+    column 'DAMAGED' and adds its one-line error to `damaged`, so the other runs are still listed."""
+    damaged = [] if damaged is None else damaged
     samples = correct = None
+    answers = None
     if run.answers.exists():
-        import pandas as pd
-
-        labels = pd.read_parquet(run.answers, columns=["correct"])["correct"]
-        samples, correct = len(labels), int(labels.sum())
+        try:
+            fix = "delete it and rerun the command that made this run to rebuild it"
+            labels = read_parquet(run.answers, ["correct"], fix)["correct"]
+            samples, correct = len(labels), int(labels.sum())
+        except DataError as err:
+            damaged.append(str(err))
+            answers = "DAMAGED"
     parts = len(list(run.generation_parts.glob("part-*.parquet")))
+    answers = answers or ("done" if samples is not None else (f"{parts} batches" if parts else "started"))
     return {
         "model": run.path.parent.parent.name,
         "dataset": run.path.parent.name,
         "split": run.path.name,
         "samples": samples,
         "correct": correct,
-        "answers": "done" if samples is not None else (f"{parts} batches" if parts else "started"),
-        "activations": ",".join(_activation_status(run)) or "-",
+        "answers": answers,
+        "activations": ",".join(_activation_status(run, damaged)) or "-",
         "probes": ",".join(_sites_with(run, "probes.json")) or "-",
         "detector": _detector_status(run),
         "report": "yes" if run.report.exists() else "-",
@@ -411,14 +418,21 @@ def _detector_status(run: RunDir) -> str:
     return " ".join(filter(None, [sites, scored])) or "-"
 
 
-def _activation_status(run: RunDir) -> list[str]:
+def _activation_status(run: RunDir, damaged: list[str]) -> list[str]:
     """Sites with a complete store, and the share written of unfinished ones ('attn 40%')."""
+    from truthmap.activations import META_FIX
+
     found = []
     for meta_path in sorted((run.path / "activations").glob("*/meta.json")):
-        meta = read_json(meta_path)
+        site = meta_path.parent.name
+        try:
+            meta = read_json(meta_path, META_FIX)
+        except DataError as err:
+            damaged.append(str(err))
+            found.append(f"{site} DAMAGED")
+            continue
         total = meta["shape"][2]
         written = meta.get("written", 0)
-        site = meta_path.parent.name
         found.append(site if written == total else f"{site} {100 * written // max(total, 1)}%")
     return found
 
@@ -427,12 +441,14 @@ def format_runs(runs: list[RunDir], runs_dir) -> str:
     """One aligned line per run, under a header."""
     if not runs:
         return f"No runs under {runs_dir}."
-    statuses = [run_status(run) for run in runs]
+    damaged: list[str] = []
+    statuses = [run_status(run, damaged) for run in runs]
     columns = list(statuses[0])
     rows = [columns] + [["-" if s[c] is None else str(s[c]) for c in columns] for s in statuses]
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     numeric = {"samples", "correct"}
     return "\n".join(
-        "  ".join(cell.rjust(w) if c in numeric else cell.ljust(w) for c, cell, w in zip(columns, row, widths)).rstrip()
-        for row in rows
+        ["  ".join(cell.rjust(w) if c in numeric else cell.ljust(w) for c, cell, w in zip(columns, row, widths)).rstrip()
+         for row in rows]
+        + [f"Damaged: {message}" for message in damaged]
     )

@@ -24,11 +24,13 @@ Stages never import each other: each reads what the previous one wrote here, and
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
 
-from truthmap.errors import ConfigError
+from truthmap.errors import ConfigError, DataError
 
 NAMED_POSITIONS = (
     "last_q",
@@ -87,6 +89,7 @@ class RunDir:
         return cls(path.parents[2], *path.parts[-3:])
 
     answers = property(lambda self: self.path / "answers.parquet")
+    lock = property(lambda self: self.path / ".lock")  # held by the one process writing this run (run_lock)
     run_json = property(lambda self: self.path / "run.json")
     resolved_config = property(lambda self: self.path / "resolved_config.json")
     report = property(lambda self: self.path / "report.html")
@@ -137,22 +140,123 @@ def write_json(path: Path, data) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
 
 
-def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+REBUILD = "delete it and rerun the command that wrote it"
+ANSWERS_FIX = ("delete it and rerun `truthmap generate` (or `truthmap run`) with the same options to rebuild it from "
+               "the checkpoints in work/")
+
+
+def read_json(path: Path, fix: str = REBUILD):
+    """A JSON file of the run; a damaged one (a killed write of an older version, a hand edit) is named."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path} is damaged (not valid JSON: {err}); {fix}.") from None
+
+
+def read_parquet(path: Path, columns=None, fix: str = REBUILD):
+    """A parquet file of the run; a truncated or damaged one is named with what rebuilds it."""
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        if not Path(path).is_file():
+            raise
+        reason = (str(err).strip().split(". ")[0].split("': ")[-1] or type(err).__name__).rstrip(".")  # no path again
+        raise DataError(f"{path} is damaged ({reason}); {fix}.") from None
 
 
 def write_parquet(path: Path, frame) -> None:
     write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
+def file_sha256(path: str | Path) -> str:
+    """The content hash of an input file: a run records it, so a file edited in place is not taken for the same."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# How a changed setting is described when its raw values say little.
+CHANGED = {
+    "custom_sha256": "from another content of the custom file (sha256 {saved:.12}..., now {value:.12}...: edited since)",
+}
+
+
 def check_matches(saved: dict, wanted: dict, where: Path) -> None:
     """Refuse to resume work made with other settings; name the first key that differs."""
     for key, value in wanted.items():
         if key in saved and saved[key] != value:
+            made = CHANGED[key].format(saved=saved[key], value=value) if key in CHANGED else (
+                f"with {key}={saved[key]!r}, not {value!r}")
             raise ConfigError(
-                f"{where} was made with {key}={saved[key]!r}, not {value!r}. "
-                "Use another --runs-dir, or delete that directory to start over."
+                f"{where} was made {made}. Use another --runs-dir, or delete that directory to start over."
             )
+
+
+def check_checkpoints(directory: Path, settings: dict) -> None:
+    """Refuse checkpoints made with other settings (before any model loads, and when they are opened)."""
+    meta_path = Path(directory) / "settings.json"
+    if meta_path.exists():
+        check_matches(read_json(meta_path), settings, directory)
+
+
+_HELD: set[str] = set()  # locks this process holds: run_all holds the lock its stages take again
+
+
+@contextlib.contextmanager
+def run_lock(run: "RunDir"):
+    """One writer per run directory: a second process stops at once, naming the first one's pid.
+
+    An flock on run.lock: the kernel drops it when its holder dies, even by kill -9, so a lock never outlives its
+    run. The file is removed on release (checked by inode on taking it), and so are the directories that were
+    created only to hold it, so a command that fails on its input leaves nothing behind.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; runs are not locked there
+        yield
+        return
+    path = run.lock
+    key = os.path.abspath(path)
+    if key in _HELD:
+        yield
+        return
+    created = [p for p in (run.path, *run.path.parents[:3]) if not p.exists()]
+    while True:
+        run.path.mkdir(parents=True, exist_ok=True)  # again: a holder that just ended may have removed it
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            who = f"pid {holder}" if holder.isdigit() else "another process"
+            raise ConfigError(
+                f"{run.path} is in use by another truthmap run ({who}); wait for it to finish, or stop it, "
+                "then run this again."
+            ) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        f.close()  # the previous holder removed the file after we opened it: lock the one there now
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _HELD.add(key)
+    try:
+        yield
+    finally:
+        _HELD.discard(key)
+        path.unlink(missing_ok=True)
+        f.close()
+        for directory in created:  # deepest first; one that now holds anything stays
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 class Checkpoints:
@@ -162,7 +266,7 @@ class Checkpoints:
         self.directory = Path(directory)
         meta_path = self.directory / "settings.json"
         if meta_path.exists():
-            check_matches(read_json(meta_path), settings, self.directory)
+            check_checkpoints(self.directory, settings)
         else:
             write_json(meta_path, settings)
 
@@ -173,14 +277,18 @@ class Checkpoints:
         import pandas as pd
 
         parts = self.parts()
-        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts else pd.DataFrame()
+        frames = [read_parquet(p, fix="delete it and rerun the same command: that batch is made again") for p in parts]
+        return pd.concat(frames, ignore_index=True) if parts else pd.DataFrame()
 
     def done_ids(self) -> set[str]:
         frame = self.load()
         return set(frame["id"]) if len(frame) else set()
 
     def write(self, frame) -> None:
-        write_parquet(self.directory / f"part-{len(self.parts()):06d}.parquet", frame)
+        # After the last part, not at the count of parts: once a damaged part is deleted, the count is a taken number.
+        parts = self.parts()
+        number = int(parts[-1].stem.removeprefix("part-")) + 1 if parts else 0
+        write_parquet(self.directory / f"part-{number:06d}.parquet", frame)
 
 
 def package_versions() -> dict:

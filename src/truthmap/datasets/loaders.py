@@ -35,6 +35,7 @@ import json
 import os
 import random
 import re
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from pathlib import Path
 
 from truthmap.datasets.registry import get_spec
 from truthmap.datasets.spec import DatasetSpec, Record
-from truthmap.errors import ConfigError, DataError
+from truthmap.errors import ConfigError, DataError, TruthmapWarning
 
 SPLITS = ("train", "test")
 MAX_PER_SPLIT = 10_000
@@ -98,9 +99,20 @@ def _read_csv(path: Path, columns: tuple[str, ...], delimiter: str = ",") -> lis
                 f"{path} has no column {missing[0]!r}; columns found: {', '.join(header)}. "
                 "Name the right column (e.g. --question-column/--answer-column) or fix the header."
             )
-        rows = [(reader.line_num, dict(zip(header, values))) for values in reader if any(v.strip() for v in values)]
+        rows, extra = [], []
+        for values in reader:
+            if any(v.strip() for v in values):
+                rows.append((reader.line_num, dict(zip(header, values))))
+                if len(values) > len(header) and any(v.strip() for v in values[len(header):]):
+                    extra.append((reader.line_num, len(values)))
     except csv.Error as err:
         raise DataError(f"{path} line {reader.line_num}: malformed CSV ({err}); fix the quoting there.") from None
+    if extra:
+        (line, count), more = extra[0], f" (and {len(extra) - 1} more lines)" if len(extra) > 1 else ""
+        warnings.warn(TruthmapWarning(
+            f"{path} line {line} has {count} fields but the header names {len(header)}{more}; the extra fields are "
+            "ignored. Quote a value that holds a comma, or name the column in the header."
+        ), stacklevel=2)
     if not rows:
         raise DataError(f"{path} has a header but no rows; add rows or choose another file.")
     return rows
@@ -146,12 +158,19 @@ def _literal_list(path: Path, line: int, column: str, text: str) -> list:
 def _aliases(path: Path, line: int, column: str, value) -> list[str]:
     """Answer aliases: a list, or a string holding a JSON or Python list literal, or else one plain answer."""
     if isinstance(value, str) and value.strip().startswith("["):
+        # A list of aliases, in JSON or as a Python literal. One that parses as neither is an error, not a gold
+        # answer that happens to start with "[": as a literal string it would label every right answer wrong.
         for parse in (json.loads, ast.literal_eval):
             try:
                 value = parse(value)
                 break
             except _LITERAL_ERRORS:
                 continue
+        else:
+            raise DataError(
+                f"{path} line {line}: column {column!r} starts with '[' but is not a valid JSON list (got "
+                f"{value[:80]!r}); write it as [\"a\", \"b\"], or as one answer without the leading '['."
+            )
     values = value if isinstance(value, list) else [value]
     aliases = [str(v).strip() for v in values if v is not None and str(v).strip()]
     if not aliases:
@@ -428,6 +447,8 @@ def _source_path(spec: DatasetSpec, split: str, data_dir: str | Path | None) -> 
         raise DataError(f"Dataset '{spec.name}' reads files from a data directory, but none was given: "
                         f"{_DATA_DIR_HINT}.")
     root = Path(root).expanduser()
+    if root.is_file():
+        raise DataError(f"Data directory {root} is a file, not a directory: {_DATA_DIR_HINT}.")
     if not root.is_dir():
         raise DataError(f"Data directory {root} does not exist: {_DATA_DIR_HINT}.")
     path = (root / spec.files[split]).resolve()
@@ -455,6 +476,8 @@ def load_records(
         if custom is None:
             raise ConfigError("Dataset 'custom' needs a CustomSource (a CSV or JSONL file); pass --custom-file.")
         path = Path(custom.path).expanduser()
+        if path.is_dir():
+            raise DataError(f"Custom file {path.resolve()} is a directory; give the path of a .csv or .jsonl file.")
         if not path.is_file():
             raise DataError(f"Custom file {path.resolve()} does not exist; check the path.")
     elif custom is not None:
@@ -475,6 +498,11 @@ def load_records(
         record.id = f"{spec.name}-{split}-{int(record.id):05d}"
         record.group = f"{spec.name}-{split}-{record.group}" if record.group else None
     records = subsample(records, MAX_PER_SPLIT, SAMPLING_SEED)
+    if n_samples is not None and n_samples > len(records):
+        warnings.warn(TruthmapWarning(
+            f"--n-samples {n_samples} is more than the {len(records)} questions of dataset '{name}' ({split} split); "
+            f"using all {len(records)}."
+        ), stacklevel=2)
     if n_samples is not None:
         records = subsample(records, n_samples, seed)
     if not records:
