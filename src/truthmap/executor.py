@@ -177,7 +177,7 @@ def generate_on_ray(config, spec, records, run, settings):
 
     from truthmap import pipeline
     from truthmap.datasets import build_prompt
-    from truthmap.generate import generate_answers
+    from truthmap.generate import answer_stop, generate_answers
     from truthmap.label import label_answers
     from truthmap.locate import direct_spans, extract_with_llm
     from truthmap.models import encode_prompt
@@ -188,13 +188,14 @@ def generate_on_ray(config, spec, records, run, settings):
     with workers(config, len(records), config.extraction_model) as actors:
         n = len(actors)
         lm = get([actors[0].describe.remote()])[0]  # tokenizer and chat template as the workers have them
+        settings = settings | {"stop_text": answer_stop(spec, lm.is_chat)}  # as pipeline.generate adds it
         ids = [r.id for r in records]
         prompts = [build_prompt(spec, r, "instruct" if lm.is_chat else "base") for r in records]
         lengths = [len(encode_prompt(lm.tokenizer, p, lm.is_chat)) for p in prompts]
         order = sorted(range(len(ids)), key=lambda i: -lengths[i])  # generate_answers' order: longest first
         jobs = [
             rows and ([ids[i] for i in rows], [prompts[i] for i in rows], max_new_tokens, config.batch_size,
-                      Checkpoints(shard_dir(run, k, n) / "generations", settings))
+                      Checkpoints(shard_dir(run, k, n) / "generations", settings), settings["stop_text"])
             for k, rows in enumerate(deal(order, config.batch_size, n))
         ]
         frames = run_shards(actors, generate_answers, jobs, f"Generating answers on {n} Ray workers")

@@ -44,7 +44,9 @@ def load_config_records(config: RunConfig):
 
 
 def answers_settings(config: RunConfig, spec) -> dict:
-    """What decides the content of answers.parquet; resuming with any of it changed is refused."""
+    """What decides the content of answers.parquet; resuming with any of it changed is refused.
+
+    generate adds stop_text (generate.answer_stop) once the model, and so the prompt style, is known."""
     return {
         "model": config.model,
         "dataset": config.dataset,
@@ -61,7 +63,7 @@ def answers_settings(config: RunConfig, spec) -> dict:
 def generate(config: RunConfig, lm=None) -> RunDir:
     """Generate, label and locate: writes answers.parquet and run.json (skipped when already done)."""
     from truthmap.datasets import build_prompt
-    from truthmap.generate import generate_answers
+    from truthmap.generate import answer_stop, generate_answers
     from truthmap.label import label_answers
     from truthmap.locate import direct_spans, extract_with_llm
     from truthmap.models import load_model
@@ -70,7 +72,12 @@ def generate(config: RunConfig, lm=None) -> RunDir:
     run = run_dir(config)
     settings = answers_settings(config, spec)
     if run.answers.exists() and run.run_json.exists():
-        check_matches(read_json(run.run_json)["settings"], settings, run.path)
+        made = read_json(run.run_json)
+        check_matches(made["settings"], settings, run.path)
+        # Where answers end depends on the prompt style the run used. A run made before answers stopped at the line
+        # break has no stop_text: read as None, its base-model answers (which ran on) are refused, chat ones kept.
+        stop = {"stop_text": answer_stop(spec, made["chat_template"])}
+        check_matches({"stop_text": made["settings"].get("stop_text")}, stop, run.path)
         return run
     if config.executor == "ray":
         from truthmap.executor import generate_on_ray
@@ -79,10 +86,12 @@ def generate(config: RunConfig, lm=None) -> RunDir:
     started = time.time()
     lm = lm or load_model(config.model, config.device, config.dtype)
     lm = dataclasses.replace(lm, is_chat=_use_chat(config.prompt_style, lm))
+    settings["stop_text"] = answer_stop(spec, lm.is_chat)
     prompts = [build_prompt(spec, r, "instruct" if lm.is_chat else "base") for r in records]
     ids = [r.id for r in records]
     frame = generate_answers(
-        lm, ids, prompts, settings["max_new_tokens"], config.batch_size, Checkpoints(run.generation_parts, settings)
+        lm, ids, prompts, settings["max_new_tokens"], config.batch_size, Checkpoints(run.generation_parts, settings),
+        settings["stop_text"],
     )
     frame["correct"] = label_answers(spec, records, list(frame["answer"]))
     spans = direct_spans(spec, records, list(frame["answer"]), list(frame["correct"]))
