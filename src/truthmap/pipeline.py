@@ -156,12 +156,13 @@ def _use_chat(prompt_style: str, lm) -> bool:
 def summarize_answers(run: RunDir) -> dict:
     import pandas as pd
 
-    table = pd.read_parquet(run.answers, columns=["correct", "exact_answer_valid", "exact_answer_source"])
+    table = pd.read_parquet(run.answers, columns=["correct", "stopped", "exact_answer_valid", "exact_answer_source"])
     return {
         "answers": str(run.answers),
         "samples": len(table),
         "correct": int(table["correct"].sum()),
         "incorrect": int((~table["correct"]).sum()),
+        "stopped": int(table["stopped"].sum()),  # answers that ended before the token limit
         "valid_exact_answer": int(table["exact_answer_valid"].sum()),
         "exact_answer_sources": table["exact_answer_source"].value_counts().to_dict(),
     }
@@ -253,7 +254,7 @@ def run_all(config: RunConfig) -> dict:
     extract(config, lm)
     probe(config)
     save_resolved_config(run, config)
-    from truthmap.report import write_report
+    from truthmap.report import red_flags, write_report
 
     report = write_report(run.path)
     summary = read_json(run.probes(config.site) / "probes.json")
@@ -262,6 +263,7 @@ def run_all(config: RunConfig) -> dict:
         "best": summary["best"],
         **summarize_answers(run),
         "report": str(report),
+        "warnings": red_flags(run),
     }
 
 
