@@ -21,7 +21,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-Model = Annotated[str, typer.Option(help="'smollm2' (embedded default), a hub id, a local directory or a .gguf file.")]
+Model = Annotated[str, typer.Option(
+    help="'smollm2' (embedded default), 'gemma3-270m' (a base model), a hub id, a local directory or a .gguf file."
+)]
 Dataset = Annotated[str, typer.Option(help="A registered dataset (see `truthmap datasets`), or 'custom'.")]
 Split = Annotated[str, typer.Option(help="train or test.")]
 NSamples = Annotated[Optional[int], typer.Option(help="Subsample this many questions (seeded); default: whole split.")]

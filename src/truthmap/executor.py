@@ -116,9 +116,9 @@ def plan_workers(config, resources: dict, n_batches: int) -> tuple[int, int]:
 
 def model_location(model: str) -> str:
     """A local model path made absolute: workers may run in another directory. Other names are left as they are."""
-    from truthmap.models import DEFAULT_MODEL
+    from truthmap.models import EMBEDDED_MODELS
 
-    local = model != DEFAULT_MODEL and Path(model).expanduser().exists()  # as models.resolve_source decides
+    local = model not in EMBEDDED_MODELS and Path(model).expanduser().exists()  # as models.resolve_source decides
     return str(Path(model).expanduser().resolve()) if local else model
 
 

