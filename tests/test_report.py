@@ -236,3 +236,19 @@ def test_good_numbers_with_stopped_answers_raise_no_flag(tmp_path, best):
     path = flag_run(tmp_path, best, [True] * 20 + [False] * 10, errors=40, correct=60)
     assert red_flags(RunDir.from_path(path)) == []
     assert '<p class="warning">' not in write_report(path).read_text()
+
+
+def test_a_perfect_cell_on_errors_that_copy_the_prompt_names_the_copying(tmp_path):
+    from truthmap.report import red_flags
+
+    path = flag_run(tmp_path, PERFECT, [True] * 30, errors=40, correct=60)
+    run = RunDir.from_path(path)
+    answers = pd.read_parquet(run.answers)
+    wrong = ~answers["correct"]
+    answers["prompt"] = [f"Q: What is the capital of Lyonshire? ({i})\nA:" for i in range(len(answers))]
+    answers.loc[wrong, "exact_answer"] = ["Lyonshire"] * (int(wrong.sum()) - 1) + ["Lyon"]
+    answers.to_parquet(run.answers, index=False)
+    errors = int((wrong & answers["exact_answer_valid"]).sum())
+    assert red_flags(run)[0].endswith(
+        f"likely cause: a text artefact: the exact answers of {errors} of the {errors} probed errors are text of the "
+        "prompt (the question's own subject, or an example), so the exact-answer tokens give the label away.")

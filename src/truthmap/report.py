@@ -72,8 +72,9 @@ def red_flags(run: RunDir, answers=None) -> list[str]:
     - most answers ran to the token limit: a base model that does not stop writes on into invented turns, and the
       label and exact answer are then read from text the question never asked for;
     - a best cell at AUC >= 0.99 with no spread over the seeds: the likely cause is named from the run's own
-      files: answers not stopping, too few rows of one class, else a text artefact (something in the probed
-      tokens, not the model's knowledge, gives the label away).
+      files: answers not stopping, too few rows of one class, wrong answers whose exact answer is copied from the
+      prompt, else another text artefact (something in the probed tokens, not the model's knowledge, gives the
+      label away).
     """
     if answers is None:
         import pandas as pd
@@ -99,6 +100,12 @@ def red_flags(run: RunDir, answers=None) -> list[str]:
         errors, correct = probes.get("errors"), probes.get("correct")
         if errors is not None and correct is not None and min(errors, correct) < FEW_OF_A_CLASS:
             causes.append(f"too few rows of one class ({errors} errors, {correct} correct among the probed rows)")
+        copied = _errors_copying_the_prompt(answers) if best["token"].startswith("exact_answer") else None
+        if copied and copied[0] > copied[1] / 2:
+            causes.append(
+                f"a text artefact: the exact answers of {copied[0]} of the {copied[1]} probed errors are text of the "
+                "prompt (the question's own subject, or an example), so the exact-answer tokens give the label away"
+            )
         if not causes:
             causes.append("a text artefact: something in the probed tokens, not the model's knowledge, gives the "
                           "label away (e.g. correct and wrong answers written or located differently)")
@@ -107,6 +114,15 @@ def red_flags(run: RunDir, answers=None) -> list[str]:
             f"{best['auc_std']:.3f} is too good to be true; likely cause: {'; '.join(causes)}."
         )
     return flags
+
+
+def _errors_copying_the_prompt(answers) -> tuple[int, int] | None:
+    """(probed errors whose exact answer occurs in the prompt, probed errors), or None when the table lacks them."""
+    if not {"prompt", "exact_answer", "exact_answer_valid", "correct"} <= set(answers.columns):
+        return None
+    errors = answers[answers["exact_answer_valid"].astype(bool) & ~answers["correct"].astype(bool)]
+    copied = sum(str(e).strip().lower() in str(p).lower() for e, p in zip(errors["exact_answer"], errors["prompt"]))
+    return int(copied), len(errors)
 
 
 def _ran_to_limit(run: RunDir, answers) -> tuple[int, int] | None:
