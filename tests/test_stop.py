@@ -143,3 +143,13 @@ def test_resampled_answers_end_at_the_line_break_too(base_lm, tmp_path):
     first_lines = [" Paris", " Milan", "\n Lima is the capital"]
     assert list(sampled["answer"])[:6] == [line for line in first_lines for _ in range(2)]
     assert list(sampled["stopped"]) == [True] * 6 + [False] * 2
+
+
+def test_batches_of_a_killed_base_run_from_before_the_stop_rule_are_refused(base_lm, tmp_path):
+    config = RunConfig(dataset="custom", custom_path=str(capitals_csv(tmp_path / "qa.csv")), runs_dir=str(tmp_path),
+                       batch_size=4, max_new_tokens=40, extraction_tries=1)
+    parts = pipeline.run_dir(config).generation_parts
+    parts.mkdir(parents=True)
+    (parts / "settings.json").write_text(json.dumps({"model": "smollm2", "dataset": "custom"}))  # no stop_text
+    with pytest.raises(Exception, match=r"generations was made with stop_text=None, not '\\n'"):
+        pipeline.generate(config, lm=base_lm)

@@ -87,6 +87,9 @@ def generate(config: RunConfig, lm=None) -> RunDir:
     lm = lm or load_model(config.model, config.device, config.dtype)
     lm = dataclasses.replace(lm, is_chat=_use_chat(config.prompt_style, lm))
     settings["stop_text"] = answer_stop(spec, lm.is_chat)
+    made_parts = run.generation_parts / "settings.json"
+    if made_parts.exists():  # batches of a killed run from before the stop rule: as on resume above
+        check_matches({"stop_text": read_json(made_parts).get("stop_text")}, settings, run.generation_parts)
     prompts = [build_prompt(spec, r, "instruct" if lm.is_chat else "base") for r in records]
     ids = [r.id for r in records]
     frame = generate_answers(
