@@ -236,7 +236,7 @@ def run(
         typer.echo(json.dumps({k: v for k, v in result.items() if k not in ("best", "report", "warnings")}, indent=2))
         typer.echo(f"Heatmap: {result['heatmap']}")
         typer.echo(f"Best cell: layer {best['layer']}, token {best['token']}, AUC {best['auc_mean']:.3f} ± {best['auc_std']:.3f}")
-        for warning in result["warnings"]:
+        for warning in result.get("warnings", []):
             typer.echo(f"Warning: {warning}")
         typer.echo(f"Report: {result['report']}")
 
