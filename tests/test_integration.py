@@ -1,4 +1,6 @@
-"""The real SmolLM2 on small subsets: the tokenizer, and the answers stage on real datasets."""
+"""The real models on small subsets: SmolLM2 (tokenizer, answers on real datasets), Gemma-3-270M end to end."""
+
+import json
 
 import pandas as pd
 import pytest
@@ -43,3 +45,44 @@ def test_builtin_dataset_gives_both_classes(smollm2, tmp_path):
     table = pd.read_parquet(pipeline.generate(config, lm=smollm2).answers)
     assert 0 < table["correct"].sum() < len(table)
     assert exact_tokens_decode_to_exact_answer(table, smollm2.tokenizer) >= len(table) // 2
+
+
+# --- Gemma-3-270M: a base model (no chat template), so answers end at the first line break --------------------
+
+
+def test_gemma3_tokenizer_is_the_right_one(gemma3):
+    assert gemma3.tokenizer("Hello world, the capital of France")["input_ids"] == [
+        2, 9259, 1902, 236764, 506, 5279, 529, 7001,
+    ]
+    assert gemma3.tokenizer.eos_token_id == 1 and not gemma3.is_chat
+    assert type(gemma3.model).__name__ == "Gemma3ForCausalLM"
+
+
+def test_gemma3_end_to_end(gemma3, tmp_path):
+    """generate, extract and probe on 32 built-in questions: answers stop at the line break, never run into a
+    second turn, and the sites read Gemma's MLP, attention and blocks."""
+    from truthmap.activations import open_store
+    from truthmap.report import red_flags, write_report
+    from truthmap.sites import site_hooks
+
+    config = RunConfig(model="gemma3-270m", n_samples=32, runs_dir=str(tmp_path), batch_size=16, extraction_tries=1,
+                       seeds=(0, 5))
+    run = pipeline.generate(config, lm=gemma3)
+    table = pd.read_parquet(run.answers)
+    assert table["stopped"].mean() >= 0.75  # before the stop rule: none of them stopped
+    assert not table["answer"].str.contains("Q:").any()
+    assert not table["answer"].str.strip().str.contains("\n").any()
+    assert json.loads(run.run_json.read_text())["settings"]["stop_text"] == "\n"
+    assert 0 < table["correct"].sum() < len(table)
+    assert exact_tokens_decode_to_exact_answer(table, gemma3.tokenizer) >= len(table) // 2
+
+    hooks = site_hooks(gemma3.model, "mlp")
+    assert len(hooks) == 18 and {type(module).__name__ for module, _ in hooks} == {"Gemma3MLP"}
+    pipeline.extract(config, lm=gemma3)
+    acts, meta = open_store(run.activations("mlp"))
+    assert acts.shape == (32, 18, 15, 640) and meta["clipped"] == 0  # the MLP output, before its norm, fits float16
+    pipeline.probe(config)
+    best = json.loads((run.probes("mlp") / "probes.json").read_text())["best"]
+    assert 0.0 <= best["auc_mean"] <= 1.0
+    assert not any("token limit" in flag for flag in red_flags(run))
+    assert write_report(run.path).exists()

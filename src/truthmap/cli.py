@@ -23,7 +23,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-Model = Annotated[str, typer.Option(help="'smollm2' (embedded default), a hub id, a local directory or a .gguf file.")]
+Model = Annotated[str, typer.Option(
+    help="'smollm2' (embedded default), 'gemma3-270m' (a base model), a hub id, a local directory or a .gguf file."
+)]
 Dataset = Annotated[str, typer.Option(help="A registered dataset (see `truthmap datasets`), or 'custom'.")]
 Split = Annotated[str, typer.Option(help="train or test.")]
 NSamples = Annotated[Optional[int], typer.Option(help="Subsample this many questions (seeded); default: whole split.")]
@@ -288,9 +290,11 @@ def run(
     for run_config in load_study(config, flags):
         result = pipeline.run_all(run_config)
         best = result["best"]
-        typer.echo(json.dumps({k: v for k, v in result.items() if k not in ("best", "report")}, indent=2))
+        typer.echo(json.dumps({k: v for k, v in result.items() if k not in ("best", "report", "warnings")}, indent=2))
         typer.echo(f"Heatmap: {result['heatmap']}")
         typer.echo(f"Best cell: layer {best['layer']}, token {best['token']}, AUC {best['auc_mean']:.3f} ± {best['auc_std']:.3f}")
+        for warning in result.get("warnings", []):
+            typer.echo(f"Warning: {warning}")
         typer.echo(f"Report: {result['report']}")
 
 

@@ -89,6 +89,7 @@ def generate_batch(
     row_seeds: list[int] | None = None,
     prefix: Prefix | None = None,
     choose=None,
+    stop_check=None,
 ) -> list[Generation]:
     """Greedy when temperature == 0, else sampling from the full distribution at that temperature.
 
@@ -96,6 +97,8 @@ def generate_batch(
     depend on the batch it shares. seed (temperature > 0, no row_seeds): one generator for the whole batch.
     prefix: every prompt starts with prefix.ids, whose cache is reused instead of encoding them again.
     choose(logits [rows, vocab], rows) -> token ids: a decoding rule of the caller's (a constraint), instead.
+    stop_check(token_ids) -> int | None, called on a row's tokens after each step: None to go on, else how many of
+    them to keep; the row then ends as on a stop token (a stop text such as a line break, see generate.py).
     """
     import torch
 
@@ -113,7 +116,8 @@ def generate_batch(
             torch.manual_seed(seed)
         choose = _sampler(temperature)
     generations = [Generation([], [], False) for _ in prompts]
-    steps = _decode(model, tokenizer.pad_token_id, prompts, max_new_tokens, set(stop_ids), choose, prefix)
+    ended = set()  # rows that stop_check ended: _decode drops them after this step, as rows on a stop token
+    steps = _decode(model, tokenizer.pad_token_id, prompts, max_new_tokens, set(stop_ids), choose, prefix, ended)
     for rows, chosen, logprobs in steps:
         for row, token, logprob in zip(rows, chosen, logprobs):
             if token in stop_ids:
@@ -121,14 +125,20 @@ def generate_batch(
             else:
                 generations[row].token_ids.append(token)
                 generations[row].logprobs.append(logprob)
+                if stop_check is not None and (keep := stop_check(generations[row].token_ids)) is not None:
+                    generation = generations[row]
+                    generation.token_ids, generation.logprobs = generation.token_ids[:keep], generation.logprobs[:keep]
+                    generation.stopped = True
+                    ended.add(row)
     return generations
 
 
 def _decode(model, pad_id: int, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int], choose,
-            prefix: Prefix | None = None):
+            prefix: Prefix | None = None, ended: set[int] = frozenset()):
     """Per step: (rows still writing, the tokens chosen for them, those tokens' log-probabilities), as lists.
 
-    A row leaves the batch, and its keys and values the cache, after the step that chose a stop token.
+    A row leaves the batch, and its keys and values the cache, after the step that chose a stop token, or once
+    the caller has put it in `ended` (read after each step's yield).
     With a prefix, each row's own tokens are left-padded after it: the pads sit between the prefix and the row,
     hidden by the mask, and positions count only real tokens, so every row sees what an unpadded prompt would.
     """
@@ -159,7 +169,8 @@ def _decode(model, pad_id: int, prompts: list[list[int]], max_new_tokens: int, s
             logprobs = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
             chosen, logprobs = chosen.cpu(), logprobs.cpu()
             yield rows.tolist(), chosen.tolist(), logprobs.tolist()
-            writing = torch.tensor([t not in stop_ids for t in chosen.tolist()])
+            writing = torch.tensor([t not in stop_ids and r not in ended
+                                    for r, t in zip(rows.tolist(), chosen.tolist())])
             if step == max_new_tokens - 1 or not writing.any():
                 return
             if not writing.all():

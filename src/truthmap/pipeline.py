@@ -62,7 +62,9 @@ def load_config_records(config: RunConfig):
 
 
 def answers_settings(config: RunConfig, spec) -> dict:
-    """What decides the content of answers.parquet; resuming with any of it changed is refused."""
+    """What decides the content of answers.parquet; resuming with any of it changed is refused.
+
+    generate adds stop_text (generate.answer_stop) once the model, and so the prompt style, is known."""
     return {
         "model": config.model,
         "dataset": config.dataset,
@@ -136,7 +138,7 @@ def check_extract_resume(config: RunConfig, run: RunDir, settings: dict) -> None
 def generate(config: RunConfig, lm=None) -> RunDir:
     """Generate, label and locate: writes answers.parquet and run.json (skipped when already done)."""
     from truthmap.datasets import build_prompt
-    from truthmap.generate import generate_answers
+    from truthmap.generate import answer_stop, generate_answers
     from truthmap.label import label_answers
     from truthmap.locate import extract_spans, gold_spans, locate_answers
     from truthmap.models import load_model
@@ -145,7 +147,12 @@ def generate(config: RunConfig, lm=None) -> RunDir:
     run = run_dir(config)
     settings = answers_settings(config, spec)
     if run.answers.exists() and run.run_json.exists():
-        check_matches(read_json(run.run_json)["settings"], settings, run.path)
+        made = read_json(run.run_json)
+        check_matches(made["settings"], settings, run.path)
+        # Where answers end depends on the prompt style the run used. A run made before answers stopped at the line
+        # break has no stop_text: read as None, its base-model answers (which ran on) are refused, chat ones kept.
+        stop = {"stop_text": answer_stop(spec, made["chat_template"])}
+        check_matches({"stop_text": made["settings"].get("stop_text")}, stop, run.path)
         return run
     if config.executor == "ray":
         from truthmap.executor import generate_on_ray
@@ -157,10 +164,16 @@ def generate(config: RunConfig, lm=None) -> RunDir:
     started = time.time()
     lm = lm or load_model(config.model, config.device, config.dtype)
     lm = dataclasses.replace(lm, is_chat=_use_chat(config.prompt_style, lm))
+    settings["stop_text"] = answer_stop(spec, lm.is_chat)
+    generation["stop_text"] = settings["stop_text"]
+    made_parts = run.generation_parts / "settings.json"
+    if made_parts.exists():  # batches of a killed run from before the stop rule: as on resume above
+        check_matches({"stop_text": read_json(made_parts).get("stop_text")}, settings, run.generation_parts)
     prompts = [build_prompt(spec, r, "instruct" if lm.is_chat else "base") for r in records]
     ids = [r.id for r in records]
     frame = generate_answers(
-        lm, ids, prompts, settings["max_new_tokens"], config.batch_size, Checkpoints(run.generation_parts, generation)
+        lm, ids, prompts, settings["max_new_tokens"], config.batch_size, Checkpoints(run.generation_parts, generation),
+        settings["stop_text"],
     )
     frame["correct"] = label_answers(spec, records, list(frame["answer"]))
 
@@ -221,7 +234,7 @@ def _use_chat(prompt_style: str, lm) -> bool:
 
 
 def summarize_answers(run: RunDir) -> dict:
-    table = read_parquet(run.answers, ["correct", "exact_answer_valid", "exact_answer_source"], ANSWERS_FIX)
+    table = read_parquet(run.answers, ["correct", "stopped", "exact_answer_valid", "exact_answer_source"], ANSWERS_FIX)
     no_answer = table["exact_answer_source"] == "no_answer"
     wrong = ~table["correct"] & ~no_answer
     made = read_json(run.run_json)
@@ -230,6 +243,7 @@ def summarize_answers(run: RunDir) -> dict:
         "samples": len(table),
         "correct": int(table["correct"].sum()),
         "incorrect": int((~table["correct"]).sum()),
+        "stopped": int(table["stopped"].sum()),  # answers that ended before the token limit
         "valid_exact_answer": int(table["exact_answer_valid"].sum()),
         "exact_answer_sources": table["exact_answer_source"].value_counts().to_dict(),
         # Answers that name no answer are their own kind: left out of probes and baselines, as in the paper.
@@ -332,7 +346,7 @@ def run_all(config: RunConfig) -> dict:
     extract(config, lm)
     probe(config)
     save_resolved_config(run, config)
-    from truthmap.report import write_report
+    from truthmap.report import red_flags, write_report
 
     report = write_report(run.path)
     summary = read_json(run.probes(config.site) / "probes.json")
@@ -341,6 +355,7 @@ def run_all(config: RunConfig) -> dict:
         "best": summary["best"],
         **summarize_answers(run),
         "report": str(report),
+        "warnings": red_flags(run),
     }
 
 

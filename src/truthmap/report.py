@@ -16,6 +16,12 @@ from truthmap.errors import ConfigError, DataError
 from truthmap.rundir import RunDir, read_json, read_parquet, write_atomic
 
 EXAMPLES_CAP = 500  # rows of answers.parquet shown; the page stays light in a browser
+# Red flags: numbers too good to be true. A best cell at or above this AUC with a spread over the seeds below
+# TOO_STEADY; answers that ran to the token limit in more than this share of rows; a class this small.
+TOO_GOOD_AUC = 0.99
+TOO_STEADY = 0.0005  # prints as ± 0.000
+MOST_AT_LIMIT = 0.5
+FEW_OF_A_CLASS = 20
 TOP_ERRORS = 25  # rows in the "highest-scored errors" filter
 TABLE_CAP = 200  # rows of a results CSV shown
 
@@ -60,6 +66,74 @@ def _runs_below(path: Path) -> str:
 # ---------------------------------------------------------------- sections (each returns HTML, '' when absent)
 
 
+def red_flags(run: RunDir, answers=None) -> list[str]:
+    """Warnings about numbers too good to be true, one line each, naming the likely cause; [] when none.
+
+    - most answers ran to the token limit: a base model that does not stop writes on into invented turns, and the
+      label and exact answer are then read from text the question never asked for;
+    - a best cell at AUC >= 0.99 with no spread over the seeds: the likely cause is named from the run's own
+      files: answers not stopping, too few rows of one class, wrong answers whose exact answer is copied from the
+      prompt, else another text artefact (something in the probed tokens, not the model's knowledge, gives the
+      label away).
+    """
+    if answers is None:
+        import pandas as pd
+
+        answers = pd.read_parquet(run.answers)
+    flags = []
+    at_limit = _ran_to_limit(run, answers)
+    if at_limit and at_limit[0] > MOST_AT_LIMIT * len(answers):
+        n, limit = at_limit
+        flags.append(
+            f"{n} of {len(answers)} answers ({n / len(answers):.0%}) ran to the {limit}-token limit without stopping: "
+            "labels and exact answers may be read from text written after the answer (a base model that does not "
+            "stop at the line break?); check the examples, or raise --max-new-tokens."
+        )
+    for site in _sites_with(run, "probes.json"):
+        probes = read_json(run.probes(site) / "probes.json")
+        best = probes.get("best")
+        if not best or best["auc_mean"] < TOO_GOOD_AUC or best["auc_std"] >= TOO_STEADY:
+            continue
+        causes = []
+        if at_limit and at_limit[0] > MOST_AT_LIMIT * len(answers):
+            causes.append(f"answers not stopping ({at_limit[0]} of {len(answers)} ran to the token limit)")
+        errors, correct = probes.get("errors"), probes.get("correct")
+        if errors is not None and correct is not None and min(errors, correct) < FEW_OF_A_CLASS:
+            causes.append(f"too few rows of one class ({errors} errors, {correct} correct among the probed rows)")
+        copied = _errors_copying_the_prompt(answers) if best["token"].startswith("exact_answer") else None
+        if copied and copied[0] > copied[1] / 2:
+            causes.append(
+                f"a text artefact: the exact answers of {copied[0]} of the {copied[1]} probed errors are text of the "
+                "prompt (the question's own subject, or an example), so the exact-answer tokens give the label away"
+            )
+        if not causes:
+            causes.append("a text artefact: something in the probed tokens, not the model's knowledge, gives the "
+                          "label away (e.g. correct and wrong answers written or located differently)")
+        flags.append(
+            f"best cell ({site}, layer {best['layer']}, {best['token']}) AUC {best['auc_mean']:.3f} ± "
+            f"{best['auc_std']:.3f} is too good to be true; likely cause: {'; '.join(causes)}."
+        )
+    return flags
+
+
+def _errors_copying_the_prompt(answers) -> tuple[int, int] | None:
+    """(probed errors whose exact answer occurs in the prompt, probed errors), or None when the table lacks them."""
+    if not {"prompt", "exact_answer", "exact_answer_valid", "correct"} <= set(answers.columns):
+        return None
+    errors = answers[answers["exact_answer_valid"].astype(bool) & ~answers["correct"].astype(bool)]
+    copied = sum(str(e).strip().lower() in str(p).lower() for e, p in zip(errors["exact_answer"], errors["prompt"]))
+    return int(copied), len(errors)
+
+
+def _ran_to_limit(run: RunDir, answers) -> tuple[int, int] | None:
+    """(answers that ran to the token limit, that limit), or None when the run does not say."""
+    if "stopped" not in answers.columns or "answer_len" not in answers.columns:
+        return None
+    settings = (read_json(run.run_json) if run.run_json.exists() else {}).get("settings", {})
+    limit = settings.get("max_new_tokens") or int(answers["answer_len"].max() or 0)
+    return int((~answers["stopped"].astype(bool)).sum()), int(limit)
+
+
 def summary_section(run: RunDir, info: dict, answers) -> str:
     config = info.get("config", {})
     correct = int(answers["correct"].sum())
@@ -78,7 +152,8 @@ def summary_section(run: RunDir, info: dict, answers) -> str:
             rows[f"best cell, {site}"] = (
                 f"layer {best['layer']}, token {best['token']}, AUC {best['auc_mean']:.3f} ± {best['auc_std']:.3f}"
             )
-    return _key_value_table(rows)
+    warnings = "".join(f'<p class="warning">Warning: {html.escape(flag)}</p>' for flag in red_flags(run, answers))
+    return warnings + _key_value_table(rows)
 
 
 def _locating_rows(info: dict, answers) -> dict:
@@ -321,6 +396,7 @@ figure img { max-width: 100%; }
 mark { background: #ffe58a; }
 .ok { color: #17692e; } .bad { color: #a31515; }
 .note { color: #666; }
+.warning { background: #fff3cd; border-left: 4px solid #d39e00; padding: 6px 10px; }
 .filters button { margin-right: 0.5em; padding: 4px 10px; cursor: pointer; }
 .filters button[aria-pressed="true"] { background: #2b5797; color: white; border-color: #2b5797; }
 """

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from truthmap.decoding import batches, generate_batch
 from truthmap.error_types import ERROR_TYPES, NO_ANSWER
-from truthmap.generate import generation_columns
+from truthmap.generate import answer_stop, generation_columns, stop_at_text
 from truthmap.errors import ConfigError, ProbeError
 from truthmap.progress import progress_bar
 from truthmap.rundir import (
@@ -34,9 +34,10 @@ def sample_seed(seed: int, question_id: str, k: int) -> int:
 
 
 def sample_answers(lm, greedy, n_resamples: int, temperature: float, seed: int, max_new_tokens: int, batch_size: int,
-                   checkpoints: Checkpoints, stop_ids: list[int]):
+                   checkpoints: Checkpoints, stop_ids: list[int], stop_text: str | None = None):
     """greedy: frame with id and prompt_ids. Returns one row per (id, sample): id, sample, prompt_ids, answer_ids,
-    answer_logprobs, stopped, answer; in the order of greedy's ids, then k."""
+    answer_logprobs, stopped, answer; in the order of greedy's ids, then k. Answers end as the greedy ones do: at a
+    stop token, and at stop_text (generate.answer_stop) when given."""
     import pandas as pd
 
     done = checkpoints.done_ids()
@@ -48,12 +49,14 @@ def sample_answers(lm, greedy, n_resamples: int, temperature: float, seed: int, 
     ]
     todo.sort(key=lambda item: -len(item[3]))  # similar lengths share a batch: less padding
     total = len(greedy) * n_resamples
+    stop_check = stop_at_text(lm.tokenizer, stop_text)
     with progress_bar(total=total, initial=total - len(todo), description="Resampling answers") as advance:
         for batch in batches(todo, batch_size):
             seeds = [sample_seed(seed, question_id, k) for _, question_id, k, _ in batch]
             prompts = [prompt for *_, prompt in batch]
             generations = generate_batch(
-                lm.model, lm.tokenizer, prompts, max_new_tokens, stop_ids, temperature, row_seeds=seeds
+                lm.model, lm.tokenizer, prompts, max_new_tokens, stop_ids, temperature, row_seeds=seeds,
+                stop_check=stop_check,
             )
             checkpoints.write(
                 pd.DataFrame(
@@ -198,7 +201,7 @@ def resample_answers(lm, extractor, spec, records: dict, greedy, settings: dict,
     generated = sample_answers(
         lm, greedy, settings["n_resamples"], settings["temperature"], settings["resample_seed"],
         settings["max_new_tokens"], batch_size, Checkpoints(work / "generations", settings),
-        stop_token_ids(lm.tokenizer, lm.model),
+        stop_token_ids(lm.tokenizer, lm.model), answer_stop(spec, lm.is_chat),
     )
     frame = label_and_locate(
         extractor, lm.tokenizer, spec, records, generated, batch_size,

@@ -65,7 +65,7 @@ ANSWER_COLUMNS = {
     "prompt_ids": "list[int], prompt token ids (chat template applied)",
     "answer_ids": "list[int], generated token ids without the stop token",
     "answer_logprobs": "list[float], log-probability of each generated token",
-    "stopped": "bool, generation ended on a stop token (not on max_new_tokens)",
+    "stopped": "bool, the answer ended (stop token, or line break after a base prompt) before max_new_tokens",
     "prompt_len": "len(prompt_ids)",
     "answer_len": "len(answer_ids)",
     **{f"pos_{p}": f"token index of position {p}" for p in POSITIONS},  # exact_answer_*: -1 when invalid

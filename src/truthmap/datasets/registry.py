@@ -25,6 +25,7 @@ STYLES = ("instruct", "base")
 
 _QA_INSTRUCT = "{question}"
 _QA_BASE = "Q: {question}\nA:"
+_GEOGRAPHY_EXAMPLE = "Q: What is the capital of Italy?\nA: The capital of Italy is Rome.\n"
 
 _IMDB_PROMPT = (
     'Classify the following movie reviews as either "positive" or "negative". '
@@ -47,7 +48,12 @@ _ENTRIES = [
         files={"train": "", "test": ""},
         # Not a paper dataset: asking for one sentence keeps answers short, so `make demo` fits on 2 CPU cores.
         instruct_prompt="{question} Answer in one sentence.",
-        base_prompt=_QA_BASE,
+        # A base model is shown one answered question instead: zero-shot, Gemma-3-270M falls into greedy
+        # repetition loops ("In the city of X, the capital of the province of X, the capital of ...") on 18 % of
+        # 150 questions and never reaches the line break; with this example all 150 stop, after 13 tokens on
+        # average. The version stays 1: the base prompt changed together with the stop at the line break, and runs
+        # made with the old base prompt are refused for their missing stop_text (pipeline.generate).
+        base_prompt=_GEOGRAPHY_EXAMPLE + _QA_BASE,
         rule="alias_substring",
         max_new_tokens=48,
     ),

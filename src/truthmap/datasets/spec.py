@@ -32,4 +32,7 @@ class DatasetSpec:
     rule: str  # key in datasets.rules.RULES: decides correctness
     exact_answer: str = "match"  # "match": gold alias or LLM extraction; "label": the label found in the answer
     max_new_tokens: int = 100
+    # With the base prompt, the answer also ends at this text, as in the paper (a base model has no end-of-turn
+    # token and goes on to invent the next "Q:"); None: only at the end token. Chat prompts ignore it.
+    base_stop: str | None = "\n"
     grouped: bool = False  # records carry `group`; splits and subsamples keep groups whole
