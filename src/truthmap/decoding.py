@@ -32,15 +32,18 @@ class Prefix:
     cache: object  # the model's KV cache after those tokens, batch 1
 
 
-def encode_prefix(model, ids: list[int]) -> Prefix:
+def encode_prefix(model, ids: list[int]) -> Prefix | None:
+    """The prefix's cache, or None for a model whose cache cannot be copied over a batch (then prompts go whole)."""
     import torch
 
     accepts = inspect.signature(model.forward).parameters
     cache_name = "cache" if "cache" in accepts else "past_key_values"
+    input_ids = torch.tensor([ids], device=model.device)
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True,
+        out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True,
                     **({"logits_to_keep": 1} if "logits_to_keep" in accepts else {}))
-    return Prefix(list(ids), out[cache_name])
+    cache = out[cache_name]
+    return Prefix(list(ids), cache) if hasattr(cache, "batch_repeat_interleave") else None
 
 
 def _greedy(logits, rows):

@@ -187,7 +187,7 @@ def extract_spans(lm, rows: list[tuple], batch_size: int, checkpoints: Checkpoin
     with progress_bar(total=len(rows), initial=len(rows) - len(todo), description="Extracting exact answers") as advance:
         for batch in batches(todo, batch_size):
             batch_prompts = [prompts[row[0]] for row in batch]
-            shared = prefix if all(p[: len(prefix.ids)] == prefix.ids for p in batch_prompts) else None
+            shared = prefix if prefix and all(p[: len(prefix.ids)] == prefix.ids for p in batch_prompts) else None
             if method == "constrained":
                 found = _extract_constrained(lm, batch, batch_prompts, shared)
             else:
@@ -224,7 +224,7 @@ def extraction_prefix(lm):
 def _extract_constrained(lm, batch, prompts, prefix) -> dict:
     answers = [[int(t) for t in row[3]] if row[3] is not None
                else lm.tokenizer(row[2], add_special_tokens=False)["input_ids"] for row in batch]
-    stop_ids = stop_token_ids(lm.tokenizer, lm.model)
+    stop_ids = _line_end_ids(lm)  # a base model ends its exact answer with the line, as the few-shot examples do
     starts = [span_starts(lm.tokenizer, answer, row[1]) for answer, row in zip(answers, batch)]
     chooser = SpanChooser(lm.tokenizer, answers, starts, _no_answer_ids(lm.tokenizer), stop_ids)
     generate_batch(lm.model, lm.tokenizer, prompts, EXTRACTION_MAX_NEW_TOKENS, stop_ids, prefix=prefix, choose=chooser)
@@ -240,10 +240,14 @@ def _extract_constrained(lm, batch, prompts, prefix) -> dict:
     return found
 
 
-def _extract_free(lm, batch, prompts, prefix, tries: int, seed: int) -> dict:
-    # The exact answer is one line: stopping at the first newline saves most of the decoding.
+def _line_end_ids(lm) -> list[int]:
+    """The model's stop tokens and the line break: the exact answer is one line."""
     newline = lm.tokenizer("\n", add_special_tokens=False)["input_ids"]
-    stop_ids = stop_token_ids(lm.tokenizer, lm.model) + (newline if len(newline) == 1 else [])
+    return stop_token_ids(lm.tokenizer, lm.model) + (newline if len(newline) == 1 else [])
+
+
+def _extract_free(lm, batch, prompts, prefix, tries: int, seed: int) -> dict:
+    stop_ids = _line_end_ids(lm)  # stopping at the first line break saves most of the decoding
     prompt_of = {row[0]: prompt for row, prompt in zip(batch, prompts)}
     found = {}
     for attempt in range(tries):
