@@ -36,6 +36,11 @@ EXTRACTION_EXAMPLES = (
     ("What is the capital of Peru?", "The capital of Peru is Lima, a large city on the Pacific coast.", "Lima"),
     ("In which country is the city of Kandy?", "I'm sorry, I don't have information about that city.", NO_ANSWER),
     (
+        "In which country is the city of Austin?",
+        "Austin is located in the state of Texas, United States, on the Colorado River.",
+        "United States",
+    ),
+    (
         "Who was the first man to walk on the moon?",
         "The first person to walk on the Moon was Neil Armstrong, commander of Apollo 11, in July 1969.",
         "Neil Armstrong",
