@@ -231,9 +231,11 @@ def run(
     for run_config in load_study(config, flags):
         result = pipeline.run_all(run_config)
         best = result["best"]
-        typer.echo(json.dumps({k: v for k, v in result.items() if k not in ("best", "report")}, indent=2))
+        typer.echo(json.dumps({k: v for k, v in result.items() if k not in ("best", "report", "verdict")}, indent=2))
         typer.echo(f"Heatmap: {result['heatmap']}")
         typer.echo(f"Best cell: layer {best['layer']}, token {best['token']}, AUC {best['auc_mean']:.3f} ± {best['auc_std']:.3f}")
+        if result.get("verdict"):
+            typer.echo(f"Verdict: {result['verdict']}")
         typer.echo(f"Report: {result['report']}")
 
 
