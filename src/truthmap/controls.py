@@ -118,24 +118,30 @@ def verdict(best_cell: dict, controls: dict, dataset: str = "") -> str:
     """One sentence per dataset: the best cell, its AUC and interval, the best control, and whether the probe beats
     it (its 95 % interval lies above the control's AUC)."""
     where = f"{dataset}: " if dataset else ""
-    cell = f"best cell layer {best_cell['layer']}, {best_cell['token']}, AUC {best_cell['auc_mean']:.3f}"
-    if "auc_low" in best_cell:
-        cell += f" [{best_cell['auc_low']:.3f}, {best_cell['auc_high']:.3f}]"
     name = best_control(controls)
-    if name is None:
-        return f"{where}{cell}; no text-only control could be fitted."
-    control = controls[name]
-    said = f"best text-only control {control['label']}, AUC {control['auc_mean']:.3f}"
-    if "auc_low" in control:
-        said += f" [{control['auc_low']:.3f}, {control['auc_high']:.3f}]"
-    gap = best_cell["auc_mean"] - control["auc_mean"]
-    if "auc_low" not in best_cell:
-        outcome = f"selectivity {gap:+.3f} (no interval)"
-    elif best_cell["auc_low"] > control["auc_mean"]:
-        outcome = f"the probe beats it (selectivity {gap:+.3f}; its 95% interval lies above the control's AUC)"
-    else:
-        outcome = f"the probe does not beat it (selectivity {gap:+.3f}; its 95% interval does not lie above the control's AUC)"
-    return f"{where}{cell}; {said}; {outcome}."
+    cell = f"best cell layer {best_cell['layer']}, {best_cell['token']}"
+    return where + compare(cell, best_cell, controls[name] if name else None)
+
+
+def compare(what: str, probe: dict, control: dict | None) -> str:
+    """'<what>, AUC a [low, high]; best text-only control <label>, AUC c [low, high]; the probe beats it (...)'.
+    probe and control hold auc_mean, and auc_low / auc_high when there is an interval; control also its label
+    (or method, as a row of the detection table)."""
+    said = f"{what}, AUC {probe['auc_mean']:.3f}" + _bounds(probe)
+    if control is None:
+        return f"{said}; no text-only control could be fitted."
+    label = control.get("label", control.get("method"))
+    said += f"; best text-only control {label}, AUC {control['auc_mean']:.3f}" + _bounds(control)
+    gap = probe["auc_mean"] - control["auc_mean"]
+    if "auc_low" not in probe:
+        return f"{said}; selectivity {gap:+.3f} (no interval)."
+    if probe["auc_low"] > control["auc_mean"]:
+        return f"{said}; the probe beats it (selectivity {gap:+.3f}; its 95% interval lies above the control's AUC)."
+    return f"{said}; the probe does not beat it (selectivity {gap:+.3f}; its 95% interval does not lie above the control's AUC)."
+
+
+def _bounds(entry: dict) -> str:
+    return f" [{entry['auc_low']:.3f}, {entry['auc_high']:.3f}]" if "auc_low" in entry else ""
 
 
 # --------------------------------------------------------------------- held-out data (detection, generalization)
