@@ -320,7 +320,8 @@ def generalize(
     """Train a probe on each dataset, test it on every dataset: AUC matrix, and AUC minus the target's baseline.
 
     Reuses the runs of `truthmap table` (and makes missing ones). Writes runs/<model>/generalization/auc.csv,
-    auc_minus_baseline.csv and their heatmaps (train datasets down, test datasets across).
+    auc_minus_baseline.csv, auc_minus_control.csv and their heatmaps (train datasets down, test datasets across),
+    and text_controls.csv (the text-only controls, transferred the same way).
 
     Example: truthmap generalize --datasets geography triviaqa movies winobias mnli --data-dir ../shared/data
     """
@@ -332,9 +333,12 @@ def generalize(
     typer.echo(result["auc_table"].round(3).to_string())
     typer.echo("\nAUC minus the test dataset's Logits-min-exact AUC:")
     typer.echo(result["relative_table"].round(3).to_string())
+    typer.echo("\nAUC minus the best text-only control trained and tested on the same datasets:")
+    typer.echo(result["control_table"].round(3).to_string())
     for where, why in result["blank"].items():
         typer.echo(f"Blank ({where}): {why}")
-    typer.echo(f"Files: {result['auc']}, {result['auc_minus_baseline']} (+ .png)")
+    typer.echo(f"Files: {result['auc']}, {result['auc_minus_baseline']}, {result['auc_minus_control']} (+ .png), "
+               f"{result['text_controls']}")
 
 
 @app.command("fit-detector")

@@ -105,8 +105,9 @@ def controls_parts(folder: Path) -> str:
     if probes.get("verdict"):
         parts.append(f"<h3>Verdict</h3><p>{html.escape(probes['verdict'])}</p>")
     if probes.get("controls"):
-        keys = ("label", "auc_mean", "auc_std", "auc_low", "auc_high", "note")
-        records = [{k: c.get(k) for k in keys if k in c or k == "auc_low"} for c in probes["controls"].values()]
+        keys = ["label", "auc_mean", "auc_std", "auc_low", "auc_high"]
+        keys += ["note"] * any("note" in c for c in probes["controls"].values())
+        records = [{k: c.get(k) for k in keys} for c in probes["controls"].values()]
         parts.append("<h3>Text-only controls (no model internals)</h3>" + _records_table(records))
     if probes.get("embedding_best"):
         cell = probes["embedding_best"]
@@ -129,11 +130,23 @@ def _probe_facts(probes: dict) -> str:
 
 
 def detection_section(run: RunDir) -> str:
-    return _files_section(run.tables, ["detection_table.png", "detection_table.csv"])
+    return _files_section(run.tables, ["detection_table.png", "detection_table.csv"]) + _table_verdicts(run.tables)
+
+
+def _table_verdicts(folder: Path) -> str:
+    """The verdict lines that close detection_table.md (best probe against best text-only control, per dataset)."""
+    path = folder / "detection_table.md"
+    if not path.exists() or "\nVerdict" not in path.read_text():
+        return ""
+    head, _, lines = path.read_text().partition("\nVerdict")
+    items = [line[2:] for line in lines.splitlines() if line.startswith("- ")]
+    return "<h3>Verdict" + html.escape(lines.splitlines()[0]) + "</h3><ul>" + "".join(
+        f"<li>{html.escape(item)}</li>" for item in items) + "</ul>"
 
 
 def generalization_section(run: RunDir) -> str:
-    names = ["auc_minus_baseline.png", "auc.png", "auc.csv", "auc_minus_baseline.csv"]
+    names = ["auc_minus_baseline.png", "auc_minus_control.png", "auc.png", "auc.csv", "auc_minus_baseline.csv",
+             "auc_minus_control.csv", "text_controls.csv"]
     return _files_section(run.generalization, names)
 
 
