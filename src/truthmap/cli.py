@@ -184,7 +184,10 @@ def probe(
         model=model, dataset=dataset, split=split, runs_dir=runs_dir, site=site, seeds=parse_seeds(seeds), device=device
     )
     run = pipeline.probe(config)
-    typer.echo(json.dumps(pipeline.read_json(run.probes(site) / "probes.json")["best"], indent=2))
+    summary = pipeline.read_json(run.probes(site) / "probes.json")
+    typer.echo(json.dumps(summary["best"], indent=2))
+    if summary.get("verdict"):
+        typer.echo(f"Verdict: {summary['verdict']}")
 
 
 @app.command()

@@ -121,7 +121,7 @@ def chosen_layer_probe(train: ProbeData, test: ProbeData, position: str, seeds, 
     read_test = test.layer_reader(position)
     scores = np.stack([probe_logits(fit, layer, s, read_test(layer)) for s, layer in enumerate(layers)])  # [seeds, n]
     test_aucs = [auc(test.is_error, row) for row in scores]
-    low, high = test_interval(scores, test.is_error)
+    low, high = interval_over_test_rows(scores, test.is_error)
     return {
         "auc_mean": float(np.mean(test_aucs)),
         "auc_std": float(np.std(test_aucs)),
@@ -133,7 +133,7 @@ def chosen_layer_probe(train: ProbeData, test: ProbeData, position: str, seeds, 
     }
 
 
-def test_interval(scores, is_error) -> tuple[float, float]:
+def interval_over_test_rows(scores, is_error) -> tuple[float, float]:
     """95 % interval of the mean over seeds of the test AUCs of scores [seeds, test rows]: the stratified bootstrap
     of the test rows (probes.bootstrap_aucs), one draw shared by all seeds."""
     from truthmap.probes import bootstrap_aucs, bootstrap_weights, interval
@@ -168,7 +168,7 @@ def text_control_results(train_run: RunDir, test_run: RunDir, train: ProbeData, 
             check_class_counts(int(test.is_error.sum()), int((~test.is_error).sum()), test.name)
             scores = control_scores(train_texts[name], train.is_error, masks, test_texts[name])  # [seeds, test rows]
             aucs = [auc(test.is_error, row) for row in scores]
-            low, high = test_interval(scores, test.is_error)
+            low, high = interval_over_test_rows(scores, test.is_error)
             outcome = {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "auc_low": low,
                        "auc_high": high, "aucs": aucs}
         except ProbeError as err:
