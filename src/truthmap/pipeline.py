@@ -252,8 +252,8 @@ def write_probe_outputs(out: Path, grid, embed_grid, controls: dict, title: str,
     """heatmap.png|svg|csv (embedding row below layer 0, grey dots where a cell's interval does not clear the best
     control), selectivity.png|svg|csv, top_cells.json; returns the summary entries of probes.json."""
     from truthmap.controls import best_control, public, selectivity, verdict
-    from truthmap.heatmap import plot_heatmap, top_cells, with_embedding, write_heatmap_csv, write_selectivity_csv
-    from truthmap.heatmap import write_top_cells
+    from truthmap.heatmap import EMBED_ROW, plot_heatmap, top_cells, with_embedding, write_heatmap_csv
+    from truthmap.heatmap import write_selectivity_csv, write_top_cells
 
     rows, labels = with_embedding(grid, embed_grid)
     sel = selectivity(rows, controls)
@@ -266,7 +266,7 @@ def write_probe_outputs(out: Path, grid, embed_grid, controls: dict, title: str,
                  marked=~sel["clears"] if "clears" in sel else None, note=note)
     write_heatmap_csv(rows, POSITIONS, out / "heatmap.csv", labels)
     if best_name:
-        plot_heatmap(sel["mean"], POSITIONS, f"Selectivity: AUC minus {controls[best_name]['label']} · {title}",
+        plot_heatmap(sel["mean"], POSITIONS, f"Selectivity: AUC minus {controls[best_name]['label']}\n{title}",
                      out / "selectivity.png", out / "selectivity.svg", labels, marked=~sel["clears"] if "clears" in sel
                      else None, diverging=True, note=note)
         write_selectivity_csv(sel, POSITIONS, out / "selectivity.csv", labels)
@@ -274,7 +274,8 @@ def write_probe_outputs(out: Path, grid, embed_grid, controls: dict, title: str,
     best = top_cells(grid, POSITIONS, k=1, control_auc=control_auc)[0]
     return {
         "best": best,
-        "embedding_best": top_cells(embed_grid, POSITIONS, k=1, control_auc=control_auc)[0] if embed_grid else None,
+        "embedding_best": top_cells(embed_grid, POSITIONS, k=1, control_auc=control_auc)[0] | {"layer": EMBED_ROW}
+        if embed_grid else None,
         "controls": public(controls),
         "best_control": best_name,
         "verdict": verdict(best, controls, dataset),
