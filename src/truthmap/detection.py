@@ -2,8 +2,10 @@
 
 For each probed token, and each seed: the train run's rows are split 80/20 (grouped, stratified); a probe per
 layer is fitted on the 80 %, the layer with the best AUC on the 20 % is chosen (never looking at test), and that
-probe scores the test run's rows. Baselines need no training and score the same test rows. Every method is
-evaluated on the test rows that have a valid exact answer, so all rows of the table share one test set.
+probe scores the test run's rows. Baselines need no training and score the same test rows. The text-only controls
+(controls.py) are fitted per seed on the rows the probes fit on. Every method is evaluated on the test rows that
+have a valid exact answer, so all rows of the table share one test set; probes and controls also get a 95 %
+interval over those rows, and the verdict per dataset sets the best probe against the best control.
 """
 
 from __future__ import annotations
