@@ -155,3 +155,23 @@ def test_selectivity_of_a_grid_without_replicates_has_no_interval():
     grid = SimpleNamespace(mean=np.full((2, 3), 0.8), std=np.zeros((2, 3)))
     sel = selectivity(grid, {"a": {"label": "A", "auc_mean": 0.6}, "b": {"label": "B", "auc_mean": float("nan")}})
     assert sel["control"] == "a" and np.allclose(sel["mean"], 0.2) and "low" not in sel and "clears" not in sel
+
+
+def test_probe_outputs_without_an_embedding_store(tmp_path):
+    """A store extracted before the embedding row: the heatmap and CSVs go without it, the rest is written."""
+    import pandas as pd
+
+    from truthmap.pipeline import write_probe_outputs
+
+    acts, is_error, texts = constructed(0, n=120, label_in_text=False)
+    grid, controls = grid_and_controls(acts, is_error, texts)
+    positions = 15  # the pipeline's POSITIONS: pad the constructed 3 positions out to 15
+    pad = lambda a, axis=-1: np.concatenate([a] * 5, axis=axis)  # noqa: E731
+    grid = SimpleNamespace(mean=pad(grid.mean), std=pad(grid.std), low=pad(grid.low), high=pad(grid.high),
+                           boot=pad(grid.boot))
+    summary = write_probe_outputs(tmp_path, grid, None, controls, "t", "constructed")
+    assert summary["embedding_best"] is None and summary["verdict"].startswith("constructed: best cell layer")
+    cells = pd.read_csv(tmp_path / "heatmap.csv", dtype={"layer": str})
+    assert list(cells["layer"].unique()) == ["0", "1"] and len(cells) == 2 * positions
+    assert len(pd.read_csv(tmp_path / "selectivity.csv")) == 2 * positions
+    assert (tmp_path / "selectivity.png").exists() and (tmp_path / "top_cells.json").exists()
