@@ -13,7 +13,15 @@ from truthmap.controls import (
     transfer_control_aucs,
     verdict,
 )
-from truthmap.probes import _auc_rows, bootstrap_aucs, bootstrap_weights, interval, probe_grid, split_masks, weighted_aucs
+from truthmap.probes import (
+    _auc_rows,
+    bootstrap_aucs,
+    bootstrap_weights,
+    interval,
+    probe_grid,
+    split_masks,
+    weighted_aucs,
+)
 
 SEEDS = (0, 5, 26)
 WORDS = ["Paris", "Oslo", "Lima", "Rome", "Bern", "Kyiv", "Riga", "Baku", "Doha", "Male"]
@@ -70,7 +78,8 @@ def test_label_in_a_hidden_direction_the_control_is_at_chance(seed):
     grid, controls = grid_and_controls(acts, is_error, texts)
     for name in CONTROLS:
         assert abs(controls[name]["auc_mean"] - 0.5) < 0.1, (name, controls[name]["auc_mean"])
-        assert controls[name]["auc_low"] < 0.5 < controls[name]["auc_high"] or abs(controls[name]["auc_mean"] - 0.5) < 0.05
+        low, mean, high = (controls[name][k] for k in ("auc_low", "auc_mean", "auc_high"))
+        assert low < 0.5 < high or abs(mean - 0.5) < 0.05
     sel = selectivity(grid, controls)
     assert grid.mean.min() > 0.9 and sel["mean"].min() > 0.3 and sel["clears"].all() and (sel["low"] > 0).all()
     best = {"layer": 0, "token": "last_q", "auc_mean": float(grid.mean[0, 0]),
@@ -84,7 +93,8 @@ def test_controls_use_the_probe_splits_and_score_held_out_rows_only():
     from truthmap.probes import grouped_split
 
     for s, seed in enumerate(SEEDS):  # the very splits of probe_grid
-        np.testing.assert_array_equal(np.flatnonzero(train[s]), grouped_split(120, None, 0.2, seed, stratify=is_error)[0])
+        expected = grouped_split(120, None, 0.2, seed, stratify=is_error)[0]
+        np.testing.assert_array_equal(np.flatnonzero(train[s]), expected)
     controls = control_grid(texts, is_error, train)  # no weights: no interval
     assert "auc_low" not in controls["text_answer"] and len(controls["text_answer"]["aucs"]) == len(SEEDS)
 
@@ -92,8 +102,10 @@ def test_controls_use_the_probe_splits_and_score_held_out_rows_only():
 def test_a_control_that_cannot_be_fitted_is_blank_with_a_note():
     is_error = np.array([True, False] * 20)
     train = split_masks(40, None, (0,), is_error)
-    controls = control_grid({"text_exact_answer": [""] * 40, "text_answer": ["a b"] * 20 + ["c d"] * 20}, is_error, train)
-    assert np.isnan(controls["text_exact_answer"]["auc_mean"]) and "empty vocabulary" in controls["text_exact_answer"]["note"]
+    texts = {"text_exact_answer": [""] * 40, "text_answer": ["a b"] * 20 + ["c d"] * 20}
+    controls = control_grid(texts, is_error, train)
+    empty = controls["text_exact_answer"]
+    assert np.isnan(empty["auc_mean"]) and "empty vocabulary" in empty["note"]
     assert best_control(controls) == "text_answer"
 
 

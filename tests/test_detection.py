@@ -79,7 +79,8 @@ SIGNAL_LAYER, SIGNAL_POSITION = 2, "exact_answer_last"
 CITIES = ["Paris", "Oslo", "Lima", "Rome", "Bern", "Kyiv"]
 
 
-def fake_run(root, split, n, seed, direction=None, baseline_quality=1.0, dataset="toy", error_rate=0.5, text_signal=False):
+def fake_run(root, split, n, seed, direction=None, baseline_quality=1.0, dataset="toy", error_rate=0.5,
+             text_signal=False):
     """A finished run: answers, activations where one cell separates errors along `direction`, baselines.
 
     The answers name a city drawn at random; with text_signal, every wrong answer names Lima or Kyiv and every right
@@ -163,7 +164,8 @@ def test_text_controls_are_rows_of_the_table_with_a_verdict(tmp_path, text_signa
     written = write_detection_table(results, tmp_path / "tables", "toy table")
     table = pd.read_csv(written["csv"], index_col=0)
     baselines = list(table.index).index("p(True)-exact")
-    assert list(table.index)[baselines + 1 : baselines + 4] == ["Text @ exact answer", "Text @ answer", "Text @ question"]
+    controls = ["Text @ exact answer", "Text @ answer", "Text @ question"]
+    assert list(table.index)[baselines + 1 : baselines + 4] == controls
     md = open(written["md"]).read()
     assert "- toy: best probe Probe @ exact_answer_last, AUC" in md
     assert ("the probe does not beat it" if text_signal else "the probe beats it") in md

@@ -132,7 +132,8 @@ def test_embedding_row_sits_below_layer_0_in_the_csv_and_the_figure(tmp_path):
 
     marked = np.zeros(rows.mean.shape, dtype=bool)
     marked[0] = True  # the embedding row does not clear the control
-    fig = plot_heatmap(rows.mean, POSITIONS, "t", tmp_path / "h.png", tmp_path / "h.svg", labels, marked=marked, note="· n")
+    png, svg = tmp_path / "h.png", tmp_path / "h.svg"
+    fig = plot_heatmap(rows.mean, POSITIONS, "t", png, svg, labels, marked=marked, note="· n")
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()][:2] == ["embed", "0"]
     assert ax.get_title() == "t\n· n"

@@ -204,8 +204,8 @@ def test_report_gives_the_verdict_controls_and_selectivity(full_run):
     summary |= {"verdict": verdict, "controls": controls, "best_control": "text_answer",
                 "embedding_best": {"layer": 0, "token": "exact_answer_first", "auc_mean": 0.66, "auc_std": 0.01}}
     (probes / "probes.json").write_text(json.dumps(summary))
-    plot_heatmap(np.zeros((4, len(POSITIONS))), POSITIONS, "sel", probes / "selectivity.png", probes / "selectivity.svg",
-                 diverging=True)
+    zeros = np.zeros((4, len(POSITIONS)))
+    plot_heatmap(zeros, POSITIONS, "sel", probes / "selectivity.png", probes / "selectivity.svg", diverging=True)
     (run.tables / "detection_table.md").write_text("t\n\n| method |\n\nVerdict (95 % intervals over the test rows):\n\n"
                                                    "- geography: best probe Probe @ -1, AUC 0.8; the probe beats it.\n")
     page = write_report(full_run).read_text()

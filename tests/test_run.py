@@ -108,7 +108,8 @@ def test_run_writes_controls_embedding_row_selectivity_and_intervals(study, tmp_
     probes = tmp_path / "runs" / "tiny-model" / "custom" / "train" / "probes" / "mlp"
     cells = pd.read_csv(probes / "heatmap.csv", dtype={"layer": str})
     assert list(cells["layer"].unique()) == ["embed", "0", "1"]  # the input embedding below layer 0
-    assert (cells["auc_low"] <= cells["auc_mean"] + 1e-9).all() and (cells["auc_mean"] <= cells["auc_high"] + 1e-9).all()
+    assert (cells["auc_low"] <= cells["auc_mean"] + 1e-9).all()
+    assert (cells["auc_mean"] <= cells["auc_high"] + 1e-9).all()
     summary = json.loads((probes / "probes.json").read_text())
     assert set(summary["controls"]) == {"text_exact_answer", "text_answer", "text_question"}
     control = summary["controls"][summary["best_control"]]

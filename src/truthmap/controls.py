@@ -137,7 +137,8 @@ def compare(what: str, probe: dict, control: dict | None) -> str:
         return f"{said}; selectivity {gap:+.3f} (no interval)."
     if probe["auc_low"] > control["auc_mean"]:
         return f"{said}; the probe beats it (selectivity {gap:+.3f}; its 95% interval lies above the control's AUC)."
-    return f"{said}; the probe does not beat it (selectivity {gap:+.3f}; its 95% interval does not lie above the control's AUC)."
+    return (f"{said}; the probe does not beat it (selectivity {gap:+.3f}; its 95% interval does not lie above the "
+            "control's AUC).")
 
 
 def _bounds(entry: dict) -> str:

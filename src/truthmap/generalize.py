@@ -124,7 +124,9 @@ def generalization(runs: dict[str, tuple[RunDir, RunDir]], site: str, token: str
     ])
     write_atomic(directory / "text_controls.csv", lambda tmp: long.to_csv(tmp, index=False, float_format="%.4f"))
     files["text_controls"] = str(directory / "text_controls.csv")
-    write_json(directory / "generalization.json", {"token": token, "site": site, "seeds": list(seeds), "layers": layers,
-                                                   "baseline": REFERENCE_BASELINE, "baseline_auc": baseline.to_dict(), "blank": blank,
-                                                   "text_controls": {k: v.tolist() for k, v in controls.items()}})
+    write_json(directory / "generalization.json", {
+        "token": token, "site": site, "seeds": list(seeds), "layers": layers, "baseline": REFERENCE_BASELINE,
+        "baseline_auc": baseline.to_dict(), "blank": blank,
+        "text_controls": {k: v.tolist() for k, v in controls.items()},  # control -> [sources, targets]
+    })
     return files | {"auc_table": raw, "relative_table": relative, "control_table": minus_control, "blank": blank}

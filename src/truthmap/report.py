@@ -111,7 +111,8 @@ def controls_parts(folder: Path) -> str:
         parts.append("<h3>Text-only controls (no model internals)</h3>" + _records_table(records))
     if probes.get("embedding_best"):
         cell = probes["embedding_best"]
-        parts.append(f'<p class="note">Input embedding row (the token-identity floor): best {html.escape(cell["token"])},'
+        token = html.escape(cell["token"])
+        parts.append(f'<p class="note">Input embedding row (the token-identity floor): best {token},'
                      f" AUC {cell['auc_mean']:.3f}.</p>")
     figure = folder / "selectivity.svg" if (folder / "selectivity.svg").exists() else folder / "selectivity.png"
     if figure.exists():

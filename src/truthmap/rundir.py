@@ -18,7 +18,7 @@
         detector_scores.parquet     id, error_probability, in_train: that detector applied to this run's rows
         resamples/                  K sampled answers per question, error types, answer selection (`truthmap resample`)
     runs/<model-slug>/tables/detection_table.csv|md|png      Table 1 over datasets (`truthmap table`)
-    runs/<model-slug>/generalization/auc*.csv|png, text_controls.csv   train-on-one, test-on-another (`truthmap generalize`)
+    runs/<model-slug>/generalization/auc*.csv|png, text_controls.csv  train on one, test on another (`generalize`)
 
 Stages never import each other: each reads what the previous one wrote here, and writes atomically (temp file
 + os.replace), so a killed run never leaves a half-written artifact and a rerun resumes where it stopped.
