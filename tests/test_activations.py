@@ -123,3 +123,28 @@ def test_cell_store_reads_one_cell_at_a_time(tmp_path):
     CellStore(tmp_path / "acts.f16", (3, 4, 6, 2))[:, 0, 0, :]  # the first cell still fits in the file
     with pytest.raises(Exception, match="shorter than its meta.json"):
         CellStore(tmp_path / "acts.f16", (3, 4, 6, 2))[:, 2, 3, :]
+
+
+def test_embedding_store_is_the_input_to_the_first_block(tiny, tmp_path):
+    """embed.f16 holds hidden_states[0] (the input embedding) at the 15 positions; an older store reads without it."""
+    import torch
+
+    from truthmap.activations import open_embedding
+    from truthmap.rundir import read_json, write_json
+
+    table = make_table(tiny.tokenizer)
+    extract_activations(tiny, table, tmp_path, "mlp", batch_size=3, run_settings={})
+    acts, meta = open_store(tmp_path)
+    embed = open_embedding(tmp_path, meta)
+    assert embed.shape == (7, 1, 15, 32) and meta["embed_shape"] == [1, 15, 7, 32]
+    for i, row in table.iterrows():
+        ids = torch.tensor([list(row.prompt_ids) + list(row.answer_ids)])
+        with torch.no_grad():
+            first = tiny.model(ids, output_hidden_states=True).hidden_states[0][0]  # [seq, hidden]
+        pos = [max(row[position_column(p)], 0) for p in POSITIONS]
+        np.testing.assert_allclose(np.asarray(embed, dtype=np.float32)[i, 0], first[pos].numpy(), rtol=5e-3, atol=5e-3)
+
+    old = {k: v for k, v in meta.items() if k != "embed_shape"}  # a store made before the embedding row
+    write_json(tmp_path / "meta.json", old)
+    assert open_embedding(tmp_path, read_json(tmp_path / "meta.json")) is None
+    assert open_store(tmp_path)[0].shape == acts.shape

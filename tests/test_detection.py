@@ -76,17 +76,30 @@ LAYERS, HIDDEN = 4, 6
 SIGNAL_LAYER, SIGNAL_POSITION = 2, "exact_answer_last"
 
 
-def fake_run(root, split, n, seed, direction=None, baseline_quality=1.0, dataset="toy", error_rate=0.5):
-    """A finished run: answers, activations where one cell separates errors along `direction`, baselines."""
+CITIES = ["Paris", "Oslo", "Lima", "Rome", "Bern", "Kyiv"]
+
+
+def fake_run(root, split, n, seed, direction=None, baseline_quality=1.0, dataset="toy", error_rate=0.5,
+             text_signal=False):
+    """A finished run: answers, activations where one cell separates errors along `direction`, baselines.
+
+    The answers name a city drawn at random; with text_signal, every wrong answer names Lima or Kyiv and every right
+    one another city, so that the exact answer alone gives the errors away."""
     rng = np.random.default_rng(seed)
     is_error = rng.random(n) < error_rate
     valid = np.ones(n, dtype=bool)
     valid[:3] = False  # rows without an exact answer are left out of every method
     run = RunDir(root, "tiny", dataset, split)
     run.path.mkdir(parents=True)
+    words = np.random.default_rng(seed + 1000)  # its own stream: the activations stay those of older versions
+    city = words.integers(0, len(CITIES), n)
+    if text_signal:
+        city = np.where(is_error, words.choice([2, 5], n), words.choice([0, 1, 3, 4], n))
+    exact = [CITIES[c] for c in city]
     pd.DataFrame(
         {"id": [f"{dataset}-{split}-{i}" for i in range(n)], "group": [None] * n, "correct": ~is_error,
-         "exact_answer_valid": valid}
+         "exact_answer_valid": valid, "exact_answer": exact, "answer": [f"It is {c}." for c in exact],
+         "question": [f"Which city is number {i}?" for i in range(n)]}
     ).to_parquet(run.answers)
     write_json(run.run_json, {"settings": {}, "chat_template": True, "config": {"extraction_tries": 1}})
     direction = np.eye(HIDDEN)[0] if direction is None else direction
@@ -132,6 +145,30 @@ def test_evaluate_dataset_and_table(tmp_path):
     best = max(results, key=lambda r: r["auc_mean"])
     assert f"| {best['method']} | **{best['auc_mean']:.3f}" in md
     assert (tmp_path / "tables" / "detection_table.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("text_signal", [False, True])
+def test_text_controls_are_rows_of_the_table_with_a_verdict(tmp_path, text_signal):
+    train_run, _ = fake_run(tmp_path, "train", 160, 0, text_signal=text_signal)
+    test_run, _ = fake_run(tmp_path, "test", 80, 1, text_signal=text_signal)
+    results = evaluate_dataset("toy", train_run, test_run, "mlp", (0, 5))
+    by_method = {r["method"]: r for r in results}
+    exact = by_method["Text @ exact answer"]
+    assert exact["auc_low"] <= exact["auc_mean"] <= exact["auc_high"] and len(exact["aucs"]) == 2
+    probe = by_method["Probe @ exact_answer_last"]
+    assert probe["auc_low"] <= probe["auc_mean"] <= probe["auc_high"]
+    if text_signal:
+        assert exact["auc_mean"] > 0.95
+    else:
+        assert all(abs(by_method[m]["auc_mean"] - 0.5) < 0.15 for m in ("Text @ exact answer", "Text @ answer"))
+    written = write_detection_table(results, tmp_path / "tables", "toy table")
+    table = pd.read_csv(written["csv"], index_col=0)
+    baselines = list(table.index).index("p(True)-exact")
+    controls = ["Text @ exact answer", "Text @ answer", "Text @ question"]
+    assert list(table.index)[baselines + 1 : baselines + 4] == controls
+    md = open(written["md"]).read()
+    assert "- toy: best probe Probe @ exact_answer_last, AUC" in md
+    assert ("the probe does not beat it" if text_signal else "the probe beats it") in md
 
 
 def test_markdown_table_marks_the_best_per_column():

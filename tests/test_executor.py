@@ -73,7 +73,7 @@ def test_ray_run_writes_what_the_local_run_writes(small_study, tmp_path):
     answers = pd.read_parquet(local / "answers.parquet")
     assert len(answers) == 16 and 0 < answers["correct"].sum() < 16  # the train split: 80 % of the questions
     pd.testing.assert_frame_equal(pd.read_parquet(distributed / "answers.parquet"), answers)
-    for name in ("meta.json", "acts.f16"):
+    for name in ("meta.json", "acts.f16", "embed.f16"):
         assert (distributed / "activations" / "mlp" / name).read_bytes() == (local / "activations" / "mlp" / name).read_bytes()
     from truthmap.activations import open_store
 

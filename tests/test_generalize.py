@@ -32,8 +32,26 @@ def test_shared_direction_transfers_and_orthogonal_does_not(tmp_path):
     relative = pd.read_csv(tmp_path / "out" / "auc_minus_baseline.csv", index_col=0)
     assert relative.loc["a", "c"] == pytest.approx(auc.loc["a", "c"] - baseline["c"], abs=1e-4)
     assert pd.read_json(tmp_path / "out" / "generalization.json", typ="series")["layers"]["a"] == [SIGNAL_LAYER] * 3
-    for stem in ("auc", "auc_minus_baseline"):
+    for stem in ("auc", "auc_minus_baseline", "auc_minus_control"):
         assert (tmp_path / "out" / f"{stem}.png").stat().st_size > 1000
+    controls = pd.read_csv(tmp_path / "out" / "text_controls.csv")
+    assert set(controls["control"]) == {"text_exact_answer", "text_answer", "text_question"}
+    assert controls["auc"].between(0.3, 0.7).all()  # the fake runs' words are drawn at random
+    best = controls.groupby(["train_on", "test_on"])["auc"].max()
+    minus = pd.read_csv(tmp_path / "out" / "auc_minus_control.csv", index_col=0)
+    assert minus.loc["a", "b"] == pytest.approx(auc.loc["a", "b"] - best[("a", "b")], abs=1e-4)
+
+
+def test_a_control_transfers_what_the_words_carry(tmp_path):
+    runs = {}
+    for k, name in enumerate(["a", "b"]):
+        train, _ = fake_run(tmp_path, "train", 300, 10 * k, dataset=name, text_signal=True)
+        test, _ = fake_run(tmp_path, "test", 100, 10 * k + 1, dataset=name, text_signal=True)
+        runs[name] = (train, test)
+    result = generalization(runs, "mlp", SIGNAL_POSITION, (0, 5), tmp_path / "out")
+    controls = pd.read_csv(tmp_path / "out" / "text_controls.csv").set_index(["control", "train_on", "test_on"])
+    assert controls.loc[("text_exact_answer", "a", "b"), "auc"] > 0.95
+    assert result["control_table"].abs().max().max() < 0.1  # the probe transfers no more than the words do
 
 
 def test_a_dataset_without_enough_errors_leaves_its_row_and_column_blank(tmp_path):

@@ -104,3 +104,65 @@ def test_top_cells_and_json(tmp_path):
     path = tmp_path / "top_cells.json"
     assert write_top_cells(grid, POSITIONS, path, k=3) == best
     assert json.loads(path.read_text()) == best
+
+
+def grid_with_interval():
+    grid = make_grid()
+    return SimpleNamespace(mean=grid.mean, std=grid.std, low=grid.mean - 0.05, high=grid.mean + 0.05,
+                           boot=np.repeat(grid.mean[None], 4, axis=0))
+
+
+def test_embedding_row_sits_below_layer_0_in_the_csv_and_the_figure(tmp_path):
+    from truthmap.heatmap import EMBED_ROW, with_embedding
+
+    grid = grid_with_interval()
+    embed = SimpleNamespace(mean=np.full((1, len(POSITIONS)), 0.55), std=np.zeros((1, len(POSITIONS))),
+                            low=np.full((1, len(POSITIONS)), 0.5), high=np.full((1, len(POSITIONS)), 0.6),
+                            boot=np.full((4, 1, len(POSITIONS)), 0.55))
+    rows, labels = with_embedding(grid, embed)
+    assert labels == [EMBED_ROW] + [str(layer) for layer in range(LAYERS)] and EMBED_ROW == "embed"
+    assert rows.mean.shape == (LAYERS + 1, len(POSITIONS)) and rows.boot.shape == (4, LAYERS + 1, len(POSITIONS))
+    np.testing.assert_array_equal(rows.mean[1:], grid.mean)
+
+    write_heatmap_csv(rows, POSITIONS, tmp_path / "heatmap.csv", labels)
+    lines = list(csv.DictReader((tmp_path / "heatmap.csv").open()))
+    assert list(lines[0]) == ["layer", "token", "auc_mean", "auc_std", "auc_low", "auc_high"]
+    assert lines[0]["layer"] == "embed" and lines[len(POSITIONS)]["layer"] == "0"
+    assert float(lines[0]["auc_low"]) == pytest.approx(0.5)
+
+    marked = np.zeros(rows.mean.shape, dtype=bool)
+    marked[0] = True  # the embedding row does not clear the control
+    png, svg = tmp_path / "h.png", tmp_path / "h.svg"
+    fig = plot_heatmap(rows.mean, POSITIONS, "t", png, svg, labels, marked=marked, note="· n")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()][:2] == ["embed", "0"]
+    assert ax.get_title() == "t\n· n"
+    dots = ax.collections[0].get_offsets()
+    assert len(dots) == len(POSITIONS) and set(np.asarray(dots)[:, 1]) == {0}  # dots on the bottom row only
+
+
+def test_selectivity_map_is_diverging_and_centred_on_zero(tmp_path):
+    from truthmap.heatmap import write_selectivity_csv
+
+    values = np.linspace(-0.2, 0.4, LAYERS * len(POSITIONS)).reshape(LAYERS, len(POSITIONS))
+    fig = plot_heatmap(values, POSITIONS, "s", tmp_path / "s.png", tmp_path / "s.svg", diverging=True)
+    image = fig.axes[0].images[0]
+    assert image.get_cmap().name == "RdBu_r" and image.get_clim() == pytest.approx((-0.4, 0.4))
+    assert fig.axes[1].get_ylabel() == "AUC minus best text control"
+
+    sel = {"control": "text_answer", "mean": values, "low": values - 0.1, "high": values + 0.1, "clears": values > 0.1}
+    write_selectivity_csv(sel, POSITIONS, tmp_path / "selectivity.csv", [str(i) for i in range(LAYERS)])
+    lines = list(csv.DictReader((tmp_path / "selectivity.csv").open()))
+    assert list(lines[0]) == ["layer", "token", "selectivity", "selectivity_low", "selectivity_high", "clears_control",
+                              "control"]
+    assert lines[0]["clears_control"] == "false" and lines[-1]["clears_control"] == "true"
+    assert float(lines[-1]["selectivity"]) == pytest.approx(0.4) and lines[0]["control"] == "text_answer"
+
+
+def test_top_cells_give_the_interval_and_the_selectivity():
+    grid = grid_with_interval()  # best cell 0.764, interval [0.714, 0.814]
+    best = top_cells(grid, POSITIONS, k=2, control_auc=0.70)
+    assert best[0]["auc_low"] == pytest.approx(0.714) and best[0]["auc_high"] == pytest.approx(0.814)
+    assert best[0]["selectivity"] == pytest.approx(0.064) and best[0]["beats_control"] is True
+    assert top_cells(grid, POSITIONS, k=1, control_auc=0.72)[0]["beats_control"] is False  # interval reaches 0.72
+    assert "selectivity" not in top_cells(grid, POSITIONS, k=1)[0]

@@ -252,3 +252,29 @@ def test_a_perfect_cell_on_errors_that_copy_the_prompt_names_the_copying(tmp_pat
     assert red_flags(run)[0].endswith(
         f"likely cause: a text artefact: the exact answers of {errors} of the {errors} probed errors are text of the "
         "prompt (the question's own subject, or an example), so the exact-answer tokens give the label away.")
+
+
+def test_report_gives_the_verdict_controls_and_selectivity(full_run):
+    from truthmap.heatmap import plot_heatmap
+
+    run = RunDir.from_path(full_run)
+    probes = run.probes("mlp")
+    summary = json.loads((probes / "probes.json").read_text())
+    verdict = "geography: best cell layer 3, -1, AUC 0.795 [0.70, 0.88]; best text-only control Text @ answer, AUC 0.61"
+    controls = {"text_answer": {"label": "Text @ answer", "auc_mean": 0.61, "auc_std": 0.02, "auc_low": 0.5,
+                                "auc_high": 0.7, "aucs": [0.6, 0.62]},
+                "text_question": {"label": "Text @ question", "auc_mean": float("nan"), "auc_std": float("nan"),
+                                  "note": "A text-only control cannot be fitted: empty vocabulary"}}
+    summary |= {"verdict": verdict, "controls": controls, "best_control": "text_answer",
+                "embedding_best": {"layer": 0, "token": "exact_answer_first", "auc_mean": 0.66, "auc_std": 0.01}}
+    (probes / "probes.json").write_text(json.dumps(summary))
+    zeros = np.zeros((4, len(POSITIONS)))
+    plot_heatmap(zeros, POSITIONS, "sel", probes / "selectivity.png", probes / "selectivity.svg", diverging=True)
+    (run.tables / "detection_table.md").write_text("t\n\n| method |\n\nVerdict (95 % intervals over the test rows):\n\n"
+                                                   "- geography: best probe Probe @ -1, AUC 0.8; the probe beats it.\n")
+    page = write_report(full_run).read_text()
+    assert page.count(verdict) == 2  # the summary and the heatmap section
+    assert "Text @ question" in page and "empty vocabulary" in page and "Text @ answer" in page
+    assert "<h3>Selectivity: AUC minus the best text-only control</h3>" in page
+    assert "Input embedding row (the token-identity floor): best exact_answer_first, AUC 0.660." in page
+    assert "<li>geography: best probe Probe @ -1, AUC 0.8; the probe beats it.</li>" in page

@@ -1,5 +1,6 @@
 """`truthmap run` end to end in-process on a tiny model saved to disk: generate, extract, probe, heatmap."""
 
+import html
 import json
 
 import pandas as pd
@@ -37,7 +38,7 @@ def test_run_writes_the_heatmap_and_skips_finished_stages(study, tmp_path):
     summary = json.loads((probes / "probes.json").read_text())
     assert summary["seeds"] == [0, 1] and summary["rows_with_valid_exact_answer"] == table["exact_answer_valid"].sum()
     cells = pd.read_csv(probes / "heatmap.csv")
-    assert len(cells) == 2 * 15 and cells["auc_mean"].between(0, 1).all()
+    assert len(cells) == (1 + 2) * 15 and cells["auc_mean"].between(0, 1).all()  # the embedding row and 2 layers
     assert f"Heatmap: {probes / 'heatmap.png'}" in result.output and "Best cell: layer" in result.output
 
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
@@ -104,3 +105,30 @@ def test_run_prints_each_red_flag_as_a_warning_line(tmp_path, monkeypatch):
     assert lines[-4:] == ["Best cell: layer 11, token exact_answer_first, AUC 1.000 ± 0.000",
                           f"Warning: {flags[0]}", f"Warning: {flags[1]}", "Report: r.html"]
     assert '"warnings"' not in result.output
+
+
+def test_run_writes_controls_embedding_row_selectivity_and_intervals(study, tmp_path):
+    model_dir, data = study
+    args = ["run", "--model", str(model_dir), "--dataset", "custom", "--custom-path", str(data),
+            "--runs-dir", str(tmp_path / "runs"), "--batch-size", "8", "--seeds", "0,1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    probes = tmp_path / "runs" / "tiny-model" / "custom" / "train" / "probes" / "mlp"
+    cells = pd.read_csv(probes / "heatmap.csv", dtype={"layer": str})
+    assert list(cells["layer"].unique()) == ["embed", "0", "1"]  # the input embedding below layer 0
+    assert (cells["auc_low"] <= cells["auc_mean"] + 1e-9).all()
+    assert (cells["auc_mean"] <= cells["auc_high"] + 1e-9).all()
+    summary = json.loads((probes / "probes.json").read_text())
+    assert set(summary["controls"]) == {"text_exact_answer", "text_answer", "text_question"}
+    control = summary["controls"][summary["best_control"]]
+    assert control["auc_low"] <= control["auc_mean"] <= control["auc_high"]
+    selectivity = pd.read_csv(probes / "selectivity.csv", dtype={"layer": str})
+    merged = cells.merge(selectivity, on=["layer", "token"])
+    assert (merged["selectivity"] - (merged["auc_mean"] - control["auc_mean"])).abs().max() < 1e-5
+    assert (probes / "selectivity.svg").stat().st_size > 0
+    top = json.loads((probes / "top_cells.json").read_text())
+    assert {"auc_low", "auc_high", "selectivity", "beats_control"} <= set(top[0])
+    assert summary["verdict"].startswith("custom: best cell layer") and "best text-only control" in summary["verdict"]
+    assert f"Verdict: {summary['verdict']}" in result.output
+    report = (tmp_path / "runs" / "tiny-model" / "custom" / "train" / "report.html").read_text()
+    assert html.escape(summary["verdict"]) in report and "Selectivity" in report

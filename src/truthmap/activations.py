@@ -4,6 +4,10 @@ One batched forward pass over prompt + answer per batch, with hooks that keep on
 so memory is bounded by the batch, not the dataset. The store is cell-major, [layers, positions, samples,
 hidden], so a probe reading one (layer, position) cell touches only that cell's bytes; `open_store` returns it
 as a `CellStore`, indexed [samples, layers, positions, hidden] one cell at a time.
+Beside it, embed.f16 holds the input embedding (the output of the model's input embedding module, before the
+first block) at the same positions, [1, positions, samples, hidden]: the token-identity floor of the heatmap. It
+needs no forward pass (a lookup of the tokens at the positions) and costs 1/layers of the store. A store made
+before it existed has no "embed_shape" in meta.json: it is still read, and the heatmap goes without that row.
 Neither side keeps the file mapped: a mapping keeps every page it touched resident and counted in the process's
 RSS (all 5 GB of a 10,000-sample store once every cell has been read), while file reads and a mapping dropped
 after each batch leave those pages to the kernel's page cache.
@@ -19,6 +23,7 @@ from truthmap.progress import progress_bar
 from truthmap.rundir import POSITIONS, check_matches, position_column, read_json, write_json
 
 STORE_FILE = "acts.f16"
+EMBED_FILE = "embed.f16"
 META_FILE = "meta.json"
 FLOAT16_MAX = 65504.0
 # Padded tokens per forward pass. On 2 CPU cores a pass of 64 x 155 tokens took 1.4 GB of transient memory and was
@@ -37,13 +42,14 @@ def device_kind(device: str) -> str:
 
 
 def store_meta(run_settings: dict, site: str, n_samples: int, n_layers: int, hidden: int, model_dtype: str,
-               device: str = "cpu") -> dict:
+               device: str = "cpu", embed_width: int | None = None) -> dict:
     return {
         "answers": run_settings,  # what made the answers these activations belong to
         "site": site,
         "positions": list(POSITIONS),
         "layout": "layers x positions x samples x hidden",
         "shape": [n_layers, len(POSITIONS), n_samples, hidden],
+        **({"embed_shape": [1, len(POSITIONS), n_samples, embed_width]} if embed_width else {}),
         "dtype": "float16",
         "model_dtype": model_dtype,
         "device": device_kind(device),
@@ -78,8 +84,9 @@ def extract_activations(lm, table, directory: Path, site: str, batch_size: int, 
 
     directory = Path(directory)
     n_samples, n_layers, hidden = len(table), num_layers(lm.model), site_width(lm.model, site)
-    meta = store_meta(run_settings, site, n_samples, n_layers, hidden, lm.dtype, lm.device)
-    meta_path, store_path = directory / META_FILE, directory / STORE_FILE
+    embed_width = lm.model.get_input_embeddings().embedding_dim
+    meta = store_meta(run_settings, site, n_samples, n_layers, hidden, lm.dtype, lm.device, embed_width)
+    meta_path, store_path, embed_path = directory / META_FILE, directory / STORE_FILE, directory / EMBED_FILE
     if meta_path.exists() and store_path.exists():
         saved = read_json(meta_path, META_FIX)
         check_matches(saved, {k: meta[k] for k in (*RESUME_KEYS, "shape")}, directory)
@@ -87,6 +94,7 @@ def extract_activations(lm, table, directory: Path, site: str, batch_size: int, 
     else:
         directory.mkdir(parents=True, exist_ok=True)
         np.memmap(store_path, dtype=np.float16, mode="w+", shape=tuple(meta["shape"])).flush()
+        np.memmap(embed_path, dtype=np.float16, mode="w+", shape=tuple(meta["embed_shape"])).flush()
         write_json(meta_path, meta)
     sequences = [list(p) + list(a) for p, a in zip(table["prompt_ids"], table["answer_ids"])]
     positions = np.stack([table[position_column(p)].to_numpy() for p in POSITIONS], axis=1)  # [samples, 15]
@@ -101,6 +109,12 @@ def extract_activations(lm, table, directory: Path, site: str, batch_size: int, 
             store[:, :, batch, :] = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).transpose(1, 2, 0, 3)
             store.flush()
             del store
+            if "embed_shape" in meta:  # absent when resuming a store begun before the embedding row existed
+                embedded = read_embeddings(lm, [sequences[i] for i in batch], positions[batch])  # [batch, k, width]
+                embed = np.memmap(embed_path, dtype=np.float16, mode="r+", shape=tuple(meta["embed_shape"]))
+                embed[0][:, batch, :] = np.clip(embedded, -FLOAT16_MAX, FLOAT16_MAX).transpose(1, 0, 2)
+                embed.flush()
+                del embed
             meta["written"] += len(batch)
             write_json(meta_path, meta)
             advance(len(batch))
@@ -129,6 +143,28 @@ def read_positions(lm, sequences: list[list[int]], positions, site: str):
     with torch.inference_mode(), capture(lm.model, site, padded) as cap:
         lm.model.base_model(input_ids=input_ids.to(lm.model.device), attention_mask=attention_mask.to(lm.model.device))
     return cap.stack().float().numpy()
+
+
+def read_embeddings(lm, sequences: list[list[int]], positions):
+    """[batch, k, width] float32: the input embedding module's output for the tokens at positions [batch, k]
+    (indices into each unpadded sequence; negative ones read the first token, as read_positions). A lookup, no
+    forward pass: the embedding of a token does not depend on its context."""
+    import numpy as np
+    import torch
+
+    positions = np.maximum(np.asarray(positions), 0)  # [batch, k]
+    ids = torch.tensor([[seq[p] for p in row] for seq, row in zip(sequences, positions)], dtype=torch.long)
+    embedding = lm.model.get_input_embeddings()
+    with torch.inference_mode():
+        return embedding(ids.to(embedding.weight.device)).float().cpu().numpy()  # [batch, k, width]
+
+
+def open_embedding(directory: Path, meta: dict):
+    """The input-embedding store of a finished store (a CellStore with one layer), or None for a store made before
+    it existed."""
+    if "embed_shape" not in meta:
+        return None
+    return CellStore(Path(directory) / EMBED_FILE, meta["embed_shape"])
 
 
 def open_store(directory: Path):

@@ -241,7 +241,10 @@ def probe(
         model=model, dataset=dataset, split=split, runs_dir=runs_dir, site=site, seeds=parse_seeds(seeds), device=device
     )
     run = pipeline.probe(config)
-    typer.echo(json.dumps(pipeline.read_json(run.probes(site) / "probes.json")["best"], indent=2))
+    summary = pipeline.read_json(run.probes(site) / "probes.json")
+    typer.echo(json.dumps(summary["best"], indent=2))
+    if summary.get("verdict"):
+        typer.echo(f"Verdict: {summary['verdict']}")
 
 
 @app.command()
@@ -290,9 +293,12 @@ def run(
     for run_config in load_study(config, flags):
         result = pipeline.run_all(run_config)
         best = result["best"]
-        typer.echo(json.dumps({k: v for k, v in result.items() if k not in ("best", "report", "warnings")}, indent=2))
+        shown = {k: v for k, v in result.items() if k not in ("best", "report", "warnings", "verdict")}
+        typer.echo(json.dumps(shown, indent=2))
         typer.echo(f"Heatmap: {result['heatmap']}")
         typer.echo(f"Best cell: layer {best['layer']}, token {best['token']}, AUC {best['auc_mean']:.3f} ± {best['auc_std']:.3f}")
+        if result.get("verdict"):
+            typer.echo(f"Verdict: {result['verdict']}")
         for warning in result.get("warnings", []):
             typer.echo(f"Warning: {warning}")
         typer.echo(f"Report: {result['report']}")
@@ -383,7 +389,8 @@ def generalize(
     """Train a probe on each dataset, test it on every dataset: AUC matrix, and AUC minus the target's baseline.
 
     Reuses the runs of `truthmap table` (and makes missing ones). Writes runs/<model>/generalization/auc.csv,
-    auc_minus_baseline.csv and their heatmaps (train datasets down, test datasets across).
+    auc_minus_baseline.csv, auc_minus_control.csv and their heatmaps (train datasets down, test datasets across),
+    and text_controls.csv (the text-only controls, transferred the same way).
 
     Example: truthmap generalize --datasets geography triviaqa movies winobias mnli --data-dir ../shared/data
     """
@@ -395,9 +402,12 @@ def generalize(
     typer.echo(result["auc_table"].round(3).to_string())
     typer.echo("\nAUC minus the test dataset's Logits-min-exact AUC:")
     typer.echo(result["relative_table"].round(3).to_string())
+    typer.echo("\nAUC minus the best text-only control trained and tested on the same datasets:")
+    typer.echo(result["control_table"].round(3).to_string())
     for where, why in result["blank"].items():
         typer.echo(f"Blank ({where}): {why}")
-    typer.echo(f"Files: {result['auc']}, {result['auc_minus_baseline']} (+ .png)")
+    typer.echo(f"Files: {result['auc']}, {result['auc_minus_baseline']}, {result['auc_minus_control']} (+ .png), "
+               f"{result['text_controls']}")
 
 
 @app.command("fit-detector")

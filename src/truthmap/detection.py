@@ -2,8 +2,10 @@
 
 For each probed token, and each seed: the train run's rows are split 80/20 (grouped, stratified); a probe per
 layer is fitted on the 80 %, the layer with the best AUC on the 20 % is chosen (never looking at test), and that
-probe scores the test run's rows. Baselines need no training and score the same test rows. Every method is
-evaluated on the test rows that have a valid exact answer, so all rows of the table share one test set.
+probe scores the test run's rows. Baselines need no training and score the same test rows. The text-only controls
+(controls.py) are fitted per seed on the rows the probes fit on. Every method is evaluated on the test rows that
+have a valid exact answer, so all rows of the table share one test set; probes and controls also get a 95 %
+interval over those rows, and the verdict per dataset sets the best probe against the best control.
 """
 
 from __future__ import annotations
@@ -118,14 +120,62 @@ def chosen_layer_probe(train: ProbeData, test: ProbeData, position: str, seeds, 
     fit, _, val = choose_layers(train.layer_reader(position), n_layers, train.is_error, train.groups, seeds, train.name, C)
     layers = val.argmax(1)
     read_test = test.layer_reader(position)
-    test_aucs = [auc(test.is_error, probe_logits(fit, layer, s, read_test(layer))) for s, layer in enumerate(layers)]
+    scores = np.stack([probe_logits(fit, layer, s, read_test(layer)) for s, layer in enumerate(layers)])  # [seeds, n]
+    test_aucs = [auc(test.is_error, row) for row in scores]
+    low, high = interval_over_test_rows(scores, test.is_error)
     return {
         "auc_mean": float(np.mean(test_aucs)),
         "auc_std": float(np.std(test_aucs)),
+        "auc_low": low,
+        "auc_high": high,
         "aucs": [float(a) for a in test_aucs],
         "layers": [int(layer) for layer in layers],
         "validation_auc": [float(val[s, layer]) for s, layer in enumerate(layers)],
     }
+
+
+def interval_over_test_rows(scores, is_error) -> tuple[float, float]:
+    """95 % interval of the mean over seeds of the test AUCs of scores [seeds, test rows]: the stratified bootstrap
+    of the test rows (probes.bootstrap_aucs), one draw shared by all seeds."""
+    from truthmap.probes import bootstrap_aucs, bootstrap_weights, interval
+
+    scores = np.asarray(scores, dtype=np.float64)
+    boot = bootstrap_aucs(scores[None], is_error, np.zeros(scores.shape, dtype=bool), bootstrap_weights(is_error))
+    low, high = interval(boot[:, 0])
+    return float(low), float(high)
+
+
+def run_texts(run: RunDir, ids) -> dict:
+    """control name -> the texts (exact answer, answer, question) of the rows `ids` of a run."""
+    import pandas as pd
+
+    from truthmap.controls import CONTROLS, texts_of
+
+    columns = ["id"] + [column for column, _ in CONTROLS.values()]
+    return texts_of(pd.read_parquet(run.answers, columns=columns), ids)
+
+
+def text_control_results(train_run: RunDir, test_run: RunDir, train: ProbeData, test: ProbeData, seeds) -> list[dict]:
+    """The text-only controls (controls.py) as rows of the detection table: per seed, fitted on the train rows the
+    probes fit on (validation_masks), scored on the test rows."""
+    from truthmap.controls import CONTROLS, control_scores
+
+    masks = validation_masks(train.is_error, train.groups, seeds)
+    train_texts, test_texts = run_texts(train_run, train.ids), run_texts(test_run, test.ids)
+    results = []
+    for name, (_, label) in CONTROLS.items():
+        try:
+            check_splits(train.is_error, masks, seeds, train.name)
+            check_class_counts(int(test.is_error.sum()), int((~test.is_error).sum()), test.name)
+            scores = control_scores(train_texts[name], train.is_error, masks, test_texts[name])  # [seeds, test rows]
+            aucs = [auc(test.is_error, row) for row in scores]
+            low, high = interval_over_test_rows(scores, test.is_error)
+            outcome = {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "auc_low": low,
+                       "auc_high": high, "aucs": aucs}
+        except ProbeError as err:
+            outcome = {"auc_mean": float("nan"), "auc_std": float("nan"), "note": str(err)}
+        results.append({"method": label} | outcome)
+    return results
 
 
 def baseline_aucs(test_run: RunDir, test: ProbeData) -> dict[str, float]:
@@ -154,6 +204,7 @@ def evaluate_dataset(dataset: str, train_run: RunDir, test_run: RunDir, site: st
         common | {"method": BASELINE_NAMES[name], "auc_mean": value, "auc_std": float("nan")}
         for name, value in baseline_aucs(test_run, test).items()
     ]
+    results += [common | row for row in text_control_results(train_run, test_run, train, test, seeds)]
     for position in PROBE_TOKENS:
         try:
             outcome = chosen_layer_probe(train, test, position, seeds)
@@ -166,7 +217,10 @@ def evaluate_dataset(dataset: str, train_run: RunDir, test_run: RunDir, site: st
 def method_order(methods) -> list[str]:
     from truthmap.baselines import BASELINE_NAMES
 
-    known = list(BASELINE_NAMES.values()) + [f"Probe @ {p}" for p in PROBE_TOKENS]
+    from truthmap.controls import CONTROLS
+
+    controls = [label for _, label in CONTROLS.values()]
+    known = list(BASELINE_NAMES.values()) + controls + [f"Probe @ {p}" for p in PROBE_TOKENS]
     return [m for m in known if m in set(methods)] + sorted(set(methods) - set(known))
 
 
@@ -210,8 +264,28 @@ def write_detection_table(results: list[dict], directory, title: str) -> dict:
     mean, std = detection_frames(results)
     wide = mean.join(std, rsuffix="_std")
     write_atomic(directory / "detection_table.csv", lambda tmp: wide.to_csv(tmp, float_format="%.4f"))
-    write_atomic(directory / "detection_table.md", lambda tmp: tmp.write_text(f"{title}\n\n" + markdown_table(mean, std)))
+    text = f"{title}\n\n" + markdown_table(mean, std) + verdicts(results)
+    write_atomic(directory / "detection_table.md", lambda tmp: tmp.write_text(text))
     plot_matrix(mean, title, directory / "detection_table.png", 0.5, 1.0, bold=best_per_column(mean))
     write_json(directory / "detection_results.json", results)
     return {"csv": str(directory / "detection_table.csv"), "md": str(directory / "detection_table.md"),
             "png": str(directory / "detection_table.png")}
+
+
+def verdicts(results: list[dict]) -> str:
+    """Per dataset, in words: the best probe row against the best text-only control row, with their 95 % intervals
+    over the test rows; the probe beats the control when its interval lies above the control's AUC."""
+    from truthmap.controls import CONTROLS, compare
+
+    labels = {label for _, label in CONTROLS.values()}
+    lines = []
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        rows = [r for r in results if r["dataset"] == dataset and np.isfinite(r["auc_mean"])]
+        probes = [r for r in rows if r["method"].startswith("Probe @ ")]
+        controls = [r for r in rows if r["method"] in labels]
+        if not probes:
+            continue
+        probe = max(probes, key=lambda r: r["auc_mean"])
+        control = max(controls, key=lambda r: r["auc_mean"]) if controls else None
+        lines.append(f"- {dataset}: " + compare(f"best probe {probe['method']}", probe, control))
+    return "\nVerdict (95 % intervals over the test rows):\n\n" + "\n".join(lines) + "\n" if lines else ""

@@ -248,21 +248,28 @@ def merge_stores(parts: list[tuple[list[int], Path]], directory: Path, n_samples
     never leaves a store that looks finished."""
     import numpy as np
 
-    from truthmap.activations import META_FILE, STORE_FILE
+    from truthmap.activations import EMBED_FILE, META_FILE, STORE_FILE
     from truthmap.rundir import read_json, write_json
 
     metas = [read_json(Path(d) / META_FILE) for _, d in parts]
     n_layers, n_positions, _, hidden = metas[0]["shape"]
     meta = metas[0] | {"shape": [n_layers, n_positions, n_samples, hidden], "written": n_samples,
                        "clipped": sum(m["clipped"] for m in metas)}
+    files = [(STORE_FILE, "shape")]
+    if all("embed_shape" in m for m in metas):  # the input embedding, beside the store (see activations.py)
+        meta["embed_shape"] = metas[0]["embed_shape"][:2] + [n_samples, metas[0]["embed_shape"][3]]
+        files.append((EMBED_FILE, "embed_shape"))
+    else:
+        meta.pop("embed_shape", None)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / META_FILE).unlink(missing_ok=True)
-    np.memmap(directory / STORE_FILE, dtype=np.float16, mode="w+", shape=tuple(meta["shape"])).flush()
-    for (rows, part_dir), part_meta in zip(parts, metas):
-        for layer in range(n_layers):  # one layer of one shard mapped at a time (see activations.py's docstring)
-            store = np.memmap(directory / STORE_FILE, dtype=np.float16, mode="r+", shape=tuple(meta["shape"]))
-            part = np.memmap(Path(part_dir) / STORE_FILE, dtype=np.float16, mode="r", shape=tuple(part_meta["shape"]))
-            store[layer][:, rows, :] = part[layer]  # [positions, shard samples, hidden]
-            store.flush()
-            del store, part
+    for name, key in files:
+        np.memmap(directory / name, dtype=np.float16, mode="w+", shape=tuple(meta[key])).flush()
+        for (rows, part_dir), part_meta in zip(parts, metas):
+            for layer in range(meta[key][0]):  # one layer of one shard mapped at a time (see activations.py)
+                store = np.memmap(directory / name, dtype=np.float16, mode="r+", shape=tuple(meta[key]))
+                part = np.memmap(Path(part_dir) / name, dtype=np.float16, mode="r", shape=tuple(part_meta[key]))
+                store[layer][:, rows, :] = part[layer]  # [positions, shard samples, hidden]
+                store.flush()
+                del store, part
     write_json(directory / META_FILE, meta)

@@ -289,13 +289,15 @@ def extract(config: RunConfig, lm=None) -> RunDir:
     return run
 
 
+PROBE_OUTPUTS = 2  # bump when the probe stage writes new files: 2 = embedding row, controls, intervals
+
+
 @locked
 def probe(config: RunConfig) -> RunDir:
     """Probe every (layer, position) cell on the rows with a valid exact answer; write the heatmap and tables."""
     import numpy as np
 
-    from truthmap.activations import RowView, open_store
-    from truthmap.heatmap import plot_heatmap, top_cells, write_heatmap_csv, write_top_cells
+    from truthmap.activations import RowView, open_embedding, open_store
     from truthmap.models import model_slug
     from truthmap.probes import probe_grid
 
@@ -303,7 +305,7 @@ def probe(config: RunConfig) -> RunDir:
     out = run.probes(config.site)
     table = _answers_table(run)
     acts, meta = open_store(run.activations(config.site))
-    made_by = {"answers": meta["answers"], "site": config.site, "seeds": list(config.seeds)}
+    made_by = {"answers": meta["answers"], "site": config.site, "seeds": list(config.seeds), "outputs": PROBE_OUTPUTS}
     if (out / "probes.json").exists() and all(read_json(out / "probes.json").get(k) == v for k, v in made_by.items()):
         return run
     rows = np.flatnonzero(table["exact_answer_valid"].to_numpy())
@@ -312,10 +314,14 @@ def probe(config: RunConfig) -> RunDir:
     grid = probe_grid(
         RowView(acts, rows), is_error, groups=groups, seeds=config.seeds, name=config.dataset, device=config.device
     )
+    embed = open_embedding(run.activations(config.site), meta)
+    embed_grid = None
+    if embed is not None:  # the token-identity floor: one more "layer", probed on the same rows and splits
+        embed_grid = probe_grid(RowView(embed, rows), is_error, groups=groups, seeds=config.seeds,
+                                name=f"{config.dataset} (input embedding)", device=config.device, progress=False)
+    controls = text_controls(table, rows, is_error, groups, config)
     title = f"{model_slug(config.model)} · {config.dataset} ({config.split}) · {config.site} · n={len(rows)}"
-    plot_heatmap(grid.mean, POSITIONS, title, out / "heatmap.png", out / "heatmap.svg")
-    write_heatmap_csv(grid, POSITIONS, out / "heatmap.csv")
-    write_top_cells(grid, POSITIONS, out / "top_cells.json")
+    summary = write_probe_outputs(out, grid, embed_grid, controls, title, config.dataset)
     write_json(
         out / "probes.json",
         made_by
@@ -325,11 +331,55 @@ def probe(config: RunConfig) -> RunDir:
             "correct": int((~is_error).sum()),
             "n_train": grid.n_train,
             "n_test": grid.n_test,
-            "best": top_cells(grid, POSITIONS, k=1)[0],
+            **summary,
             "activations": {k: meta[k] for k in ("shape", "dtype", "clipped")},
         },
     )
     return run
+
+
+def text_controls(table, rows, is_error, groups, config: RunConfig) -> dict:
+    """The text-only controls (controls.py) on the probe grid's rows, splits and bootstrap draws."""
+    from truthmap.controls import CONTROLS, control_grid
+    from truthmap.probes import bootstrap_weights, split_masks
+
+    texts = {name: [str(t) for t in table[column].iloc[rows]] for name, (column, _) in CONTROLS.items()}
+    train = split_masks(len(rows), groups, tuple(config.seeds), is_error, name=config.dataset)
+    return control_grid(texts, is_error, train, bootstrap_weights(is_error))
+
+
+def write_probe_outputs(out: Path, grid, embed_grid, controls: dict, title: str, dataset: str) -> dict:
+    """heatmap.png|svg|csv (embedding row below layer 0, grey dots where a cell's interval does not clear the best
+    control), selectivity.png|svg|csv, top_cells.json; returns the summary entries of probes.json."""
+    from truthmap.controls import best_control, public, selectivity, verdict
+    from truthmap.heatmap import EMBED_ROW, plot_heatmap, top_cells, with_embedding, write_heatmap_csv
+    from truthmap.heatmap import write_selectivity_csv, write_top_cells
+
+    rows, labels = with_embedding(grid, embed_grid)
+    sel = selectivity(rows, controls)
+    best_name = best_control(controls)
+    control_auc = controls[best_name]["auc_mean"] if best_name else None
+    note = ""
+    if "clears" in sel:
+        note = f"· : 95% interval does not clear {controls[best_name]['label']} (AUC {control_auc:.3f})"
+    plot_heatmap(rows.mean, POSITIONS, title, out / "heatmap.png", out / "heatmap.svg", labels,
+                 marked=~sel["clears"] if "clears" in sel else None, note=note)
+    write_heatmap_csv(rows, POSITIONS, out / "heatmap.csv", labels)
+    if best_name:
+        plot_heatmap(sel["mean"], POSITIONS, f"Selectivity: AUC minus {controls[best_name]['label']}\n{title}",
+                     out / "selectivity.png", out / "selectivity.svg", labels, marked=~sel["clears"] if "clears" in sel
+                     else None, diverging=True, note=note)
+        write_selectivity_csv(sel, POSITIONS, out / "selectivity.csv", labels)
+    write_top_cells(grid, POSITIONS, out / "top_cells.json", control_auc=control_auc)
+    best = top_cells(grid, POSITIONS, k=1, control_auc=control_auc)[0]
+    return {
+        "best": best,
+        "embedding_best": top_cells(embed_grid, POSITIONS, k=1, control_auc=control_auc)[0] | {"layer": EMBED_ROW}
+        if embed_grid else None,
+        "controls": public(controls),
+        "best_control": best_name,
+        "verdict": verdict(best, controls, dataset),
+    }
 
 
 @locked
@@ -353,6 +403,7 @@ def run_all(config: RunConfig) -> dict:
     return {
         "heatmap": str(run.probes(config.site) / "heatmap.png"),
         "best": summary["best"],
+        "verdict": summary.get("verdict"),
         **summarize_answers(run),
         "report": str(report),
         "warnings": red_flags(run),

@@ -377,6 +377,109 @@ def grouped_split(n, groups=None, test_size=0.2, seed=0, stratify=None):
     return np.flatnonzero(~test_rows), np.flatnonzero(test_rows)
 
 
+def split_masks(n, groups, seeds, is_error, test_size=0.2, name="") -> np.ndarray:
+    """[seeds, n] True on the train rows of each seed's grouped, stratified split: the splits of probe_grid, which
+    the text-only controls (controls.py) reuse so that probes and controls see the same rows.
+
+    Every split is checked before any fit: roc_auc_score on one class returns NaN with only a warning."""
+    y = np.asarray(is_error, dtype=bool)
+    train = np.zeros((len(seeds), n), dtype=bool)
+    for i, seed in enumerate(seeds):
+        parts = grouped_split(n, groups, test_size, seed, stratify=y)
+        for part, idx in zip(("train", "test"), parts):
+            k = int(y[idx].sum())
+            if k == 0 or k == idx.size:
+                raise ProbeError(
+                    f"The {part} part of the split for seed {seed}{_of(name)} has one class only: {k} incorrect and "
+                    f"{idx.size - k} correct answers. Use more samples (--n-samples)."
+                )
+        train[i, parts[0]] = True
+    return train
+
+
+# ------------------------------------------------------------------------------------------- intervals (bootstrap)
+
+N_BOOT = 1000  # bootstrap replicates per cell: percentiles of 1,000 draws move by about 0.005 AUC between seeds
+BOOT_ELEMENTS = 2**22  # replicates x cells x test rows held at once by bootstrap_aucs (float32: ~16 MB per array)
+
+
+def bootstrap_weights(is_error, n_boot=N_BOOT, seed=0) -> np.ndarray:
+    """[n_boot, n] float32 counts: each replicate redraws the errors from the errors and the correct answers from
+    the correct ones, with replacement (a stratified bootstrap of the rows). Rows, not splits, are redrawn, so every
+    seed's test part sees the same draw and the interval of a mean over seeds is not narrowed by counting the same
+    rows several times as if independent."""
+    y = np.asarray(is_error, dtype=bool)
+    rng = np.random.default_rng(seed)
+    weights = np.zeros((n_boot, y.size), dtype=np.float32)
+    for members in (np.flatnonzero(y), np.flatnonzero(~y)):
+        if members.size:
+            weights[:, members] = rng.multinomial(members.size, np.full(members.size, 1 / members.size), size=n_boot)
+    return weights
+
+
+def weighted_aucs(scores, positive, weights) -> np.ndarray:
+    """[n_boot, m] AUC of each row of scores [m, n] (ties count one half) with row weights [n_boot, n] (bootstrap
+    counts): the AUC of the resampled rows. NaN where a replicate draws no positive or no negative row.
+
+    Sorted once per score row; each replicate is then a cumulative sum, O(n) instead of O(positives x negatives)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    m, n = scores.shape
+    order = np.argsort(scores, axis=1, kind="stable")  # [m, n]
+    s = np.take_along_axis(scores, order, 1)
+    pos = positive[order]  # [m, n]
+    ranks = np.arange(n)
+    first = np.ones((m, n), dtype=bool)
+    first[:, 1:] = s[:, 1:] != s[:, :-1]  # a tie group starts here
+    last = np.ones((m, n), dtype=bool)
+    last[:, :-1] = first[:, 1:]  # ... and ends here
+    start = np.maximum.accumulate(np.where(first, ranks, 0), axis=1)  # [m, n] first index of each row's tie group
+    end = np.minimum.accumulate(np.where(last, ranks, n)[:, ::-1], axis=1)[:, ::-1]  # [m, n] its last index
+    ties = not first.all()  # probe logits rarely tie; text controls can
+    weights = np.asarray(weights, dtype=np.float32)
+    out = np.empty((weights.shape[0], m))
+    per_chunk = max(1, BOOT_ELEMENTS // max(1, m * n))
+    for lo in range(0, weights.shape[0], per_chunk):
+        w = weights[lo : lo + per_chunk][:, order]  # [b, m, n] in each score row's sorted order
+        w_pos = w * pos
+        w_neg = w - w_pos
+        below = np.cumsum(w_neg, axis=2)  # [b, m, n] negative weight at or below each index
+        if ties:
+            upto = np.take_along_axis(below, np.broadcast_to(end, below.shape), 2)  # through the row's tie group
+            before = np.take_along_axis(below, np.broadcast_to(np.maximum(start - 1, 0), below.shape), 2)
+            before = np.where(start > 0, before, 0)  # strictly below the tie group
+            numerator = (w_pos * (before + upto)).sum(-1) * 0.5  # before + half of the ties = (before + upto) / 2
+        else:  # a positive index holds no negative weight itself: `below` is the weight strictly below it
+            numerator = (w_pos * below).sum(-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[lo : lo + per_chunk] = numerator / (w_pos.sum(-1) * w_neg.sum(-1))
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
+def bootstrap_aucs(scores, is_error, train, weights) -> np.ndarray:
+    """[n_boot, m] mean over seeds of each replicate's test AUC, for scores [m, seeds, n] (every row scored by the
+    fit of each seed), the seeds' train masks [seeds, n] and bootstrap_weights [n_boot, n]. A replicate that draws
+    one class only in some seed's test part averages the other seeds."""
+    y = np.asarray(is_error, dtype=bool)
+    scores = np.asarray(scores)
+    per_seed = np.stack(
+        [weighted_aucs(scores[:, s, ~mask], y[~mask], weights[:, ~mask]) for s, mask in enumerate(train)]
+    )  # [seeds, n_boot, m]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all seeds NaN: stays NaN
+        return np.nanmean(per_seed, axis=0)
+
+
+def interval(replicates, level=0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval over the first axis of bootstrap replicates (NaN replicates left out)."""
+    tail = 100 * (1 - level) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanpercentile(np.asarray(replicates, dtype=np.float64), [tail, 100 - tail], axis=0)
+    return low, high
+
+
 @dataclass
 class ProbeGrid:
     """Test AUC of the error probe of every (layer, token position) cell, over seeded splits."""
@@ -389,6 +492,11 @@ class ProbeGrid:
     n_errors: int  # positives: incorrect answers
     n_correct: int
     seeds: tuple[int, ...]
+    # The 95 % interval of `mean` over test rows (bootstrap_aucs): replicates [n_boot, layers, positions] float32,
+    # and their 2.5 and 97.5 percentiles [layers, positions]. None with n_boot=0.
+    boot: np.ndarray | None = None
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
 
 
 def _on(name: str) -> str:
@@ -422,6 +530,7 @@ def probe_grid(
     max_iter=1000,
     threads=None,
     device=None,
+    n_boot=N_BOOT,
 ) -> ProbeGrid:
     """Fit and score an error probe for every (layer, position) cell of acts [n, layers, positions, hidden].
 
@@ -434,6 +543,7 @@ def probe_grid(
     1.6x faster than 1 on 2 free cores). Pass 1 on a CPU shared with other work: torch's OpenMP threads spin-wait,
     and there 2 threads made small ops 100x slower and the grid 10x.
     device: where the fits run (None: cuda when available, else cpu); cells are read on the CPU and moved there.
+    n_boot: bootstrap replicates of the test rows for each cell's 95 % interval (bootstrap_aucs); 0 for none.
     """
     import torch
 
@@ -456,19 +566,9 @@ def probe_grid(
     n_errors = int(y.sum())
     check_class_counts(n_errors, n - n_errors, name)
 
-    # Every split is checked before any fit: roc_auc_score on one class returns NaN with only a warning.
-    splits = [grouped_split(n, groups, test_size, seed, stratify=y) for seed in seeds]
-    for seed, parts in zip(seeds, splits):
-        for part, idx in zip(("train", "test"), parts):
-            k = int(y[idx].sum())
-            if k == 0 or k == idx.size:
-                raise ProbeError(
-                    f"The {part} part of the split for seed {seed}{_of(name)} has one class only: {k} incorrect and "
-                    f"{idx.size - k} correct answers. Use more samples (--n-samples)."
-                )
-    train = np.zeros((len(seeds), n), dtype=bool)  # [seeds, n]
-    for i, (train_idx, _) in enumerate(splits):
-        train[i, train_idx] = True
+    train = split_masks(n, groups, seeds, y, test_size, name)  # [seeds, n]
+    weights = bootstrap_weights(y, n_boot) if n_boot else None  # [n_boot, n], the same draws as the controls
+    boot = np.full((n_boot, n_layers, n_positions), np.nan, dtype=np.float32) if n_boot else None
 
     aucs = np.empty((len(seeds), n_layers, n_positions))
     cells = [(layer, pos) for layer in range(n_layers) for pos in range(n_positions)]
@@ -496,6 +596,10 @@ def probe_grid(
                 test = ~train[s]
                 for (layer, pos), a in zip(batch, _auc_rows(logits[:, s, test], y[test])):
                     aucs[s, layer, pos] = a
+            if n_boot:
+                replicates = bootstrap_aucs(logits, y, train, weights)  # [n_boot, cells]
+                for i, (layer, pos) in enumerate(batch):
+                    boot[:, layer, pos] = replicates[:, i]
             advance(len(batch))
     if not_converged:
         warnings.warn(f"{not_converged} of {aucs.size} probe fits did not converge in {max_iter} iterations.")
@@ -508,6 +612,9 @@ def probe_grid(
         n_errors=n_errors,
         n_correct=n - n_errors,
         seeds=seeds,
+        boot=boot,
+        low=interval(boot)[0] if n_boot else None,
+        high=interval(boot)[1] if n_boot else None,
     )
 
 

@@ -147,11 +147,14 @@ def summary_section(run: RunDir, info: dict, answers) -> str:
         "run directory": str(run.path),
     }
     for site in _sites_with(run, "probes.json"):
-        best = read_json(run.probes(site) / "probes.json").get("best")
+        probes = read_json(run.probes(site) / "probes.json")
+        best = probes.get("best")
         if best:
             rows[f"best cell, {site}"] = (
                 f"layer {best['layer']}, token {best['token']}, AUC {best['auc_mean']:.3f} ± {best['auc_std']:.3f}"
             )
+        if probes.get("verdict"):
+            rows[f"verdict, {site}"] = probes["verdict"]
     warnings = "".join(f'<p class="warning">Warning: {html.escape(flag)}</p>' for flag in red_flags(run, answers))
     return warnings + _key_value_table(rows)
 
@@ -185,8 +188,31 @@ def heatmap_sections(run: RunDir) -> list[tuple[str, str, str]]:
             parts.append(_probe_facts(read_json(folder / "probes.json")))
         if (folder / "top_cells.json").exists():
             parts.append("<h3>Best cells</h3>" + _records_table(read_json(folder / "top_cells.json")))
+        parts.append(controls_parts(folder))
         sections.append((f"heatmap-{site}", f"Heatmap: {site}", "\n".join(parts)))
     return sections
+
+
+def controls_parts(folder: Path) -> str:
+    """The text-only controls of a probe folder, the verdict and the selectivity map; '' for a run made before."""
+    probes = read_json(folder / "probes.json") if (folder / "probes.json").exists() else {}
+    parts = []
+    if probes.get("verdict"):
+        parts.append(f"<h3>Verdict</h3><p>{html.escape(probes['verdict'])}</p>")
+    if probes.get("controls"):
+        keys = ["label", "auc_mean", "auc_std", "auc_low", "auc_high"]
+        keys += ["note"] * any("note" in c for c in probes["controls"].values())
+        records = [{k: c.get(k) for k in keys} for c in probes["controls"].values()]
+        parts.append("<h3>Text-only controls (no model internals)</h3>" + _records_table(records))
+    if probes.get("embedding_best"):
+        cell = probes["embedding_best"]
+        token = html.escape(cell["token"])
+        parts.append(f'<p class="note">Input embedding row (the token-identity floor): best {token},'
+                     f" AUC {cell['auc_mean']:.3f}.</p>")
+    figure = folder / "selectivity.svg" if (folder / "selectivity.svg").exists() else folder / "selectivity.png"
+    if figure.exists():
+        parts.append("<h3>Selectivity: AUC minus the best text-only control</h3>" + _figure(figure, "Selectivity"))
+    return "\n".join(parts)
 
 
 def _probe_facts(probes: dict) -> str:
@@ -200,11 +226,23 @@ def _probe_facts(probes: dict) -> str:
 
 
 def detection_section(run: RunDir) -> str:
-    return _files_section(run.tables, ["detection_table.png", "detection_table.csv"])
+    return _files_section(run.tables, ["detection_table.png", "detection_table.csv"]) + _table_verdicts(run.tables)
+
+
+def _table_verdicts(folder: Path) -> str:
+    """The verdict lines that close detection_table.md (best probe against best text-only control, per dataset)."""
+    path = folder / "detection_table.md"
+    if not path.exists() or "\nVerdict" not in path.read_text():
+        return ""
+    head, _, lines = path.read_text().partition("\nVerdict")
+    items = [line[2:] for line in lines.splitlines() if line.startswith("- ")]
+    return "<h3>Verdict" + html.escape(lines.splitlines()[0]) + "</h3><ul>" + "".join(
+        f"<li>{html.escape(item)}</li>" for item in items) + "</ul>"
 
 
 def generalization_section(run: RunDir) -> str:
-    names = ["auc_minus_baseline.png", "auc.png", "auc.csv", "auc_minus_baseline.csv"]
+    names = ["auc_minus_baseline.png", "auc_minus_control.png", "auc.png", "auc.csv", "auc_minus_baseline.csv",
+             "auc_minus_control.csv", "text_controls.csv"]
     return _files_section(run.generalization, names)
 
 

@@ -9,14 +9,16 @@
         work/extractions/part-*.parquet   checkpoints of the exact-answer extraction, one per finished batch
         work/shards/<k>-of-<n>/     `--executor ray`: shard k's generations/, extractions/, activations/<site>/
         activations/<site>/acts.f16       float16, cell-major [layers, positions, samples, hidden]
-        activations/<site>/meta.json      shape, dtype, what made it, and how many samples are written
-        probes/<site>/heatmap.png|svg|csv, top_cells.json, probes.json
+        activations/<site>/embed.f16      float16, [1, positions, samples, hidden]: the input embedding (embed row)
+        activations/<site>/meta.json      shape, embed_shape, dtype, what made it, and how many samples are written
+        probes/<site>/heatmap.png|svg|csv, top_cells.json, probes.json (text-only controls, verdict)
+        probes/<site>/selectivity.png|svg|csv   AUC minus the best text-only control, per cell
         baselines.parquet           per-row error scores of the logit baselines and p(True) (`truthmap table`)
         detector_<site>.json        a saved detector fitted on this run (`truthmap fit-detector`)
         detector_scores.parquet     id, error_probability, in_train: that detector applied to this run's rows
         resamples/                  K sampled answers per question, error types, answer selection (`truthmap resample`)
     runs/<model-slug>/tables/detection_table.csv|md|png      Table 1 over datasets (`truthmap table`)
-    runs/<model-slug>/generalization/auc*.csv|png            train-on-one, test-on-another (`truthmap generalize`)
+    runs/<model-slug>/generalization/auc*.csv|png, text_controls.csv  train on one, test on another (`generalize`)
 
 Stages never import each other: each reads what the previous one wrote here, and writes atomically (temp file
 + os.replace), so a killed run never leaves a half-written artifact and a rerun resumes where it stopped.
