@@ -365,12 +365,13 @@ class SpanChooser:
         return self.best[row][1]
 
 
-ARTICLES = {"the", "a", "an"}
+# Words that start no exact answer: articles, and pronouns, which point at an answer without naming it.
+NOT_A_START = {"the", "a", "an", "this", "that", "it", "he", "she", "they", "i", "we", "you"}
 
 
 def span_starts(tokenizer, answer_ids: list[int], question: str) -> list[int]:
     """Token indices where an exact answer may start: the first token of a word that is neither a word of the
-    question nor an article.
+    question nor an article or pronoun.
 
     A small extractor often copies the question's subject ("Egypt" from "The capital of Egypt is Cairo") or the
     sentence from its start ("The currency in Russia is the ruble"); the answer to a question is not one of its
@@ -382,7 +383,7 @@ def span_starts(tokenizer, answer_ids: list[int], question: str) -> list[int]:
               or (piece[:1].isalnum() and not pieces[i - 1][-1:].isalnum())]
     bounds = starts + [len(pieces)]
     words = {start: re.sub(r"\W", "", "".join(pieces[start:end]).lower()) for start, end in zip(bounds, bounds[1:])}
-    asked = set(re.findall(r"\w+", question.lower())) | ARTICLES
+    asked = set(re.findall(r"\w+", question.lower())) | NOT_A_START
     return ([i for i in starts if words[i] and words[i] not in asked] or [i for i in starts if words[i]]
             or list(range(len(answer_ids))))
 
