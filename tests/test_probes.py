@@ -141,8 +141,17 @@ def test_grid_runs_on_the_device_it_is_given(tmp_path, monkeypatch):
     store, is_error = make_store(tmp_path, 0, n=200)
     on_cpu = probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, device="cpu")
     assert set(seen) == {"cpu"}
-    if not torch.cuda.is_available():
-        return
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_grid_on_the_gpu_matches_the_cpu(tmp_path, monkeypatch):
+    from truthmap import probes
+
+    seen = []
+    fit = probes.fit_logistic
+    monkeypatch.setattr(probes, "fit_logistic", lambda X, *a, **k: seen.append(X.device.type) or fit(X, *a, **k))
+    store, is_error = make_store(tmp_path, 0, n=200)
+    on_cpu = probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, device="cpu")
     on_gpu = probe_grid(sample_major(store), is_error, seeds=(0,), progress=False)  # default: cuda when present
     assert seen[-1] == "cuda"
     np.testing.assert_allclose(on_gpu.aucs, on_cpu.aucs, atol=1e-6)
@@ -153,8 +162,12 @@ def test_grid_restores_torch_threads(tmp_path):
 
     store, is_error = make_store(tmp_path, 0, n=100)
     before = torch.get_num_threads()
-    probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, threads=1)
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(2)  # not the 1 the grid is given: a restore that does nothing fails
+    try:
+        probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, threads=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_grid_shows_progress(tmp_path, monkeypatch, capsys):

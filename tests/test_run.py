@@ -76,7 +76,7 @@ def test_table_fit_detector_and_score_end_to_end(study, tmp_path):
     assert json.loads(detector.read_text())["layer"] == 1
     for split in ("train", "test"):
         scores = pd.read_parquet(runs / "tiny-model" / "custom" / split / "detector_scores.parquet")
-        assert scores["error_probability"].between(0, 1).all() and scores["in_train"].all() == (split == "train")
+        assert scores["error_probability"].between(0, 1).all() and (scores["in_train"] == (split == "train")).all()
 
     scored = CliRunner().invoke(app, ["score", "--detector", str(detector), "--model", str(model_dir),
                                       "--question", "What is the capital of Peru? 2", "--answer", "Lima"])

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from truthmap.errors import ConfigError, ModelError  # noqa: E402
 from truthmap.sites import (  # noqa: E402
