@@ -243,3 +243,15 @@ def test_constrained_extraction_is_valid_and_resumes(tiny, tmp_path, monkeypatch
     monkeypatch.setattr(locate, "generate_batch", lambda *a, **k: calls.append(1))
     assert locate.extract_spans(tiny, rows, 3, Checkpoints(tmp_path, {"k": 1}), "constrained") == found
     assert calls == []  # resumed from the checkpoints
+
+
+@pytest.mark.parametrize("flag, value, expected", [("--locate", "both", "blind or gold"),
+                                                   ("--extractor", "llm", "constrained or free")])
+def test_locating_options_are_checked(tmp_path, flag, value, expected):
+    from typer.testing import CliRunner
+
+    from truthmap.cli import app
+
+    result = CliRunner().invoke(app, ["generate", flag, value, "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: Invalid {flag} '{value}': expected {expected}."
