@@ -130,30 +130,27 @@ def test_grid_batches_do_not_change_results(tmp_path, monkeypatch):
     np.testing.assert_allclose(single.aucs, whole.aucs, atol=1e-3)
 
 
-def test_grid_runs_on_the_device_it_is_given(tmp_path, monkeypatch):
-    import torch
-
+def grid_on(device, tmp_path, monkeypatch):
+    """The grid fitted on `device` (None: the default), and the device type each fit ran on."""
     from truthmap import probes
 
     seen = []
     fit = probes.fit_logistic
     monkeypatch.setattr(probes, "fit_logistic", lambda X, *a, **k: seen.append(X.device.type) or fit(X, *a, **k))
+    tmp_path.mkdir(parents=True, exist_ok=True)
     store, is_error = make_store(tmp_path, 0, n=200)
-    on_cpu = probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, device="cpu")
-    assert set(seen) == {"cpu"}
+    return probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, device=device), set(seen)
+
+
+def test_grid_runs_on_the_device_it_is_given(tmp_path, monkeypatch):
+    assert grid_on("cpu", tmp_path, monkeypatch)[1] == {"cpu"}
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_grid_on_the_gpu_matches_the_cpu(tmp_path, monkeypatch):
-    from truthmap import probes
-
-    seen = []
-    fit = probes.fit_logistic
-    monkeypatch.setattr(probes, "fit_logistic", lambda X, *a, **k: seen.append(X.device.type) or fit(X, *a, **k))
-    store, is_error = make_store(tmp_path, 0, n=200)
-    on_cpu = probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, device="cpu")
-    on_gpu = probe_grid(sample_major(store), is_error, seeds=(0,), progress=False)  # default: cuda when present
-    assert seen[-1] == "cuda"
+    on_cpu, _ = grid_on("cpu", tmp_path / "cpu", monkeypatch)
+    on_gpu, seen = grid_on(None, tmp_path / "gpu", monkeypatch)  # default: cuda when present
+    assert seen == {"cuda"}
     np.testing.assert_allclose(on_gpu.aucs, on_cpu.aucs, atol=1e-6)
 
 
