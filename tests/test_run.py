@@ -23,10 +23,14 @@ def study(tmp_path):
     return model_dir, path
 
 
-def test_run_writes_the_heatmap_and_skips_finished_stages(study, tmp_path):
+def run_args(study, tmp_path) -> list[str]:
     model_dir, data = study
-    args = ["run", "--model", str(model_dir), "--dataset", "custom", "--custom-path", str(data),
+    return ["run", "--model", str(model_dir), "--dataset", "custom", "--custom-path", str(data),
             "--runs-dir", str(tmp_path / "runs"), "--batch-size", "8", "--seeds", "0,1"]
+
+
+def test_run_writes_the_heatmap_and_skips_finished_stages(study, tmp_path):
+    args = run_args(study, tmp_path)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     out = tmp_path / "runs" / "tiny-model" / "custom" / "train"
@@ -108,10 +112,7 @@ def test_run_prints_each_red_flag_as_a_warning_line(tmp_path, monkeypatch):
 
 
 def test_run_writes_controls_embedding_row_selectivity_and_intervals(study, tmp_path):
-    model_dir, data = study
-    args = ["run", "--model", str(model_dir), "--dataset", "custom", "--custom-path", str(data),
-            "--runs-dir", str(tmp_path / "runs"), "--batch-size", "8", "--seeds", "0,1"]
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, run_args(study, tmp_path))
     assert result.exit_code == 0, result.output
     probes = tmp_path / "runs" / "tiny-model" / "custom" / "train" / "probes" / "mlp"
     cells = pd.read_csv(probes / "heatmap.csv", dtype={"layer": str})

@@ -81,14 +81,17 @@ def answers_settings(config: RunConfig, spec) -> dict:
     } | locating_settings(config)
 
 
+LOCATING_KEYS = ("locate", "extractor", "extraction_model", "extraction_tries")
+
+
 def locating_settings(config: RunConfig) -> dict:
     """What decides the exact answers of answers.parquet (not the generations: another locating reuses those)."""
-    return {"locate": config.locate, "extractor": config.extractor, "extraction_model": config.extraction_model,
-            "extraction_tries": config.extraction_tries if config.extractor == "free" else None}
+    tries = config.extraction_tries if config.extractor == "free" else None
+    return dict(zip(LOCATING_KEYS, (config.locate, config.extractor, config.extraction_model, tries)))
 
 
 def generation_settings(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if k not in ("locate", "extractor", "extraction_model", "extraction_tries")}
+    return {k: v for k, v in settings.items() if k not in LOCATING_KEYS}
 
 
 def check_resume(config: RunConfig) -> None:
