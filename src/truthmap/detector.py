@@ -111,17 +111,18 @@ class Detector(ClassifierMixin, BaseEstimator):
         return self.probe_.auc(X, y)
 
     def _check_X(self, X, y="no_validation", reset=False):
-        """X as float64, [n, layers, hidden] or [n, hidden], checked as scikit-learn checks it (and y, if given).
+        """X [n, layers, hidden] (floats kept) or [n, hidden] (float64), checked as scikit-learn checks it, and y.
 
         n_features_in_ is the hidden size of one layer, the features the probe reads."""
         from sklearn.utils.validation import check_array, check_X_y, validate_data
 
         if _ndim(X) != 3:
             return validate_data(self, X, y, reset=reset, dtype=np.float64)
+        floats = (np.float64, np.float32, np.float16)  # every layer in float64 would be 4x a float16 store's rows
         if isinstance(y, str):
-            X = check_array(X, allow_nd=True, dtype=np.float64)
+            X = check_array(X, allow_nd=True, dtype=floats)
         else:
-            X, y = check_X_y(X, y, allow_nd=True, dtype=np.float64)
+            X, y = check_X_y(X, y, allow_nd=True, dtype=floats)
         if reset:
             self.n_features_in_ = X.shape[2]
             self.__dict__.pop("feature_names_in_", None)  # from an earlier fit on a DataFrame
