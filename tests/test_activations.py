@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from truthmap.activations import extract_activations, open_store
+from truthmap.errors import StoreError
 from truthmap.locate import token_positions
 from truthmap.rundir import POSITIONS, position_column
 from truthmap.sites import decoder_layers
@@ -76,7 +77,7 @@ def test_killed_store_resumes_to_the_same_bytes(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(activations, "read_positions", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         extract_activations(tiny, table, tmp_path / "killed", "mlp", batch_size=2, run_settings={})
-    with pytest.raises(Exception, match="incomplete \\(4 of 7 samples\\)"):
+    with pytest.raises(StoreError, match=r"killed are incomplete \(4 of 7 samples\)\. Rerun `truthmap extract`"):
         open_store(tmp_path / "killed")
     monkeypatch.setattr(activations, "read_positions", real_read)
     extract_activations(tiny, table, tmp_path / "killed", "mlp", batch_size=2, run_settings={})
@@ -87,7 +88,7 @@ def test_killed_store_resumes_to_the_same_bytes(tiny, tmp_path, monkeypatch):
 def test_resume_refuses_other_settings(tiny, tmp_path):
     table = make_table(tiny.tokenizer)
     extract_activations(tiny, table, tmp_path, "mlp", batch_size=4, run_settings={"model": "a"})
-    with pytest.raises(Exception, match="was made with answers="):
+    with pytest.raises(StoreError, match=r"was made with answers=.*Use another --runs-dir, or delete that directory"):
         extract_activations(tiny, table, tmp_path, "mlp", batch_size=4, run_settings={"model": "b"})
 
 
@@ -121,7 +122,7 @@ def test_cell_store_reads_one_cell_at_a_time(tmp_path):
     with pytest.raises(IndexError):
         acts[:, 3, 0, :]
     CellStore(tmp_path / "acts.f16", (3, 4, 6, 2))[:, 0, 0, :]  # the first cell still fits in the file
-    with pytest.raises(Exception, match="shorter than its meta.json"):
+    with pytest.raises(StoreError, match=r"acts\.f16 is shorter than its meta\.json says; extract the"):
         CellStore(tmp_path / "acts.f16", (3, 4, 6, 2))[:, 2, 3, :]
 
 

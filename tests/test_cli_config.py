@@ -48,7 +48,7 @@ def test_the_example_study_file_loads():
         ("datasets = []\n", r"Key 'datasets' in .*study.toml must be a non-empty list of strings, got \[\]."),
         ("site = 'mlp'\nsites = ['attn']\n", r"study.toml sets both 'site' and 'sites'; keep one."),
         ("model = \n", r"study.toml is not valid TOML: "),
-        ("split = 'dev'\n", r"Invalid --split 'dev': expected train or test."),
+        ("split = 'dev'\n", r"Unknown split 'dev'\. Available: train, test\."),
     ],
 )
 def test_a_bad_study_file_is_refused_naming_the_key_and_the_file(tmp_path, text, message):
@@ -146,7 +146,7 @@ def test_debug_shows_the_traceback_in_a_real_process(tmp_path):
     assert "Traceback" not in plain.stderr and len(plain.stderr.splitlines()) == 1
     debug = subprocess.run(command + ["--debug", "report", str(tmp_path / "a" / "b" / "c")], capture_output=True, text=True)
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
-    assert debug.stderr.rstrip().splitlines()[-1].startswith("truthmap.errors.ConfigError: No answers.parquet in ")
+    assert debug.stderr.rstrip().splitlines()[-1].startswith("truthmap.errors.StoreError: No answers.parquet in ")
 
 
 def test_every_command_has_help_ending_with_an_example():

@@ -72,11 +72,11 @@ def test_entry_settings():
 
 
 def test_unknown_dataset_message():
-    expected = f"Unknown dataset 'trivia'. Did you mean: triviaqa? Available: {', '.join(list_datasets())}"
+    expected = f"Unknown dataset 'trivia'. Did you mean: triviaqa? Available: {', '.join(list_datasets())}."
     assert expected.startswith("Unknown dataset 'trivia'. Did you mean: triviaqa? Available: geography, triviaqa, ")
-    with pytest.raises(DataError, match=f"^{re.escape(expected)}$"):
+    with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
         get_spec("trivia")
-    with pytest.raises(DataError, match=r"^Unknown dataset 'zzz'\. Available: geography, "):
+    with pytest.raises(ConfigError, match=r"^Unknown dataset 'zzz'\. Available: geography, "):
         load_records("zzz", "test")
 
 
@@ -100,7 +100,7 @@ def test_prompt_with_context_and_braces():
 
 def test_prompt_errors():
     record = Record(id="winobias-test-00001", question="q", answers=["a"])
-    with pytest.raises(ConfigError, match=r"Unknown prompt style 'chat' for dataset 'triviaqa'; use 'instruct'"):
+    with pytest.raises(ConfigError, match=r"^Unknown prompt style 'chat'\. Available: instruct, base\.$"):
         build_prompt(get_spec("triviaqa"), record, "chat")
     with pytest.raises(DataError, match=r"Record winobias-test-00001 has no field 'sentence'"):
         build_prompt(get_spec("winobias"), record, "instruct")
@@ -354,7 +354,7 @@ def test_malformed_rows(tmp_path):
 
 
 def test_bad_split_and_n_samples(tmp_path):
-    with pytest.raises(ConfigError, match=r"Unknown split 'dev' for dataset 'movies'; use 'train' or 'test'"):
+    with pytest.raises(ConfigError, match=r"^Unknown split 'dev'\. Available: train, test\.$"):
         load_records("movies", "dev", data_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"n_samples must be a positive integer or None; got 0"):
         load_records("movies", "test", data_dir=tmp_path, n_samples=0)

@@ -6,12 +6,13 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.utils.estimator_checks import parametrize_with_checks
 from typer.testing import CliRunner
 
 from truthmap.baselines import BASELINE_NAMES, exact_token_span, p_true_error_scores, token_scores
 from truthmap.detection import chosen_layer_probe, evaluate_dataset, markdown_table, write_detection_table
 from truthmap.detector import Detector
-from truthmap.errors import ConfigError, DataError, ModelError
+from truthmap.errors import ConfigError, DataError, ModelError, StoreError
 from truthmap.rundir import POSITIONS, RunDir, write_json
 
 # ----------------------------------------------------------------------------------------------------- baselines
@@ -192,30 +193,98 @@ def synthetic_cells(n=200, seed=0):
 
 def test_detector_chooses_layer_and_round_trips(tmp_path):
     X, y = synthetic_cells()
-    detector = Detector(token="exact_answer_last", seeds=(0, 5)).fit(X, y)
-    assert detector.layer_ == SIGNAL_LAYER
-    detector.info = {"model": "tiny", "dataset": "geography"}
+    info = {"model": "tiny", "dataset": "geography"}
+    detector = Detector(token="exact_answer_last", seeds=(0, 5), info=info).fit(X, y)
+    assert detector.layer_ == SIGNAL_LAYER and detector.validation_auc_.argmax() == SIGNAL_LAYER
     path = detector.save(tmp_path / "d.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json", "d.npz"]
     loaded = Detector.load(path)
     np.testing.assert_array_equal(loaded.predict_proba(X), detector.predict_proba(X))
     assert loaded.layer_ == SIGNAL_LAYER and loaded.token == "exact_answer_last" and loaded.info["model"] == "tiny"
     saved = json.loads(path.read_text())
-    assert saved["format"] == "truthmap-detector" and "truthmap_version" in saved and len(saved["probe"]["coef"]) == HIDDEN
+    assert saved["format"] == "truthmap-detector" and saved["format_version"] == 2 and "truthmap_version" in saved
+    assert saved["probe"] == {"C": 1.0, "classes": [False, True]} and "coef" not in json.dumps(saved)
+    with np.load(tmp_path / "d.npz") as weights:
+        assert sorted(weights.files) == ["coef", "intercept", "mean", "scale"] and weights["coef"].shape == (HIDDEN,)
     X_test, y_test = synthetic_cells(seed=1)
-    assert loaded.score(X_test, y_test) > 0.9  # the estimator face: AUC on held-out activations
+    assert loaded.auc(X_test, y_test) > 0.9  # the signal is strong: held-out AUC near 1
+    assert loaded.score(X_test, y_test) == np.mean(loaded.predict(X_test) == y_test)  # accuracy, as ClassifierMixin
+
+
+def test_detector_predicts_its_classes_on_every_layer_or_its_layer_alone():
+    X, y = synthetic_cells()
+    detector = Detector(seeds=(0,)).fit(X, y)
+    predicted = detector.predict(X)
+    assert predicted.dtype == bool and 0.8 < np.mean(predicted == y) <= 1
+    np.testing.assert_array_equal(predicted, detector.predict_proba(X)[:, 1] > 0.5)
+    np.testing.assert_array_equal(detector.predict_proba(X[:, SIGNAL_LAYER]), detector.predict_proba(X))
+    words = np.where(y, "wrong", "right")  # any two labels: classes_ sorted, the second the error class
+    named = Detector(seeds=(0,)).fit(X, words)
+    assert list(named.classes_) == ["right", "wrong"] and named.layer_ == SIGNAL_LAYER
+    np.testing.assert_array_equal(named.predict(X), np.where(predicted, "wrong", "right"))
+    with pytest.raises(ValueError, match="X has 3 layers, but Detector was fitted on 4"):
+        detector.predict(X[:, :3])
+    with pytest.raises(ValueError, match="X has 5 features per layer, but Detector is expecting 6"):
+        detector.predict(X[:, :, :5])
+
+
+@parametrize_with_checks([Detector(token="-1")])
+def test_detector_is_a_scikit_learn_classifier(estimator, check):
+    check(estimator)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"token": "exact_answer_lst"}, r"^Unknown token 'exact_answer_lst'\. Did you mean: exact_answer_last, "
+                                        r"exact_answer_first, exact_answer_after_last\? Available: last_q, "
+                                        r"first_answer, .*, -2, -1\.$"),
+        ({"site": "mlp_out"}, r"^Unknown site 'mlp_out'\. Did you mean: mlp_in, mlp\? Available: mlp, mlp_in, attn, "
+                              r"resid\.$"),
+        ({"layer": 4}, r"^The 'layer' parameter of Detector must be an int from 0 to 3 \(X has 4 layers\) or None\. "
+                       r"Got 4 instead\.$"),
+    ],
+)
+def test_detector_checks_its_parameters_at_fit(params, message):
+    X, y = synthetic_cells(n=40)
+    detector = Detector(**params)
+    with pytest.raises(ConfigError, match=message):
+        detector.fit(X, y)
+    assert detector.get_params()[next(iter(params))] == params[next(iter(params))]  # stored unchanged
 
 
 @pytest.mark.parametrize(
     "content, message",
-    [(None, "does not exist"), ("not json", "not JSON"), ('{"format": "other"}', "is not a truthmap detector")],
+    [
+        (None, r"^Detector file .*d\.json does not exist\. Make one with `truthmap fit-detector`\.$"),
+        ("not json", r"is not a truthmap detector \(not JSON: "),
+        ('{"format": "other"}', r'is not a truthmap detector \(no "format": "truthmap-detector"\)'),
+        ('{"format": "truthmap-detector", "format_version": 1, "probe": {"coef": [1.0]}}',
+         r"d\.json is a detector of format 1 \(its weights inside the JSON\); this truthmap reads format 2 \(a \.json "
+         r"and a \.npz\)\. Refit it with `truthmap fit-detector`\.$"),
+    ],
 )
 def test_detector_load_errors_are_one_line(tmp_path, content, message):
     path = tmp_path / "d.json"
     if content is not None:
         path.write_text(content)
-    with pytest.raises((ConfigError, DataError), match=message) as err:
+    with pytest.raises(StoreError, match=message) as err:
         Detector.load(path)
     assert "\n" not in str(err.value)
+
+
+def test_detector_json_and_npz_must_belong_together(tmp_path):
+    X, y = synthetic_cells(n=60)
+    first = Detector(layer=1).fit(X, y).save(tmp_path / "first.json")
+    Detector(layer=2).fit(X, y).save(tmp_path / "second.json")
+    (tmp_path / "first.npz").unlink()
+    with pytest.raises(StoreError, match=r"first\.npz is missing: a detector is first\.json and first\.npz side by"):
+        Detector.load(first)
+    (tmp_path / "first.npz").write_bytes((tmp_path / "second.npz").read_bytes())
+    with pytest.raises(StoreError, match=r"first\.npz is not the weights file of .*first\.json \(its sha256 differs"):
+        Detector.load(first)
+    with pytest.raises(ConfigError, match=r"^A detector is saved as a \.json file .*; got .*first\.npz\. Name"):
+        Detector(layer=1).fit(X, y).save(tmp_path / "first.npz")
 
 
 def fitted_tiny_detector(tiny, token):
@@ -224,9 +293,8 @@ def fitted_tiny_detector(tiny, token):
     texts = [tiny.tokenizer(f"Paris is {'the ' * k}capital", add_special_tokens=False)["input_ids"] for k in range(20)]
     X = read_positions(tiny, texts, [[len(t) - 1] for t in texts], "mlp")[:, :, 0]  # [20, layers, hidden]
     y = np.arange(20) % 2 == 0
-    detector = Detector(token=token, layer=1).fit(X, y)
-    detector.info = {"model": "tiny", "dataset": "geography", "chat_template": True, "extraction_tries": 1}
-    return detector
+    info = {"model": "tiny", "dataset": "geography", "chat_template": True, "extraction_tries": 1}
+    return Detector(token=token, layer=1, info=info).fit(X, y)
 
 
 def test_detector_scores_text_with_the_tiny_model(tiny):
@@ -234,19 +302,21 @@ def test_detector_scores_text_with_the_tiny_model(tiny):
     from truthmap.detector import encode_rows
 
     detector = fitted_tiny_detector(tiny, "-1")
-    p = detector.score("What is the capital of France?", "Paris is the capital.", lm=tiny)
+    [scored] = detector.score_texts(["What is the capital of France?"], ["Paris is the capital."], tiny)
+    p = scored["error_probability"]
     assert 0 < p < 1
     rows = encode_rows(tiny, detector.info, ["What is the capital of France?"], ["Paris is the capital."])
     sequence = list(rows["prompt_ids"][0]) + list(rows["answer_ids"][0])
     expected = detector.predict_proba(read_positions(tiny, [sequence], [[len(sequence) - 1]], "mlp")[:, :, 0])[0, 1]
     assert p == pytest.approx(expected)  # the last answer token, read by one forward pass
-    batch = detector.score_many(["Q one?", "What is the capital of France?"], ["A one.", "Paris is the capital."], tiny)
+    batch = detector.score_texts(["Q one?", "What is the capital of France?"], ["A one.", "Paris is the capital."],
+                                 tiny)
     assert batch[1]["error_probability"] == pytest.approx(p, abs=1e-6)
 
 
 def test_detector_at_exact_answer_uses_gold_when_given(tiny):
     detector = fitted_tiny_detector(tiny, "exact_answer_last")
-    result = detector.score_many(["Capital of France?"], ["It is Paris, of course."], tiny, golds=[["Paris"]])[0]
+    result = detector.score_texts(["Capital of France?"], ["It is Paris, of course."], tiny, golds=[["Paris"]])[0]
     assert result["exact_answer"] == "Paris" and result["exact_answer_source"] == "gold_match"
     assert 0 < result["error_probability"] < 1
 
@@ -255,9 +325,9 @@ def test_detector_refuses_another_model_and_empty_answers(tiny):
     detector = fitted_tiny_detector(tiny, "-1")
     detector.info["model"] = "smollm2"
     with pytest.raises(ModelError, match="fitted on model 'smollm2', not 'tiny'"):
-        detector.score("Capital of France?", "Paris", lm=tiny)
+        detector.score_texts(["Capital of France?"], ["Paris"], lm=tiny)
     with pytest.raises(DataError, match="The answer is empty"):
-        detector.score("Capital of France?", "  ", lm=tiny)
+        detector.score_texts(["Capital of France?"], ["  "], lm=tiny)
 
 
 def test_score_cli_errors_are_one_line(tmp_path):
@@ -267,8 +337,7 @@ def test_score_cli_errors_are_one_line(tmp_path):
     missing = runner.invoke(app, ["score", "--detector", str(tmp_path / "none.json"), "--question", "Q?", "--answer", "A"])
     assert missing.exit_code == 1 and "Error: Detector file" in missing.output and "Traceback" not in missing.output
     X, y = synthetic_cells()
-    detector = Detector(seeds=(0,)).fit(X, y)
-    detector.info = {"model": "smollm2", "dataset": "geography"}
+    detector = Detector(seeds=(0,), info={"model": "smollm2", "dataset": "geography"}).fit(X, y)
     path = detector.save(tmp_path / "d.json")
     empty = runner.invoke(app, ["score", "--detector", str(path), "--question", "Q?", "--answer", " "])
     assert empty.exit_code == 1 and "Error: The answer is empty" in empty.output
@@ -282,7 +351,7 @@ def test_score_cli_errors_are_one_line(tmp_path):
 
 def test_given_exact_answer_skips_extraction_and_must_occur(tiny):
     detector = fitted_tiny_detector(tiny, "exact_answer_last")
-    result = detector.score_many(["Capital of France?"], ["It is Paris, of course."], tiny, exact_answers=["paris"])[0]
+    result = detector.score_texts(["Capital of France?"], ["It is Paris, of course."], tiny, exact_answers=["paris"])[0]
     assert result["exact_answer"] == "Paris" and result["exact_answer_source"] == "given"
     with pytest.raises(DataError, match="'Lyon' does not occur in the answer"):
-        detector.score_many(["Capital of France?"], ["It is Paris."], tiny, exact_answers=["Lyon"])
+        detector.score_texts(["Capital of France?"], ["It is Paris."], tiny, exact_answers=["Lyon"])

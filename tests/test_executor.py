@@ -29,7 +29,7 @@ def test_plan_workers_follows_the_cluster():
 
 
 def test_executor_is_validated_and_ray_missing_says_how_to_install(monkeypatch):
-    with pytest.raises(ConfigError, match=r"^Invalid --executor 'dask': expected local or ray\.$"):
+    with pytest.raises(ConfigError, match=r"^Unknown executor 'dask'\. Available: local, ray\.$"):
         RunConfig(executor="dask")
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails as if it were not installed
     with pytest.raises(ConfigError, match=r'needs Ray, which is not installed\. Install it with: pip install "truthmap\[ray\]"$'):

@@ -218,8 +218,9 @@ def detector_file(tmp_path):
         (lambda d: d.update(layer=99), "field 'layer' is 99; expected a layer from 0 to 1 (n_layers - 1)"),
         (lambda d: d.update(token="nonsense"),
          "field 'token' is 'nonsense'; expected a token position such as exact_answer_last or -1"),
-        (lambda d: d.update(hidden=576), "field 'probe.coef' has 8 values; expected 576, the field 'hidden'"),
-        (lambda d: d["probe"].pop("mean"), "field 'probe.mean' is missing"),
+        (lambda d: d.pop("weights_sha256"), "field 'weights_sha256' is missing"),
+        (lambda d: d["probe"].update(classes=[True, True]),
+         "field 'probe.classes' is [True, True]; expected two class labels, such as [false, true]"),
     ],
 )
 def test_6_a_hand_edited_detector_is_refused_on_load_naming_the_field(detector_file, edit, problem):
@@ -228,6 +229,29 @@ def test_6_a_hand_edited_detector_is_refused_on_load_naming_the_field(detector_f
     detector_file.write_text(json.dumps(data))
     line = one_line(cli("score", "--detector", detector_file, "--question", "Capital of Peru?", "--answer", "Lima"))
     assert line == f"Error: {detector_file} is not a valid detector: {problem}. Refit it with `truthmap fit-detector`."
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda w: w.pop("mean"), "array 'mean' is missing"),
+        (lambda w: w.update(coef=w["coef"][:5]), "array 'coef' has shape (5,); expected (8,), from the field 'hidden' "
+                                                 "of detector.json"),
+        (lambda w: w.update(intercept=np.float64("nan")), "array 'intercept' holds NaN or inf"),
+    ],
+)
+def test_6_a_hand_edited_weights_file_is_refused_on_load_naming_the_array(detector_file, edit, problem):
+    from truthmap.rundir import file_sha256
+
+    weights_file = detector_file.with_suffix(".npz")
+    with np.load(weights_file) as npz:
+        weights = dict(npz)
+    edit(weights)
+    np.savez(weights_file, **weights)
+    data = json.loads(detector_file.read_text())
+    detector_file.write_text(json.dumps(data | {"weights_sha256": file_sha256(weights_file)}))  # an edit that matches
+    line = one_line(cli("score", "--detector", detector_file, "--question", "Capital of Peru?", "--answer", "Lima"))
+    assert line == f"Error: {weights_file} is not a valid detector: {problem}. Refit it with `truthmap fit-detector`."
 
 
 def test_7_a_truncated_answers_file_is_named_and_runs_lists_the_others(tmp_path):

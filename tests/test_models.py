@@ -1,6 +1,6 @@
 import pytest
 
-from truthmap.errors import ModelError
+from truthmap.errors import ConfigError, ModelError
 from truthmap.models import encode_prompt, load_model, model_slug, resolve_source
 
 
@@ -31,7 +31,7 @@ def test_resolve_sources(tmp_path):
     assert resolve_source(str(gguf)).gguf_file == "m.gguf"
     with pytest.raises(ModelError, match="has no config.json"):
         resolve_source(str(tmp_path))
-    with pytest.raises(ModelError, match=r"^Unknown model 'nope': not 'smollm2'"):
+    with pytest.raises(ConfigError, match=r"^Unknown model 'nope': not 'smollm2'"):
         resolve_source("nope")
 
 
@@ -45,7 +45,8 @@ def test_missing_default_model_names_the_pip_command(monkeypatch):
 
 
 def test_bad_dtype():
-    with pytest.raises(ModelError, match="Unknown --dtype 'float8'"):
+    with pytest.raises(ConfigError, match=r"^Unknown dtype 'float8'\. Did you mean: float32, float16, bfloat16\? "
+                                          r"Available: float32, bfloat16, float16\.$"):
         load_model("smollm2", device="cpu", dtype="float8")
 
 

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from truthmap import pipeline
 from truthmap.cli import app
 from truthmap.config import RunConfig
+from truthmap.errors import StoreError
 from truthmap.rundir import ANSWER_COLUMNS, POSITIONS, position_column
 
 
@@ -67,7 +68,7 @@ def test_killed_generation_resumes_to_the_same_table(tiny, tmp_path, custom_csv,
 
 def test_resume_with_other_settings_is_refused(tiny, tmp_path, custom_csv):
     pipeline.generate(config_for(tmp_path, custom_csv), lm=tiny)
-    with pytest.raises(Exception, match="was made with max_new_tokens=100, not 7"):
+    with pytest.raises(StoreError, match=r"custom/train was made with max_new_tokens=100, not 7\. Use another "):
         pipeline.generate(config_for(tmp_path, custom_csv, max_new_tokens=7), lm=tiny)
 
 
@@ -80,7 +81,7 @@ runner = CliRunner()
         (["--dataset", "trivia"], "Error: Unknown dataset 'trivia'. Did you mean: triviaqa?"),
         (["--model", "nope"], "Error: Unknown model 'nope'"),
         (["--model", "missing.gguf"], "Error: GGUF file not found: missing.gguf"),
-        (["--split", "dev"], "Error: Invalid --split 'dev': expected train or test."),
+        (["--split", "dev"], "Error: Unknown split 'dev'. Available: train, test."),
         (["--dataset", "custom"], "Error: Dataset 'custom' needs a file: pass --custom-path"),
     ],
 )

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from truthmap.cli import app
-from truthmap.errors import ConfigError
+from truthmap.errors import StoreError
 from truthmap.report import EXAMPLES_CAP, TOP_ERRORS, write_report
 from truthmap.rundir import POSITIONS, RunDir
 
@@ -138,7 +138,7 @@ def test_examples_are_capped_and_keep_the_top_scored_errors(tmp_path):
 
 
 def test_report_of_a_path_that_is_not_a_run_says_where_runs_are(full_run):
-    with pytest.raises(ConfigError, match=r"No answers.parquet in .*geography: not a run directory. Did you mean: .*train\?"):
+    with pytest.raises(StoreError, match=r"No answers.parquet in .*geography: not a run directory\. Did you mean: "):
         write_report(full_run.parent)
 
 

@@ -13,7 +13,7 @@ from truthmap import resample as resampling
 from truthmap.cli import app
 from truthmap.config import RunConfig
 from truthmap.decoding import generate_batch
-from truthmap.errors import ConfigError
+from truthmap.errors import ConfigError, StoreError
 from truthmap.models import encode_prompt, stop_token_ids
 
 K = 3
@@ -211,17 +211,18 @@ def test_the_default_cell_is_the_train_runs_best(greedy_run, tiny):
 
 
 @pytest.mark.parametrize(
-    "changes, message",
+    "changes, error, message",
     [
-        ({"temperature": 0.0}, r"Invalid --temperature 0.0: resampling needs a temperature > 0"),
-        ({"n_resamples": 0}, r"Invalid --n-resamples 0"),
-        ({"token": "exact"}, r"Invalid --token 'exact': expected one of last_q"),
-        ({"layer": 2}, r"Invalid --layer 2: the model has 2 layers \(0 to 1\)"),
-        ({"layer": None}, r"No probes in .* Run `truthmap run` on the train split first, or pass --layer and --token"),
+        ({"temperature": 0.0}, ConfigError, r"Invalid --temperature 0.0: resampling needs a temperature > 0"),
+        ({"n_resamples": 0}, ConfigError, r"Invalid --n-resamples 0"),
+        ({"token": "exact"}, ConfigError, r"^Unknown token 'exact'\. Available: last_q, first_answer, .*, -1\.$"),
+        ({"layer": 2}, ConfigError, r"Invalid --layer 2: the model has 2 layers \(0 to 1\)"),
+        ({"layer": None}, StoreError,
+         r"No probes in .* Run `truthmap run` on the train split first, or pass --layer and --token"),
     ],
 )
-def test_bad_options_are_refused_with_what_to_do(greedy_run, tiny, changes, message):
-    with pytest.raises(ConfigError, match=message):
+def test_bad_options_are_refused_with_what_to_do(greedy_run, tiny, changes, error, message):
+    with pytest.raises(error, match=message):
         resample(greedy_run, tiny, **changes)
 
 

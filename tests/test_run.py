@@ -77,7 +77,7 @@ def test_table_fit_detector_and_score_end_to_end(study, tmp_path):
                                       "--model", str(model_dir), "--runs-dir", str(runs)])
     assert fitted.exit_code == 0, fitted.output
     detector = runs / "tiny-model" / "custom" / "train" / "detector_mlp.json"
-    assert json.loads(detector.read_text())["layer"] == 1
+    assert json.loads(detector.read_text())["layer"] == 1 and detector.with_suffix(".npz").is_file()
     for split in ("train", "test"):
         scores = pd.read_parquet(runs / "tiny-model" / "custom" / split / "detector_scores.parquet")
         assert scores["error_probability"].between(0, 1).all() and (scores["in_train"] == (split == "train")).all()

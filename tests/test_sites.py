@@ -167,7 +167,8 @@ def test_missing_layers_attention_and_down_projection():
 
 def test_unknown_site_and_bad_positions():
     model = _build("llama")
-    with pytest.raises(ConfigError, match=r"^Unknown site 'mlp_out'\. Available: mlp, mlp_in, attn, resid$"):
+    with pytest.raises(ConfigError, match=r"^Unknown site 'mlp_out'\. Did you mean: mlp_in, mlp\? Available: mlp, "
+                                          r"mlp_in, attn, resid\.$"):
         site_hooks(model, "mlp_out")
     with pytest.raises(ConfigError, match=r"^positions must be a LongTensor \[batch, n_pos\]\. Got torch.float32"):
         with capture(model, "resid", torch.zeros(2, 1)):

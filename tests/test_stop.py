@@ -11,6 +11,7 @@ import pytest
 
 from truthmap import pipeline
 from truthmap.config import RunConfig
+from truthmap.errors import StoreError
 from truthmap.datasets import get_spec
 from truthmap.generate import answer_stop, generate_answers, stop_at_text
 from truthmap.rundir import Checkpoints
@@ -128,7 +129,7 @@ def test_a_base_run_made_before_the_stop_rule_is_refused(base_lm, tmp_path):
     made = json.loads(run.run_json.read_text())
     del made["settings"]["stop_text"]  # as written before answers stopped at the line break
     run.run_json.write_text(json.dumps(made))
-    with pytest.raises(Exception, match=r"was made with stop_text=None, not '\\n'\. Use another --runs-dir"):
+    with pytest.raises(StoreError, match=r"was made with stop_text=None, not '\\n'\. Use another --runs-dir"):
         pipeline.generate(config, lm=base_lm)
 
 
@@ -152,5 +153,5 @@ def test_batches_of_a_killed_base_run_from_before_the_stop_rule_are_refused(base
     parts = pipeline.run_dir(config).generation_parts
     parts.mkdir(parents=True)
     (parts / "settings.json").write_text(json.dumps({"model": "smollm2", "dataset": "custom"}))  # no stop_text
-    with pytest.raises(Exception, match=r"generations was made with stop_text=None, not '\\n'"):
+    with pytest.raises(StoreError, match=r"generations was made with stop_text=None, not '\\n'"):
         pipeline.generate(config, lm=base_lm)

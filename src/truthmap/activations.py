@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from truthmap.decoding import left_pad
-from truthmap.errors import ConfigError
+from truthmap.errors import StoreError
 from truthmap.progress import progress_bar
 from truthmap.rundir import POSITIONS, check_matches, position_column, read_json, write_json
 
@@ -172,10 +172,10 @@ def open_store(directory: Path):
     directory = Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.exists():
-        raise ConfigError(f"No activations in {directory}. Run `truthmap extract` first.")
+        raise StoreError(f"No activations in {directory}. Run `truthmap extract` first.")
     meta = read_json(meta_path, META_FIX)
     if meta["written"] != meta["shape"][2]:
-        raise ConfigError(
+        raise StoreError(
             f"Activations in {directory} are incomplete ({meta['written']} of {meta['shape'][2]} samples). "
             "Rerun `truthmap extract` to finish them."
         )
@@ -206,7 +206,7 @@ class CellStore:
         with open(self.path, "rb") as f:
             f.seek((layer * positions + position) * out.nbytes)
             if f.readinto(out) != out.nbytes:
-                raise ConfigError(f"{self.path} is shorter than its meta.json says; extract the activations again.")
+                raise StoreError(f"{self.path} is shorter than its meta.json says; extract the activations again.")
         return out
 
     def __getitem__(self, key):

@@ -421,9 +421,10 @@ def fit_detector(
     token: Annotated[str, typer.Option(help="Probed token, e.g. exact_answer_last, last_q, -1.")] = "exact_answer_last",
     layer: Annotated[Optional[int], typer.Option(help="Layer; default: chosen on validation splits.")] = None,
     seeds: Seeds = DEFAULT_SEEDS_TEXT,
-    out: Annotated[Optional[str], typer.Option(help="Detector file; default: <run>/detector_<site>.json.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Detector file (.json, with a .npz of the same name beside it); "
+                                                    "default: <run>/detector_<site>.json.")] = None,
 ):
-    """Fit an error detector on a finished run and save it as one self-contained JSON file.
+    """Fit an error detector on a finished run; save it as a JSON file of settings and a .npz of weights beside it.
 
     Also writes detector_scores.parquet in the run (and in its test split's run, when that one is extracted).
 
@@ -438,7 +439,7 @@ def fit_detector(
 @app.command()
 @reports_errors
 def score(
-    detector: Annotated[str, typer.Option(help="A detector file from `truthmap fit-detector`.")],
+    detector: Annotated[str, typer.Option(help="A detector .json from `truthmap fit-detector` (its .npz beside it).")],
     question: Annotated[Optional[str], typer.Option(help="The question (single mode).")] = None,
     answer: Annotated[Optional[str], typer.Option(help="The answer to score (single mode).")] = None,
     exact_answer: Annotated[Optional[str], typer.Option(help="The span of the answer that answers (skips extraction).")] = None,
@@ -476,8 +477,8 @@ def score(
         raise typer.BadParameter("give --question and --answer, or --input FILE for batch mode", param_hint="--answer")
     check_texts([question], [answer])
     lm = load_scoring_model(found, model, device, dtype)
-    result = found.score_many([question], [answer], lm, golds=[gold] if gold else None,
-                              exact_answers=[exact_answer] if exact_answer else None)
+    result = found.score_texts([question], [answer], lm, golds=[gold] if gold else None,
+                               exact_answers=[exact_answer] if exact_answer else None)
     typer.echo(json.dumps(result[0], indent=2))
 
 

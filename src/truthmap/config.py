@@ -8,7 +8,7 @@ import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from truthmap.errors import ConfigError
+from truthmap.errors import ConfigError, check_name
 
 DEFAULT_SEEDS = (0, 5, 26, 42, 63)
 
@@ -41,17 +41,23 @@ class RunConfig:
     workers: int | None = None  # Ray workers, one model each; None: one per GPU of the cluster, else one per CPU
 
     def __post_init__(self):
+        from truthmap.sites import SITES
+
+        names = {  # option: (what a user calls it, the legal names)
+            "split": ("split", ("train", "test")),
+            "prompt_style": ("prompt style", ("auto", "instruct", "base")),
+            "locate": ("locate method", ("blind", "gold")),
+            "extractor": ("extractor", ("constrained", "free")),
+            "site": ("site", SITES),
+            "executor": ("executor", ("local", "ray")),
+        }
+        for option, (kind, legal) in names.items():
+            check_name(kind, getattr(self, option), legal)
         checks = {
-            "split": (self.split in ("train", "test"), "train or test"),
             "batch_size": (self.batch_size >= 1, "an integer >= 1"),
             "n_samples": (self.n_samples is None or self.n_samples >= 1, "an integer >= 1"),
             "max_new_tokens": (self.max_new_tokens is None or self.max_new_tokens >= 1, "an integer >= 1"),
-            "prompt_style": (self.prompt_style in ("auto", "instruct", "base"), "auto, instruct or base"),
             "extraction_tries": (self.extraction_tries >= 1, "an integer >= 1"),
-            "locate": (self.locate in ("blind", "gold"), "blind or gold"),
-            "extractor": (self.extractor in ("constrained", "free"), "constrained or free"),
-            "site": (self.site in ("mlp", "mlp_in", "attn", "resid"), "mlp, mlp_in, attn or resid"),
-            "executor": (self.executor in ("local", "ray"), "local or ray"),
             "workers": (self.workers is None or self.workers >= 1, "an integer >= 1"),
         }
         for option, (ok, expected) in checks.items():

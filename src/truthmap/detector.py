@@ -1,81 +1,161 @@
 """A saved error detector: one probe at one (layer, token) cell, with everything needed to score new answers.
 
-`Detector` follows scikit-learn's conventions on activations: X is [samples, layers, hidden], every layer's
-activation at the detector's token; `fit` chooses the layer on validation splits when none is given (mean AUC
-over the seeds), then fits one ErrorProbe on all rows. `save` writes one self-contained JSON file (weights,
-standardization, cell, site, model, prompt, truthmap version, training summary). On text, `score(question,
-answer)` builds the prompt the probe was trained on, locates the exact answer, reads the cell with one forward
-pass and returns the probability that the answer is wrong.
+`Detector` is a scikit-learn classifier on activations. X is [samples, layers, hidden], every layer's activation
+at the detector's token, or [samples, hidden] for one layer. `fit` chooses the layer on validation splits when
+none is given (mean AUC over the seeds), then fits one ErrorProbe on all rows. The labels are the answers'
+is_error (True where the answer is wrong), or any two classes: classes_ is sorted, and classes_[1] is the error
+class. `predict` returns classes_ values, `predict_proba` is (n, 2) in classes_ order, `score` is the accuracy
+(ClassifierMixin's) and `auc` the ROC AUC, as for ErrorProbe.
+
+On text, `score_texts(questions, answers)` builds the prompts the probe was trained on, locates the exact
+answers, reads the cell with one forward pass and returns each answer's probability of being wrong.
+
+`save` writes two files: detector_<site>.json (settings, model, prompt, training summary: readable and
+diffable) and detector_<site>.npz beside it (the probe's arrays, read without pickle). The JSON records the
+sha256 of the .npz, so a pair that does not belong together is refused on load.
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 from truthmap.config import DEFAULT_SEEDS
-from truthmap.errors import ConfigError, DataError, ModelError
-from truthmap.rundir import EXACT_POSITIONS, POSITIONS, write_json
+from truthmap.errors import ConfigError, DataError, ModelError, StoreError, check_name
+from truthmap.rundir import EXACT_POSITIONS, POSITIONS, check_token, file_sha256, write_atomic, write_json
+from truthmap.sites import SITES
 
 FORMAT = "truthmap-detector"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: the weights were lists inside the JSON (refused on load: refit)
+ARRAYS = ("coef", "mean", "scale", "intercept")  # the .npz: coef, mean, scale [hidden]; intercept a scalar
 
 
-class Detector:
-    def __init__(self, token="exact_answer_last", layer=None, site="mlp", C=1.0, seeds=DEFAULT_SEEDS):
+class Detector(ClassifierMixin, BaseEstimator):
+    """Parameters: token (the probed token, a name of rundir.POSITIONS), layer (None: chosen on validation
+    splits), site, C (the probe's inverse penalty), seeds (of the validation splits), info (where the
+    activations come from: model, revision, dataset, prompt and extraction settings, training summary; used by
+    score_texts and saved with the detector; not read by fit).
+
+    Fitted: layer_, probe_ (the ErrorProbe of that layer), classes_, n_layers_, n_features_in_ (the hidden size
+    of one layer), validation_auc_ ([layers] mean validation AUC; None when the layer was given or X has one).
+    ClassifierMixin comes first: scikit-learn's check_mixin_order requires mixins left of BaseEstimator.
+    """
+
+    def __init__(self, token="exact_answer_last", layer=None, site="mlp", C=1.0, seeds=DEFAULT_SEEDS, info=None):
         self.token = token
         self.layer = layer
         self.site = site
         self.C = C
         self.seeds = seeds
-        self.info: dict = {}  # model, prompt and training summary; filled by whoever fits or loads
+        self.info = info
 
     # ---------------------------------------------------------------------------------- estimator on activations
 
     def fit(self, X, y, groups=None):
-        """X [n, layers, hidden] at the detector's token; y: True where the answer is wrong."""
-        from truthmap.detection import choose_layers
-        from truthmap.probes import ErrorProbe
+        """X [n, layers, hidden] (or [n, hidden], one layer) at the detector's token; y: True where wrong."""
+        from sklearn.utils.multiclass import check_classification_targets
 
-        if self.token not in POSITIONS:
-            raise ConfigError(f"Invalid --token {self.token!r}: expected one of {', '.join(POSITIONS)}.")
-        X, y = np.asarray(X), np.asarray(y, dtype=bool)
+        from truthmap.detection import choose_layers
+        from truthmap.probes import ErrorProbe, ProbeInputError
+
+        check_token(self.token)
+        check_name("site", self.site, SITES)
+        X, y = self._check_X(X, y, reset=True)
+        X = X if X.ndim == 3 else X[:, None, :]  # [n, layers, hidden]
+        self.n_layers_ = X.shape[1]
         self.validation_auc_ = None
-        if self.layer is None:
-            _, _, val = choose_layers(lambda layer: X[:, layer], X.shape[1], y, groups, self.seeds, "the detector", self.C)
+        if self.layer is not None:
+            if isinstance(self.layer, bool) or not isinstance(self.layer, (int, np.integer)) \
+                    or not 0 <= self.layer < self.n_layers_:
+                raise ConfigError(f"The 'layer' parameter of Detector must be an int from 0 to {self.n_layers_ - 1} "
+                                  f"(X has {self.n_layers_} layers) or None. Got {self.layer!r} instead.")
+            self.layer_ = int(self.layer)
+        elif self.n_layers_ == 1:
+            self.layer_ = 0
+        else:
+            check_classification_targets(y)
+            classes = np.unique(y)
+            if classes.size != 2:
+                raise ProbeInputError(f"Detector needs labels of 2 classes (the error class second); y has "
+                                      f"{classes.size}: {classes.tolist()[:5]}.")
+            _, _, val = choose_layers(lambda layer: X[:, layer], self.n_layers_, y == classes[1], groups, self.seeds,
+                                      "the detector", self.C)
             self.validation_auc_ = val.mean(0)  # [layers]
             self.layer_ = int(self.validation_auc_.argmax())
-        else:
-            if not 0 <= self.layer < X.shape[1]:
-                raise ConfigError(f"Invalid --layer {self.layer}: the model has layers 0..{X.shape[1] - 1}.")
-            self.layer_ = int(self.layer)
-        self.probe_ = ErrorProbe(C=self.C).fit(np.asarray(X[:, self.layer_], dtype=np.float64), y)
-        self.n_layers_, self.hidden_ = X.shape[1], X.shape[2]
+        self.probe_ = ErrorProbe(C=self.C).fit(X[:, self.layer_], y)
+        self.classes_ = self.probe_.classes_
         return self
 
+    def decision_function(self, X):
+        """Log-odds of classes_[1] (the error class), shape (n,)."""
+        X = self._cell(X)  # first: it checks that the detector is fitted
+        return self.probe_.decision_function(X)
+
     def predict_proba(self, X):
-        """[n, 2]: probability of a correct answer, then of an error."""
-        return self.probe_.predict_proba(np.asarray(np.asarray(X)[:, self.layer_], dtype=np.float64))
+        """(n, 2) in classes_ order: with is_error labels, P(correct) then P(wrong)."""
+        X = self._cell(X)
+        return self.probe_.predict_proba(X)
 
     def predict(self, X):
-        return self.predict_proba(X)[:, 1] > 0.5
+        """classes_[1] where P(error) > 0.5, else classes_[0]."""
+        X = self._cell(X)
+        return self.probe_.predict(X)
 
-    def score(self, question, answer=None, lm=None, gold=None, exact_answer=None):
-        """On text: P(wrong) of one answer to one question. (score(X, y) gives the test AUC, as a probe's auc.)"""
-        if answer is None or not isinstance(question, str):
-            return self.probe_.auc(np.asarray(np.asarray(question)[:, self.layer_], dtype=np.float64), answer)
-        result = self.score_many([question], [answer], lm, golds=[gold] if gold else None,
-                                 exact_answers=[exact_answer] if exact_answer else None)
-        return result[0]["error_probability"]
+    def auc(self, X, y) -> float:
+        """ROC AUC with classes_[1] as positives (score keeps sklearn's accuracy)."""
+        X = self._cell(X)
+        return self.probe_.auc(X, y)
+
+    def _check_X(self, X, y="no_validation", reset=False):
+        """X [n, layers, hidden] (floats kept) or [n, hidden] (float64), checked as scikit-learn checks it, and y.
+
+        n_features_in_ is the hidden size of one layer, the features the probe reads."""
+        from sklearn.utils.validation import check_array, check_X_y, validate_data
+
+        if _ndim(X) != 3:
+            return validate_data(self, X, y, reset=reset, dtype=np.float64)
+        floats = (np.float64, np.float32, np.float16)  # every layer in float64 would be 4x a float16 store's rows
+        if isinstance(y, str):
+            X = check_array(X, allow_nd=True, dtype=floats)
+        else:
+            X, y = check_X_y(X, y, allow_nd=True, dtype=floats)
+        if reset:
+            self.n_features_in_ = X.shape[2]
+            self.__dict__.pop("feature_names_in_", None)  # from an earlier fit on a DataFrame
+        elif X.shape[2] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[2]} features per layer, but Detector is expecting "
+                             f"{self.n_features_in_} features as input.")
+        return X if isinstance(y, str) else (X, y)
+
+    def _cell(self, X):
+        """The detector's layer of X: [n, hidden]. X is every layer [n, layers, hidden], or that layer alone."""
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(self)
+        X = self._check_X(X)
+        if X.ndim == 2:
+            return X
+        if X.shape[1] != self.n_layers_:
+            raise ValueError(f"X has {X.shape[1]} layers, but Detector was fitted on {self.n_layers_}; give every "
+                             f"layer, or the detector's layer ({self.layer_}) alone as [n, hidden].")
+        return X[:, self.layer_]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = False
+        tags.input_tags.three_d_array = True
+        return tags
 
     # ------------------------------------------------------------------------------------------- save and load
 
     def to_dict(self) -> dict:
+        """The JSON half of a saved detector: everything but the probe's arrays."""
         from truthmap.rundir import package_versions
 
-        probe = self.probe_
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -84,51 +164,49 @@ class Detector:
             "layer": self.layer_,
             "token": self.token,
             "n_layers": self.n_layers_,
-            "hidden": self.hidden_,
-            **self.info,
+            "hidden": self.n_features_in_,
+            **(self.info or {}),
             "validation_auc_by_layer": None if self.validation_auc_ is None else [round(float(a), 4) for a in self.validation_auc_],
-            "probe": {
-                "C": self.C,
-                "coef": probe.coef_.tolist(),
-                "intercept": probe.intercept_,
-                "mean": probe.mean_.tolist(),
-                "scale": probe.scale_.tolist(),
-                "classes": [bool(c) for c in probe.classes_],
-            },
+            "probe": {"C": self.C, "classes": self.classes_.tolist()},
         }
 
     def save(self, path) -> Path:
-        write_json(Path(path), self.to_dict())
-        return Path(path)
+        """path (.json) and the .npz of the same name beside it. The .npz is written first and the JSON names its
+        hash, so a save killed between the two leaves a pair that load refuses, not a mixed detector."""
+        path = Path(path)
+        weights = weights_path(path)
+        probe = self.probe_
+        arrays = {"coef": probe.coef_, "mean": probe.mean_, "scale": probe.scale_,
+                  "intercept": np.float64(probe.intercept_)}
+
+        def write_npz(tmp):
+            with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a path
+                np.savez(f, **arrays)
+
+        write_atomic(weights, write_npz)
+        write_json(path, self.to_dict() | {"weights_sha256": file_sha256(weights)})
+        return path
 
     @classmethod
     def load(cls, path) -> "Detector":
         from truthmap.probes import ErrorProbe
 
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Detector file {path} does not exist. Make one with `truthmap fit-detector`.")
-        try:
-            data = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise DataError(f"{path} is not a truthmap detector (not JSON: {err}).") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise DataError(f"{path} is not a truthmap detector (no \"format\": \"{FORMAT}\"); use a file from `truthmap fit-detector`.")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"{path} has detector format {data.get('format_version')}; this truthmap reads {FORMAT_VERSION}. Refit it.")
+        data = read_detector_json(path)
         check_fields(data, path)
-        weights = data["probe"]
-        detector = cls(token=data["token"], layer=data["layer"], site=data["site"], C=weights["C"])
-        detector.layer_, detector.n_layers_, detector.hidden_ = data["layer"], data["n_layers"], data["hidden"]
-        detector.validation_auc_ = data.get("validation_auc_by_layer")
-        probe = ErrorProbe(C=weights["C"])
-        probe.coef_, probe.mean_, probe.scale_ = (np.asarray(weights[k]) for k in ("coef", "mean", "scale"))
-        probe.intercept_, probe.classes_ = float(weights["intercept"]), np.asarray(weights["classes"])
-        probe.n_features_in_, probe.n_iter_ = len(probe.coef_), 0
-        detector.probe_ = probe
-        skip = {"probe", "validation_auc_by_layer", "site", "layer", "token", "n_layers", "hidden"}
-        detector.info = {k: v for k, v in data.items() if k not in skip | {"format", "format_version", "truthmap_version"}}
-        detector.truthmap_version = data.get("truthmap_version")
+        arrays = read_weights(path, data)
+        fitted = ("format", "format_version", "truthmap_version", "weights_sha256", "probe", "validation_auc_by_layer",
+                  "site", "layer", "token", "n_layers", "hidden")
+        info = {k: v for k, v in data.items() if k not in fitted}
+        detector = cls(token=data["token"], layer=data["layer"], site=data["site"], C=data["probe"]["C"], info=info)
+        probe = ErrorProbe(C=data["probe"]["C"])
+        probe.coef_, probe.mean_, probe.scale_ = arrays["coef"], arrays["mean"], arrays["scale"]
+        probe.intercept_, probe.classes_ = float(arrays["intercept"]), np.asarray(data["probe"]["classes"])
+        probe.n_features_in_, probe.n_iter_ = data["hidden"], 0
+        validation = data.get("validation_auc_by_layer")
+        detector.probe_, detector.classes_ = probe, probe.classes_
+        detector.layer_, detector.n_layers_, detector.n_features_in_ = data["layer"], data["n_layers"], data["hidden"]
+        detector.validation_auc_ = None if validation is None else np.asarray(validation, dtype=np.float64)
         return detector
 
     # ----------------------------------------------------------------------------------------------- on text
@@ -137,38 +215,77 @@ class Detector:
         from truthmap.models import model_slug
         from truthmap.sites import num_layers, site_width
 
-        wanted = self.info.get("model")
+        wanted = (self.info or {}).get("model")
         if wanted and model_slug(lm.name) != model_slug(wanted):
             raise ModelError(
                 f"This detector was fitted on model '{wanted}', not '{lm.name}': its probe reads that model's "
                 f"activations. Score with --model {wanted} (the default), or fit a detector for '{lm.name}'."
             )
-        if (num_layers(lm.model), site_width(lm.model, self.site)) != (self.n_layers_, self.hidden_):
+        if (num_layers(lm.model), site_width(lm.model, self.site)) != (self.n_layers_, self.n_features_in_):
             raise ModelError(
                 f"Model '{lm.name}' has {num_layers(lm.model)} layers of width {site_width(lm.model, self.site)} at "
-                f"site {self.site}; the detector expects {self.n_layers_} x {self.hidden_}. Use the detector's model."
+                f"site {self.site}; the detector expects {self.n_layers_} x {self.n_features_in_}. Use the detector's "
+                "model."
             )
 
-    def score_many(self, questions, answers, lm=None, golds=None, exact_answers=None, batch_size: int = 16) -> list[dict]:
-        """One dict per answer: error_probability (None when the exact answer was not found), exact_answer, source.
+    def score_texts(self, questions, answers, lm=None, golds=None, exact_answers=None,
+                    batch_size: int = 16) -> list[dict]:
+        """One dict per (question, answer): error_probability (P(wrong); None when the exact answer was not
+        found), exact_answer, exact_answer_source, layer, token.
 
         The exact answer is, in this order: the given exact answer (it must occur in the answer), a given gold
         alias found in the answer, or the span the model extracts."""
         from truthmap.models import load_model
 
         check_texts(questions, answers)
-        lm = lm or load_model(self.info.get("model", "smollm2"))
+        info = self.info or {}
+        lm = lm or load_model(info.get("model", "smollm2"))
         self.check_model(lm)
-        rows = encode_rows(lm, self.info, questions, answers)
+        rows = encode_rows(lm, info, questions, answers)
         spans = {}
         if self.token in EXACT_POSITIONS:
             spans = given_spans(rows, exact_answers)
             golds_by_id = dict(zip(rows["id"], golds or []))
-            spans |= locate_rows(lm, rows[~rows["id"].isin(spans)], golds_by_id, self.info, batch_size)
+            spans |= locate_rows(lm, rows[~rows["id"].isin(spans)], golds_by_id, info, batch_size)
         return score_rows(self, lm, rows, spans, batch_size)
 
 
-SITES = ("mlp", "mlp_in", "attn", "resid")
+def _ndim(X) -> int:
+    """Dimensions of array-like X; 2 when unknown, so that validate_data explains what is wrong with it."""
+    if hasattr(X, "ndim"):
+        return X.ndim
+    try:
+        return np.asarray(X).ndim
+    except (TypeError, ValueError):
+        return 2
+
+
+def weights_path(path) -> Path:
+    """The .npz beside a detector's JSON file; the JSON must end in .json, so that the two cannot collide."""
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        raise ConfigError(f"A detector is saved as a .json file (with a .npz beside it); got {path}. Name it "
+                          f"{path.with_suffix('.json').name}.")
+    return path.with_suffix(".npz")
+
+
+def read_detector_json(path: Path) -> dict:
+    if not path.is_file():
+        raise StoreError(f"Detector file {path} does not exist. Make one with `truthmap fit-detector`.")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StoreError(f"{path} is not a truthmap detector (not JSON: {err}).") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise StoreError(f"{path} is not a truthmap detector (no \"format\": \"{FORMAT}\"); use a file from "
+                         "`truthmap fit-detector`.")
+    if data.get("format_version") == 1:
+        raise StoreError(f"{path} is a detector of format 1 (its weights inside the JSON); this truthmap reads "
+                         f"format {FORMAT_VERSION} (a .json and a .npz). Refit it with `truthmap fit-detector`.")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{path} has detector format {data.get('format_version')}; this truthmap reads "
+                         f"{FORMAT_VERSION}. Refit it with `truthmap fit-detector`.")
+    return data
 
 
 def _is_int(value) -> bool:
@@ -179,12 +296,16 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
+def _invalid(path: Path, field: str, what: str, thing: str = "field") -> StoreError:
+    return StoreError(
+        f"{path} is not a valid detector: {thing} {field!r} {what}. Refit it with `truthmap fit-detector`."
+    )
+
+
 def check_fields(data: dict, path: Path) -> None:
     """A hand-edited or partial detector file fails here, naming the field, not deep inside scoring."""
     def bad(field: str, what: str):
-        raise DataError(
-            f"{path} is not a valid detector: field {field!r} {what}. Refit it with `truthmap fit-detector`."
-        )
+        raise _invalid(path, field, what)
 
     for field, ok, expected in (
         ("site", lambda v: v in SITES, f"one of {', '.join(SITES)}"),
@@ -193,28 +314,48 @@ def check_fields(data: dict, path: Path) -> None:
         ("hidden", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
         ("layer", lambda v: _is_int(v) and 0 <= v < data["n_layers"],
          f"a layer from 0 to {data['n_layers'] - 1} (n_layers - 1)" if _is_int(data.get("n_layers")) else ""),
-        ("probe", lambda v: isinstance(v, dict), "an object with the probe's weights"),
+        ("weights_sha256", lambda v: isinstance(v, str), "the sha256 of the .npz beside it"),
+        ("probe", lambda v: isinstance(v, dict), "an object with the probe's C and classes"),
     ):
         if field not in data:
             bad(field, "is missing")
         if not ok(data[field]):
             bad(field, f"is {data[field]!r}; expected {expected}")
-    weights, hidden = data["probe"], data["hidden"]
     for field, ok, expected in (
         ("C", lambda v: _is_number(v) and v > 0, "a number > 0"),
-        ("intercept", _is_number, "a number"),
-        ("classes", lambda v: v == [False, True], "[false, true]"),
-        *((key, lambda v: isinstance(v, list) and all(_is_number(x) for x in v), "a list of numbers")
-          for key in ("coef", "mean", "scale")),
+        ("classes", lambda v: isinstance(v, list) and len(v) == 2 and v[0] != v[1]
+         and all(isinstance(c, (bool, int, str)) for c in v), "two class labels, such as [false, true]"),
     ):
-        if field not in weights:
+        if field not in data["probe"]:
             bad(f"probe.{field}", "is missing")
-        if not ok(weights[field]):
-            shown = repr(weights[field])
-            bad(f"probe.{field}", f"is {shown[:40] + '...' if len(shown) > 40 else shown}; expected {expected}")
-    for field in ("coef", "mean", "scale"):
-        if len(weights[field]) != hidden:
-            bad(f"probe.{field}", f"has {len(weights[field])} values; expected {hidden}, the field 'hidden'")
+        if not ok(data["probe"][field]):
+            bad(f"probe.{field}", f"is {data['probe'][field]!r}; expected {expected}")
+
+
+def read_weights(path: Path, data: dict) -> dict:
+    """The probe's arrays from the .npz beside the JSON, checked against the JSON's hash and hidden size."""
+    weights = weights_path(path)
+    if not weights.is_file():
+        raise StoreError(f"{weights} is missing: a detector is {path.name} and {weights.name} side by side. Copy both, "
+                         "or refit with `truthmap fit-detector`.")
+    if file_sha256(weights) != data["weights_sha256"]:
+        raise StoreError(f"{weights} is not the weights file of {path} (its sha256 differs from the JSON's "
+                         "weights_sha256). Copy the two files together, or refit with `truthmap fit-detector`.")
+    try:
+        with np.load(weights, allow_pickle=False) as npz:
+            arrays = {key: np.asarray(npz[key], dtype=np.float64) for key in ARRAYS if key in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise StoreError(f"{weights} is damaged ({err}); refit with `truthmap fit-detector`.") from None
+    for key in ARRAYS:
+        shape = () if key == "intercept" else (data["hidden"],)
+        if key not in arrays:
+            raise _invalid(weights, key, "is missing", "array")
+        if arrays[key].shape != shape:
+            raise _invalid(weights, key, f"has shape {arrays[key].shape}; expected {shape}, from the field 'hidden' of "
+                           f"{path.name}", "array")
+        if not np.isfinite(arrays[key]).all():
+            raise _invalid(weights, key, "holds NaN or inf", "array")
+    return arrays
 
 
 def check_texts(questions, answers) -> None:
@@ -323,7 +464,7 @@ def load_scoring_model(detector: Detector, model: str | None, device: str | None
     """The detector's model, or the one asked for once it is known to be the same (else a one-line error)."""
     from truthmap.models import load_model, model_slug
 
-    wanted = detector.info.get("model", "smollm2")
+    wanted = (detector.info or {}).get("model", "smollm2")
     if model and model_slug(model) != model_slug(wanted):
         raise ModelError(
             f"This detector was fitted on model '{wanted}', not '{model}': its probe reads that model's activations. "
@@ -360,11 +501,9 @@ def read_pairs(path, question_column: str, answer_column: str):
 def score_file(detector: Detector, lm, frame, path, output, question_column: str, answer_column: str, batch_size: int) -> str:
     """Batch mode: every row of `frame` (from read_pairs) scored; written next to the input file (or to `output`)
     with the score columns added. Optional columns `exact_answer` and `gold` play the roles of --exact-answer/--gold."""
-    from truthmap.rundir import write_atomic
-
     optional = {key: list(frame[key].where(frame[key].notna(), None)) if key in frame else None for key in ("exact_answer", "gold")}
-    scores = detector.score_many(list(frame[question_column]), list(frame[answer_column]), lm, golds=optional["gold"],
-                                 exact_answers=optional["exact_answer"], batch_size=batch_size)
+    scores = detector.score_texts(list(frame[question_column]), list(frame[answer_column]), lm, golds=optional["gold"],
+                                  exact_answers=optional["exact_answer"], batch_size=batch_size)
     for key in ("error_probability", "exact_answer", "exact_answer_source"):
         frame[key] = [s[key] for s in scores]
     output = Path(output or Path(path).with_name(Path(path).stem + ".scored" + Path(path).suffix))

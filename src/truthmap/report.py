@@ -12,7 +12,7 @@ import html
 import json
 from pathlib import Path
 
-from truthmap.errors import ConfigError, DataError
+from truthmap.errors import StoreError
 from truthmap.rundir import RunDir, read_json, read_parquet, write_atomic
 
 EXAMPLES_CAP = 500  # rows of answers.parquet shown; the page stays light in a browser
@@ -33,7 +33,7 @@ def write_report(run_path) -> Path:
     """
     run = RunDir.from_path(run_path)
     if not run.answers.exists():
-        raise ConfigError(f"No answers.parquet in {run.path}: not a run directory.{_runs_below(Path(run_path))}")
+        raise StoreError(f"No answers.parquet in {run.path}: not a run directory.{_runs_below(Path(run_path))}")
     import pandas as pd
 
     info = read_json(run.run_json) if run.run_json.exists() else {}
@@ -506,7 +506,7 @@ def run_status(run: RunDir, damaged: list[str] | None = None) -> dict:
             fix = "delete it and rerun the command that made this run to rebuild it"
             labels = read_parquet(run.answers, ["correct"], fix)["correct"]
             samples, correct = len(labels), int(labels.sum())
-        except DataError as err:
+        except StoreError as err:
             damaged.append(str(err))
             answers = "DAMAGED"
     parts = len(list(run.generation_parts.glob("part-*.parquet")))
@@ -541,7 +541,7 @@ def _activation_status(run: RunDir, damaged: list[str]) -> list[str]:
         site = meta_path.parent.name
         try:
             meta = read_json(meta_path, META_FIX)
-        except DataError as err:
+        except StoreError as err:
             damaged.append(str(err))
             found.append(f"{site} DAMAGED")
             continue

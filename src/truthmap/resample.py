@@ -14,10 +14,11 @@ from pathlib import Path
 from truthmap.decoding import batches, generate_batch
 from truthmap.error_types import ERROR_TYPES, NO_ANSWER
 from truthmap.generate import answer_stop, generation_columns, stop_at_text
-from truthmap.errors import ConfigError, ProbeError
+from truthmap.errors import ConfigError, ProbeError, StoreError
 from truthmap.progress import progress_bar
 from truthmap.rundir import (
-    ANSWER_COLUMNS, EXACT_POSITIONS, POSITIONS, Checkpoints, position_column, read_json, write_atomic, write_json,
+    ANSWER_COLUMNS, EXACT_POSITIONS, POSITIONS, Checkpoints, check_token, position_column, read_json, write_atomic,
+    write_json,
 )
 
 FLOAT16_MAX = 65504.0  # as the greedy store: values beyond the float16 range are clipped
@@ -168,15 +169,14 @@ def resolve_cell(probes_json: Path, site: str, layer: int | None, token: str | N
     """The (layer, token) cell to read: the given one, else the best cell of the greedy train run's probes."""
     if layer is None or token is None:
         if not probes_json.exists():
-            raise ConfigError(
+            raise StoreError(
                 f"No probes in {probes_json.parent} to take the best cell from. Run `truthmap run` on the train "
                 "split first, or pass --layer and --token."
             )
         best = read_json(probes_json)["best"]
         layer = best["layer"] if layer is None else layer
         token = best["token"] if token is None else token
-    if token not in POSITIONS:
-        raise ConfigError(f"Invalid --token {token!r}: expected one of {', '.join(POSITIONS)}.")
+    check_token(token)
     if not 0 <= layer < n_layers:
         raise ConfigError(f"Invalid --layer {layer}: the model has {n_layers} layers (0 to {n_layers - 1}).")
     return {"site": site, "layer": int(layer), "token": token}

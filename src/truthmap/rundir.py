@@ -32,7 +32,7 @@ import json
 import os
 from pathlib import Path
 
-from truthmap.errors import ConfigError, DataError
+from truthmap.errors import ConfigError, StoreError, check_name
 
 NAMED_POSITIONS = (
     "last_q",
@@ -45,6 +45,11 @@ NAMED_POSITIONS = (
 )
 POSITIONS = NAMED_POSITIONS + tuple(str(k) for k in range(-8, 0))
 EXACT_POSITIONS = tuple(p for p in NAMED_POSITIONS if p.startswith("exact_answer"))
+
+
+def check_token(token) -> None:
+    """A probed token is one of POSITIONS, by name ('exact_answer_last', '-1'); else a ConfigError listing them."""
+    check_name("token", token, POSITIONS)
 
 # answers.parquet: column -> meaning. Positions are absolute indices into prompt_ids + answer_ids.
 ANSWER_COLUMNS = {
@@ -152,7 +157,7 @@ def read_json(path: Path, fix: str = REBUILD):
     try:
         return json.loads(Path(path).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path} is damaged (not valid JSON: {err}); {fix}.") from None
+        raise StoreError(f"{path} is damaged (not valid JSON: {err}); {fix}.") from None
 
 
 def read_parquet(path: Path, columns=None, fix: str = REBUILD):
@@ -165,7 +170,7 @@ def read_parquet(path: Path, columns=None, fix: str = REBUILD):
         if not Path(path).is_file():
             raise
         reason = (str(err).strip().split(". ")[0].split("': ")[-1] or type(err).__name__).rstrip(".")  # no path again
-        raise DataError(f"{path} is damaged ({reason}); {fix}.") from None
+        raise StoreError(f"{path} is damaged ({reason}); {fix}.") from None
 
 
 def write_parquet(path: Path, frame) -> None:
@@ -193,7 +198,7 @@ def check_matches(saved: dict, wanted: dict, where: Path) -> None:
         if key in saved and saved[key] != value:
             made = CHANGED[key].format(saved=saved[key], value=value) if key in CHANGED else (
                 f"with {key}={saved[key]!r}, not {value!r}")
-            raise ConfigError(
+            raise StoreError(
                 f"{where} was made {made}. Use another --runs-dir, or delete that directory to start over."
             )
 
@@ -237,7 +242,7 @@ def run_lock(run: "RunDir"):
             holder = f.read().strip()
             f.close()
             who = f"pid {holder}" if holder.isdigit() else "another process"
-            raise ConfigError(
+            raise StoreError(
                 f"{run.path} is in use by another truthmap run ({who}); wait for it to finish, or stop it, "
                 "then run this again."
             ) from None

@@ -29,7 +29,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
-from truthmap.errors import ConfigError, ModelError
+from truthmap.errors import ConfigError, ModelError, check_name
 
 if TYPE_CHECKING:
     import torch
@@ -171,8 +171,7 @@ def num_layers(model: "torch.nn.Module") -> int:
 
 
 def _check_site(site: str) -> None:
-    if site not in SITES:
-        raise ConfigError(f"Unknown site {site!r}. Available: {', '.join(SITES)}")
+    check_name("site", site, SITES)
 
 
 def _find_mlp(model: "torch.nn.Module", i: int, block: "torch.nn.Module", hidden: int) -> "torch.nn.Module":

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from truthmap.datasets.registry import get_spec
 from truthmap.datasets.spec import DatasetSpec, Record
-from truthmap.errors import ConfigError, DataError, TruthmapWarning
+from truthmap.errors import ConfigError, DataError, TruthmapWarning, check_name
 
 SPLITS = ("train", "test")
 MAX_PER_SPLIT = 10_000
@@ -468,13 +468,12 @@ def load_records(
 ) -> list[Record]:
     """The records of one split: at most 10,000 (seed 42), then `n_samples` of them (seeded by `seed`)."""
     spec = get_spec(name)
-    if split not in SPLITS:
-        raise ConfigError(f"Unknown split {split!r} for dataset '{name}'; use 'train' or 'test'.")
+    check_name("split", split, SPLITS)
     if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1):
         raise ConfigError(f"n_samples must be a positive integer or None; got {n_samples!r}.")
     if spec.loader == "custom":
         if custom is None:
-            raise ConfigError("Dataset 'custom' needs a CustomSource (a CSV or JSONL file); pass --custom-file.")
+            raise ConfigError("Dataset 'custom' needs a CustomSource (a CSV or JSONL file); pass --custom-path.")
         path = Path(custom.path).expanduser()
         if path.is_dir():
             raise DataError(f"Custom file {path.resolve()} is a directory; give the path of a .csv or .jsonl file.")

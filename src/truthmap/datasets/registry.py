@@ -15,10 +15,8 @@ the bare question (the chat template is applied elsewhere), base models get a "Q
 
 from __future__ import annotations
 
-import difflib
-
 from truthmap.datasets.spec import DatasetSpec, Record
-from truthmap.errors import ConfigError, DataError
+from truthmap.errors import DataError, check_name
 
 DEFAULT_DATASET = "geography"
 STYLES = ("instruct", "base")
@@ -185,18 +183,14 @@ def list_datasets() -> list[str]:
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """The entry for `name`, or a DataError that suggests the closest names."""
-    if name in REGISTRY:
-        return REGISTRY[name]
-    close = difflib.get_close_matches(str(name), list(REGISTRY), n=3)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise DataError(f"Unknown dataset {name!r}.{hint} Available: {', '.join(REGISTRY)}")
+    """The entry for `name`, or a ConfigError that suggests the closest names."""
+    check_name("dataset", name, REGISTRY)
+    return REGISTRY[name]
 
 
 def build_prompt(spec: DatasetSpec, record: Record, style: str) -> str:
     """The prompt for one record: the user message ("instruct") or a plain completion prompt ("base")."""
-    if style not in STYLES:
-        raise ConfigError(f"Unknown prompt style {style!r} for dataset '{spec.name}'; use 'instruct' or 'base'.")
+    check_name("prompt style", style, STYLES)
     template = spec.instruct_prompt if style == "instruct" else spec.base_prompt
     fields = {**record.extra, "question": record.question, "context": record.context}
     try:
