@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from truthmap.cli import app
-from truthmap.rundir import EXACT_POSITIONS, POSITIONS, position_column
+from truthmap.rundir import POSITIONS, position_column
 
 QUESTIONS = [f"What is the capital of {word}? {i}" for i, word in enumerate(["France", "Norway", "Peru"] * 16)]
 
@@ -79,6 +79,10 @@ def test_round_trip_gives_the_generated_run_back(generated, tmp_path):
     assert made["model_identity"] == original_made["model_identity"]
     assert len(made["model_identity"]["weights_sha256"]) == 64
     assert (imported / "report.html").stat().st_size > 0
+    fitted = CliRunner().invoke(app, ["fit-detector", "--model", str(model_dir), "--dataset", "custom", "--runs-dir",
+                                      str(runs), "--token", "-1", "--layer", "1", "--seeds", "0,1"])
+    assert fitted.exit_code == 0, fitted.output
+    assert json.loads((imported / "detector_mlp.json").read_text())["model_identity"] == made["model_identity"]
 
 
 def test_answer_text_alone_is_re_encoded(generated, tmp_path):
@@ -197,3 +201,48 @@ def test_vllm_example_writes_the_file_import_reads(tmp_path):
     assert (row.id, row.question, row.answer, row.gold) == ("7", "What is the capital of Peru?",
                                                             "The capital of Peru is Lima.", ["Lima"])
     assert (row.prompt_ids, row.answer_ids, row.stopped) == ([1, 2, 3], [11, 12, 13, 2], True)
+
+
+def test_model_identity_is_the_weights_hash_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    import types
+
+    from truthmap import models, rundir
+
+    monkeypatch.setenv("TRUTHMAP_CACHE", str(tmp_path / "cache"))
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "config.json").write_text("{}")
+    weights = directory / "model.safetensors"
+    weights.write_bytes(b"weights v1")
+    identity = models.model_identity("m", models.ModelSource(str(directory)))
+    assert identity == {"model": "m", "weights": "model.safetensors", "weights_sha256": rundir.file_sha256(weights)}
+    hashed = []
+    monkeypatch.setattr(rundir, "file_sha256", lambda path: hashed.append(path) or "x")
+    assert models.model_identity("m", models.ModelSource(str(directory))) == identity and hashed == []  # cached
+    weights.write_bytes(b"weights v2!")  # another size: hashed again
+    assert models.model_identity("m", models.ModelSource(str(directory)))["weights_sha256"] == "x" and len(hashed) == 1
+    gguf = models.model_identity("m.gguf", models.ModelSource(str(directory), "model.safetensors"))
+    assert gguf["weights_sha256"] == "x" and len(hashed) == 1
+
+    hub = models.model_identity("org/name", models.ModelSource("org/name"),
+                                types.SimpleNamespace(config=types.SimpleNamespace(_commit_hash="abc123")))
+    assert hub == {"model": "org/name", "hub_id": "org/name", "revision": "abc123"}
+    assert models.describe_identity(hub) == "org/name at revision abc123"
+    assert not models.same_weights(hub, hub | {"revision": "def456"}) and models.same_weights(hub, None)
+
+
+def test_detector_refuses_another_revision_in_one_line(tiny):
+    import dataclasses
+
+    from truthmap.detector import Detector
+    from truthmap.errors import ModelError
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 2, 32)), np.arange(40) % 2 == 0
+    detector = Detector(token="-1", layer=1, seeds=(0,)).fit(X, y)
+    detector.info = {"model": "tiny", "model_identity": {"model": "tiny", "hub_id": "org/tiny", "revision": "aaa111"}}
+    detector.check_model(dataclasses.replace(tiny, identity={"model": "tiny", "hub_id": "org/tiny", "revision": "aaa111"}))
+    other = dataclasses.replace(tiny, identity={"model": "tiny", "hub_id": "org/tiny", "revision": "bbb222"})
+    with pytest.raises(ModelError, match=r"^This detector was fitted on org/tiny at revision aaa111, not org/tiny at "
+                                         r"revision bbb222: [^\n]*$"):
+        detector.check_model(other)

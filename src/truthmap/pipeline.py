@@ -226,7 +226,7 @@ def write_answers(run: RunDir, config: RunConfig, settings: dict, records, promp
             "settings": settings,
             "config": config.to_dict(),
             "model_source": lm.source,
-            "model_identity": lm.identity,  # which weights made the answers (models.model_identity)
+            "model_identity": getattr(lm, "identity", None),  # which weights made the answers (models.model_identity)
             "chat_template": lm.is_chat,
             "device": lm.device,
             "dtype": lm.dtype,
