@@ -194,6 +194,50 @@ def generate(
     typer.echo(json.dumps(pipeline.summarize_answers(run), indent=2))
 
 
+@app.command("import")
+@reports_errors
+def import_(
+    answers_file: Annotated[str, typer.Argument(help="A .csv, .jsonl or .parquet file of answers, one per row.")],
+    model: Annotated[str, typer.Option(help="The model that wrote the answers (as for generate).")] = "smollm2",
+    dataset: Annotated[str, typer.Option(help="Whose correctness rule and prompt apply (e.g. triviaqa); 'custom': the "
+                                              "alias rule. Also names the run directory.")] = "custom",
+    split: Split = "train",
+    runs_dir: RunsDir = "runs",
+    batch_size: BatchSize = 16,
+    seed: Seed = 0,
+    device: Device = None,
+    dtype: Dtype = None,
+    prompt_style: PromptStyle = "auto",
+    extraction_model: ExtractionModel = None,
+    extraction_tries: ExtractionTries = 5,
+    locate: Locate = "blind",
+    extractor: Extractor = "constrained",
+    question_column: Annotated[str, typer.Option(help="The question column.")] = "question",
+    answer_column: Annotated[str, typer.Option(help="The column of the model's answers.")] = "answer",
+    gold_column: Annotated[str, typer.Option(help="Optional gold aliases (a list, or one answer): labels by the rule.")] = "gold",
+    id_column: Annotated[str, typer.Option(help="Optional row ids (default: row-1, row-2 ...).")] = "id",
+    prompt_column: Annotated[str, typer.Option(help="Optional prompt: the user message, or the text rendered with the "
+                                                    "chat template (default: the dataset's prompt of the question).")] = "prompt",
+    correct_column: Annotated[str, typer.Option(help="Optional labels (true/false); they win over the rule.")] = "correct",
+    exact_answer_column: Annotated[str, typer.Option(help="Optional exact answers (a span of the answer).")] = "exact_answer",
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad row instead of skipping it.")] = False,
+):
+    """Import answers generated elsewhere (vLLM, an API, another run) as a normal run: tokens, log-probabilities,
+    labels and exact answers. Then extract, probe, run, table, fit-detector and report work on it unchanged.
+
+    Example: truthmap import answers.jsonl --dataset triviaqa --split test
+    """
+    from truthmap import pipeline
+    from truthmap.importer import ImportSource
+
+    source = ImportSource(answers_file, question_column, answer_column, gold_column, id_column, prompt_column,
+                          correct_column, exact_answer_column)
+    config = RunConfig(model=model, dataset=dataset, split=split, runs_dir=runs_dir, batch_size=batch_size, seed=seed,
+                       device=device, dtype=dtype, prompt_style=prompt_style, extraction_model=extraction_model,
+                       extraction_tries=extraction_tries, locate=locate, extractor=extractor)
+    typer.echo(json.dumps(pipeline.import_answers(config, source, strict=strict), indent=2))
+
+
 @app.command()
 @reports_errors
 def extract(

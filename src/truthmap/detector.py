@@ -221,6 +221,14 @@ class Detector(ClassifierMixin, BaseEstimator):
                 f"This detector was fitted on model '{wanted}', not '{lm.name}': its probe reads that model's "
                 f"activations. Score with --model {wanted} (the default), or fit a detector for '{lm.name}'."
             )
+        from truthmap.models import describe_identity, same_weights
+
+        saved, now = (self.info or {}).get("model_identity"), getattr(lm, "identity", None)
+        if not same_weights(saved, now):
+            raise ModelError(
+                f"This detector was fitted on {describe_identity(saved)}, not {describe_identity(now)}: another "
+                "revision of the model has other activations. Score with the detector's revision, or refit it."
+            )
         if (num_layers(lm.model), site_width(lm.model, self.site)) != (self.n_layers_, self.n_features_in_):
             raise ModelError(
                 f"Model '{lm.name}' has {num_layers(lm.model)} layers of width {site_width(lm.model, self.site)} at "

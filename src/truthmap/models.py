@@ -41,6 +41,7 @@ class LoadedModel:
     is_chat: bool  # True when the tokenizer has a chat template
     device: str
     dtype: str
+    identity: dict | None = None  # which weights exactly (model_identity); None for a model built in memory
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,73 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         raise ModelError(f"Cannot load model '{name}' from {location}: {first_line}") from None
     model.to(device).eval()
     tokenizer = load_tokenizer(location)
-    return LoadedModel(model, tokenizer, name, location, tokenizer.chat_template is not None, device, dtype)
+    identity = model_identity(name, source, model)
+    return LoadedModel(model, tokenizer, name, location, tokenizer.chat_template is not None, device, dtype, identity)
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def model_identity(name: str, source: ModelSource, model=None) -> dict:
+    """Which weights a model is, beyond its name: a hub id and the commit revision it was loaded at, or the sha256
+    of the weights (the GGUF file, or a local directory's weight files). Runs and detectors record it, so that a
+    model updated under the same name is not taken for the one that made them."""
+    if source.gguf_file:
+        path = Path(source.directory) / source.gguf_file
+        return {"model": name, "weights": path.name, "weights_sha256": cached_sha256([path])}
+    directory = Path(source.directory).expanduser()
+    if directory.is_dir():
+        files = next((found for pattern in WEIGHT_PATTERNS if (found := sorted(directory.glob(pattern)))), [])
+        return {"model": name, "weights": ", ".join(f.name for f in files), "weights_sha256": cached_sha256(files)}
+    revision = getattr(getattr(model, "config", None), "_commit_hash", None)  # set by from_pretrained from the hub
+    return {"model": name, "hub_id": source.directory, "revision": revision}
+
+
+def describe_identity(identity: dict) -> str:
+    """One short phrase naming a model's weights: 'org/name at revision 1a2b3c4d5e6f' or 'x.gguf (sha256 1a2b...)'."""
+    if identity.get("hub_id"):
+        return f"{identity['hub_id']} at revision {str(identity.get('revision'))[:12]}"
+    return f"{identity.get('model')} ({identity.get('weights') or 'weights'}, sha256 {str(identity.get('weights_sha256'))[:12]})"
+
+
+def same_weights(a: dict | None, b: dict | None) -> bool:
+    """Whether two identities are the same weights; True when either is unknown (a model built in memory, a run or
+    detector made before identities were recorded)."""
+    if not a or not b:
+        return True
+    keys = ("weights_sha256",) if a.get("weights_sha256") or b.get("weights_sha256") else ("hub_id", "revision")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def cached_sha256(files: list[Path]) -> str | None:
+    """sha256 of one file, or of the list of (name, sha256) of several; None for none. A GGUF file of 100-270 MB
+    takes about a second to hash, so each file's hash is kept in the truthmap cache under its path, size and mtime."""
+    import json
+
+    from truthmap.rundir import file_sha256, write_json
+
+    if not files:
+        return None
+    cache_path = _cache_root() / "sha256.json"
+    try:
+        cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    except (OSError, ValueError):
+        cache = {}  # a damaged cache is only a slower start
+    digests, changed = [], False
+    for path in files:
+        stat = Path(path).stat()
+        key = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in cache:
+            cache[key], changed = file_sha256(path), True
+        digests.append((Path(path).name, cache[key]))
+    if changed:
+        try:
+            write_json(cache_path, cache)
+        except OSError:
+            pass  # a read-only cache: hash again next time
+    if len(digests) == 1:
+        return digests[0][1]
+    return hashlib.sha256("".join(f"{n}:{d}\n" for n, d in digests).encode()).hexdigest()
 
 
 def load_tokenizer(location: str, gguf_file: str | None = None):

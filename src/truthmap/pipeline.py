@@ -97,8 +97,12 @@ def generation_settings(settings: dict) -> dict:
 
 def check_resume(config: RunConfig) -> None:
     """Refuse bad input and work on disk made with other settings before any model loads (it takes seconds)."""
-    spec, _ = load_config_records(config)  # the dataset's own errors first
     run = run_dir(config)
+    if imported(run):  # its answers came from a file (`truthmap import`), not from this dataset's questions
+        if not extraction_done(run, config.site):
+            check_extract_resume(config, run, read_json(run.run_json)["settings"])
+        return
+    spec, _ = load_config_records(config)  # the dataset's own errors first
     settings = answers_settings(config, spec)
     if run.run_json.exists():
         check_matches(read_json(run.run_json)["settings"], settings, run.path)
@@ -147,8 +151,10 @@ def generate(config: RunConfig, lm=None) -> RunDir:
     from truthmap.locate import extract_spans, gold_spans, locate_answers
     from truthmap.models import load_model
 
-    spec, records = load_config_records(config)
     run = run_dir(config)
+    if imported(run):
+        return run  # answers imported from a file are the run's answers; nothing to generate
+    spec, records = load_config_records(config)
     settings = answers_settings(config, spec)
     if run.answers.exists() and run.run_json.exists():
         made = read_json(run.run_json)
@@ -193,8 +199,9 @@ def generate(config: RunConfig, lm=None) -> RunDir:
     return run
 
 
-def write_answers(run: RunDir, config: RunConfig, settings: dict, records, prompts, frame, spans, lm, started) -> None:
-    """answers.parquet (records + generations + exact answers and positions) and run.json."""
+def write_answers(run: RunDir, config: RunConfig, settings: dict, records, prompts, frame, spans, lm, started,
+                  extra: dict | None = None) -> None:
+    """answers.parquet (records + generations + exact answers and positions) and run.json (with `extra`'s keys)."""
     import pandas as pd
 
     from truthmap.locate import exact_answer_columns, gold_agreement, gold_spans
@@ -220,6 +227,7 @@ def write_answers(run: RunDir, config: RunConfig, settings: dict, records, promp
             "settings": settings,
             "config": config.to_dict(),
             "model_source": lm.source,
+            "model_identity": getattr(lm, "identity", None),  # which weights made the answers (models.model_identity)
             "chat_template": lm.is_chat,
             "device": lm.device,
             "dtype": lm.dtype,
@@ -227,8 +235,22 @@ def write_answers(run: RunDir, config: RunConfig, settings: dict, records, promp
             "exact_answer_agreement": gold_agreement(table),
             "seconds": round(time.time() - started, 1),
             "versions": package_versions(),
+            **(extra or {}),
         },
     )
+
+
+def imported(run: RunDir) -> bool:
+    """Whether the run's answers were imported from a file (`truthmap import`) rather than generated."""
+    return run.answers.exists() and run.run_json.exists() and "import" in read_json(run.run_json)
+
+
+@locked
+def import_answers(config: RunConfig, source, lm=None, strict: bool = False) -> dict:
+    """`truthmap import`: a file of answers made elsewhere becomes a normal run (importer.import_answers)."""
+    from truthmap.importer import import_answers as run_import
+
+    return run_import(config, source, lm, strict)
 
 
 def _use_chat(prompt_style: str, lm) -> bool:
@@ -510,6 +532,7 @@ def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | No
         "model": config.model,
         "dataset": config.dataset,
         "chat_template": made["chat_template"],
+        "model_identity": made.get("model_identity"),  # score refuses other weights under the same name
         **{k: made["settings"].get(k) for k in ("locate", "extractor", "extraction_tries")},
         "training": {
             "run": str(run.path),

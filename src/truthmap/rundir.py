@@ -1,12 +1,14 @@
 """The run directory: the one contract between stages. Every path, column and store shape is defined here.
 
     runs/<model-slug>/<dataset>/<split>/
-        run.json                    config, seed, package versions of the answers stage
+        run.json                    config, seed, package versions, model identity of the answers stage; for an
+                                    imported run, "import": the answers file (path, sha256, rows) and what was skipped
         resolved_config.json        site -> the configuration `truthmap run` last used (defaults < study file < flags)
         report.html                 the self-contained report (`truthmap report`, and the end of `truthmap run`)
         answers.parquet             one row per sample (ANSWER_COLUMNS)
         work/generations/part-*.parquet   checkpoints of the generation stage, one per finished batch
         work/extractions/part-*.parquet   checkpoints of the exact-answer extraction, one per finished batch
+        work/imports/part-*.parquet       `truthmap import`: the answer tokens' log-probabilities, one part per batch
         work/shards/<k>-of-<n>/     `--executor ray`: shard k's generations/, extractions/, activations/<site>/
         activations/<site>/acts.f16       float16, cell-major [layers, positions, samples, hidden]
         activations/<site>/embed.f16      float16, [1, positions, samples, hidden]: the input embedding (embed row)
@@ -62,7 +64,7 @@ ANSWER_COLUMNS = {
     "correct": "bool, the dataset's correctness rule",
     "exact_answer": "the span of `answer` that carries the answer ('' when none)",
     "exact_answer_valid": "bool, the exact answer was found in the answer and mapped to tokens",
-    "exact_answer_source": "extracted | gold_match | label | no_answer | not_found | token_mismatch",
+    "exact_answer_source": "extracted | gold_match | label | given (imported) | no_answer | not_found | token_mismatch",
     "exact_start": "character start of the exact answer in `answer` (-1 when invalid)",
     "exact_end": "character end (exclusive), -1 when invalid",
     "gold_start": "character start of the earliest gold alias in a correct answer (-1: incorrect, or none found)",
@@ -102,6 +104,7 @@ class RunDir:
     report = property(lambda self: self.path / "report.html")
     generation_parts = property(lambda self: self.path / "work" / "generations")
     extraction_parts = property(lambda self: self.path / "work" / "extractions")
+    import_parts = property(lambda self: self.path / "work" / "imports")
 
     baselines = property(lambda self: self.path / "baselines.parquet")
     detector_scores = property(lambda self: self.path / "detector_scores.parquet")
@@ -189,6 +192,7 @@ def file_sha256(path: str | Path) -> str:
 # How a changed setting is described when its raw values say little.
 CHANGED = {
     "custom_sha256": "from another content of the custom file (sha256 {saved:.12}..., now {value:.12}...: edited since)",
+    "import_sha256": "from another answers file (sha256 {saved:.12}..., this one {value:.12}...)",
 }
 
 
