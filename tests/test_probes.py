@@ -338,3 +338,143 @@ def test_auc_refuses_one_class():
     with pytest.raises(ProbeError, match=r"An AUC needs labels of 2 classes, got 1"):
         auc([True, True], [0.1, 0.2])
     assert auc([False, True, True], [0.3, 0.2, 0.9]) == 0.5
+
+
+# ------------------------------------------------------------------------------------- the fit's speed-ups, checked
+
+
+@pytest.mark.parametrize("n, hidden", [(120, 60), (600, 40)])  # fewer rows than features (Woodbury), and more
+def test_fit_matches_converged_sklearn_with_correlated_features(n, hidden):
+    """Features with a spectrum like real activations' (a few large directions, a long tail): the fit's AUCs, on
+    float32 activations and in both preconditioner forms, are those of converged sklearn fits."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from truthmap.probes import _auc_rows, fit_logistic, split_masks
+
+    rng = np.random.default_rng(3)
+    spectrum = 50 / (1 + np.arange(hidden) / 3) ** 2
+    rotation, _ = np.linalg.qr(rng.standard_normal((hidden, hidden)))
+    X = (rng.standard_normal((2, n, hidden)) * np.sqrt(spectrum)) @ rotation + rng.uniform(-5, 5, hidden)
+    y = X[0, :, :3].sum(1) / X[0, :, :3].sum(1).std() + rng.standard_normal(n) > 0.5
+    train = split_masks(n, None, (0, 5), y)
+    fit = fit_logistic(torch.tensor(X, dtype=torch.float32), y.astype(float), train, 1.0)
+    assert fit["converged"].all()
+    for s, mask in enumerate(train):
+        got = _auc_rows(fit["logits"][:, s, ~mask].numpy(), y[~mask])
+        for cell in range(2):
+            scaler = StandardScaler().fit(X[cell, mask])
+            model = LogisticRegression(tol=1e-10, max_iter=100000).fit(scaler.transform(X[cell, mask]), y[mask])
+            expected = _auc_rows(model.decision_function(scaler.transform(X[cell, ~mask]))[None], y[~mask])[0]
+            assert abs(got[cell] - expected) < 0.003, (s, cell, got[cell], expected)
+            np.testing.assert_allclose(fit["coef"][cell, s].numpy(), model.coef_[0], atol=0.02 * np.abs(model.coef_).max())
+
+
+def test_float32_activations_fit_as_float64():
+    """Only the passes over X are float32: the fit lands where the float64 one does."""
+    import torch
+
+    from truthmap.probes import fit_logistic, split_masks
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((3, 300, 50)).astype(np.float16).astype(np.float32)  # a float16 store's values
+    y = X[:, :, 0].sum(0) + rng.standard_normal(300) > 0
+    train = split_masks(300, None, (0, 1, 2), y)
+    low = fit_logistic(torch.tensor(X), y.astype(float), train, 1.0)
+    high = fit_logistic(torch.tensor(X, dtype=torch.float64), y.astype(float), train, 1.0)
+    assert low["logits"].dtype == torch.float64
+    np.testing.assert_allclose(low["logits"].numpy(), high["logits"].numpy(), atol=1e-3)
+
+
+def test_detection_fits_as_the_heatmap(tmp_path):
+    """fit_layers (detection table, generalization) is the grid's fit: the same logits for the same rows."""
+    import torch
+
+    from truthmap.detection import fit_layers
+    from truthmap.probes import fit_logistic, split_masks
+
+    store, is_error = make_store(tmp_path, 0, n=400)
+    acts = sample_major(store)
+    masks = split_masks(400, None, (0, 42), is_error)
+    fit = fit_layers(lambda layer: acts[:, layer, 3, :], LAYERS, is_error, masks)
+    X = torch.tensor(np.stack([acts[:, layer, 3, :] for layer in range(LAYERS)]), dtype=torch.float32)
+    grid = fit_logistic(X, is_error.astype(float), masks, 1.0)
+    np.testing.assert_allclose(fit["logits"], grid["logits"].numpy(), atol=1e-8)
+    assert fit["coef"].shape == (LAYERS, 2, HIDDEN)
+
+
+def test_fit_cells_batches_by_the_memory_budget(monkeypatch):
+    from truthmap import probes
+
+    cells = [(layer, pos) for layer in range(3) for pos in range(4)]
+    rng = np.random.default_rng(0)
+    data = {cell: rng.standard_normal((50, 8)).astype(np.float16) for cell in cells}
+    y = rng.random(50) < 0.4
+    train = probes.split_masks(50, None, (0,), y)
+    monkeypatch.setattr(probes, "CELL_BUDGET_BYTES", 5 * 4 * 50 * 8)  # 5 float32 cells
+    batches = [batch for batch, _ in probes.fit_cells(data.__getitem__, cells, y, train, device="cpu")]
+    assert batches == [cells[:5], cells[5:10], cells[10:]]
+
+
+def test_fit_cells_names_the_cell_with_nan():
+    from truthmap.probes import fit_cells
+
+    X = np.ones((20, 4), dtype=np.float16)
+    X[3, 1] = np.nan
+    y = np.arange(20) % 2 == 0
+    with pytest.raises(ProbeError, match=r"^cell 7 hold 1 NaN or inf values; extract the activations again\.$"):
+        list(fit_cells(lambda cell: X, [7], y, y[None], where=lambda cell: f"cell {cell}"))
+
+
+def test_busy_cpus_lower_the_threads(monkeypatch):
+    """Another process spinning on the CPUs shows in busy_elsewhere; threads_to_use leaves its CPUs to it."""
+    import subprocess
+    import sys
+    import time
+
+    from truthmap import probes
+
+    before = probes.cpu_sample()
+    if before is None:
+        pytest.skip("no /proc/stat on this system")
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.2)
+        start = probes.cpu_sample()
+        time.sleep(1.0)
+        end = probes.cpu_sample()
+    finally:
+        spinner.wait()
+    assert probes.busy_elsewhere(start, end) > 0.5  # the spinner's CPU (and whatever else runs here)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert probes.threads_to_use(2, 0.0) == 2
+    assert probes.threads_to_use(2, 0.2) == 2  # a light load keeps both
+    assert probes.threads_to_use(2, 0.9) == 1  # one CPU taken: one thread
+    assert probes.threads_to_use(2, 3.0) == 1  # never fewer than one
+    assert probes.threads_to_use(1, 0.0) == 1  # never more than asked
+    assert probes.busy_elsewhere(None, end) == 0.0
+
+
+def test_grid_uses_fewer_threads_beside_a_busy_process(tmp_path, monkeypatch):
+    import torch
+
+    from truthmap import probes
+
+    seen = []
+    fit = probes.fit_logistic
+    monkeypatch.setattr(probes, "fit_logistic", lambda *a, **k: seen.append(torch.get_num_threads()) or fit(*a, **k))
+    monkeypatch.setattr(probes, "busy_elsewhere", lambda before, after: 1.0)  # one CPU taken by others
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    store, is_error = make_store(tmp_path, 0, n=100)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, device="cpu")
+        assert seen == [1]
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, device="cpu", threads=2)
+        assert seen == [2]  # threads given: kept
+    finally:
+        torch.set_num_threads(before)

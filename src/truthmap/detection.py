@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from truthmap.errors import ProbeError
-from truthmap.probes import CELL_BUDGET_BYTES, auc, check_class_counts, fit_logistic, grouped_split
+from truthmap.probes import auc, check_class_counts, fit_cells, grouped_split
 from truthmap.rundir import POSITIONS, RunDir
 
 PROBE_TOKENS = ("-1", "-2", "last_q", "exact_answer_last", "exact_answer_after_last")
@@ -63,19 +63,11 @@ def validation_masks(is_error: np.ndarray, groups, seeds) -> np.ndarray:
 
 
 def fit_layers(read_layer, n_layers: int, is_error: np.ndarray, fit_masks: np.ndarray, C: float = 1.0) -> dict:
-    """A probe per (layer, mask) on read_layer(layer) [rows, hidden]: coef, mean, scale [layers, masks, hidden],
-    intercept [layers, masks] and logits [layers, masks, rows]. Layers are fitted in chunks of CELL_BUDGET_BYTES."""
-    import torch
-
-    n, hidden = read_layer(0).shape
-    chunk = max(1, CELL_BUDGET_BYTES // (2 * 4 * n * hidden))
-    parts = []
-    for start in range(0, n_layers, chunk):
-        layers = range(start, min(start + chunk, n_layers))
-        X = torch.from_numpy(np.stack([read_layer(layer) for layer in layers]).astype(np.float32))
-        fit = fit_logistic(X, is_error.astype(np.float32), fit_masks, C)
-        parts.append({k: fit[k].numpy() for k in ("coef", "intercept", "mean", "scale", "logits")})
-    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+    """A probe per (layer, mask) on read_layer(layer) [rows, hidden], fitted as the heatmap's (probes.fit_cells):
+    coef, mean, scale [layers, masks, hidden], intercept [layers, masks] and logits [layers, masks, rows]."""
+    parts = [fit for _, fit in fit_cells(read_layer, list(range(n_layers)), is_error, fit_masks, C,
+                                         where=lambda layer: f"Activations at layer {layer}")]
+    return {k: np.concatenate([part[k] for part in parts]) for k in ("coef", "intercept", "mean", "scale", "logits")}
 
 
 def probe_logits(fit: dict, layer: int, mask: int, X: np.ndarray) -> np.ndarray:

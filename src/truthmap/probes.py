@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,8 +21,7 @@ from truthmap.errors import ProbeError
 from truthmap.progress import progress_bar
 
 MIN_PER_CLASS = 5  # fewer errors (or correct answers) than this and the AUC is noise
-CELL_BUDGET_BYTES = 512 * 2**20  # float64 activations held at once by probe_grid (two layouts of each cell)
-GRAM_ROWS = 2048  # rows used to build the preconditioner of the logistic fits
+CELL_BUDGET_BYTES = 128 * 2**20  # float32 activations fitted at once by fit_cells (one layout of each cell)
 
 
 class ProbeInputError(ProbeError, ValueError):
@@ -46,13 +46,16 @@ def _check_max_iter(max_iter, owner: str) -> None:
 # --------------------------------------------------------------------------------------------- the batched fit
 
 
-FTOL_EPS = 4  # scipy's test in units of the working dtype's eps (its default ftol is 64 float64 eps)
-# The grid's fits: float64 and a tenth of sklearn's default tol. At float32 or tol 1e-4 the fits stop where the
-# test AUCs still differ from sklearn's converged fits by up to 0.01 (mean over seeds) on a few hundred rows.
+FTOL_EPS = 4  # scipy's test in units of float64's eps (its default ftol is 64 eps)
+# The fits of the grid, the detection table, generalization and detectors: a tenth of sklearn's default tol. At
+# tol 1e-4 the fits stop where the test AUCs still differ from sklearn's converged fits by up to 0.01 (mean over
+# seeds) on a few hundred rows.
 GRID_TOL = 1e-5
+GRAM_ROWS = 2048  # rows that estimate the preconditioner beyond them
+COMPACT_SHARE = 4  # drop finished cells from the batch once a quarter of it is done (each drop copies the rest)
 
 
-def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=1e-4, history=10):
+def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, history=10):
     """L2 logistic regressions for B cells x S splits at once, by preconditioned L-BFGS (torch).
 
     X: [B, n, d] float tensor (one cell per batch entry, all n rows), centred and scaled IN PLACE to save a copy;
@@ -60,119 +63,132 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=1e-4, hist
     Each (cell, split) minimises 0.5*||w||^2 + C * sum_train logloss, on features standardized with the train
     rows' mean and std (population std, 0 -> 1, as StandardScaler); the intercept is not penalised. This is
     sklearn's LogisticRegression(C) objective, and `tol` is its gradient tolerance.
+    The passes over X (two per iteration: the logits along the search direction, and the gradient) run in X's
+    dtype: float32 holds activations read from a float16 store exactly and halves the memory traffic, which is
+    what bounds these passes. Everything else (weights, logits, objective, L-BFGS memory) is float64.
     Runs on X's device. Returns a dict of tensors there: coef [B, S, d], intercept [B, S] (standardized space),
     mean and scale [B, S, d] (raw space), logits [B, S, n] for every row, converged [B, S] bool, and n_iter (int).
     """
     import torch
 
     B, n, d = X.shape
-    dtype, device = X.dtype, X.device
+    data, device = X.dtype, X.device
+    dtype = torch.float64
     y = torch.as_tensor(y, dtype=dtype, device=device)  # [n]
     train = torch.as_tensor(train, dtype=dtype, device=device)  # [S, n], 1.0 on train rows
     S = train.shape[0]
     n_train = train.sum(1)  # [S]
+    mu, sd, m, v = _standardize(X, train, standardize)  # X is now Xn, centred and scaled by all rows
+    Xn = X
 
-    # Centre and scale once for all splits; each split's own standardization is then a small affine correction
-    # (m, v below), so the two big layouts of X are shared by all splits and every pass reads X once for S splits.
-    mu = X.mean(1, keepdim=True)  # [B, 1, d]
-    Xn = X.sub_(mu)  # [B, n, d]
-    if standardize:
-        sd = Xn.pow(2).mean(1, keepdim=True).sqrt()  # [B, 1, d]
-        sd = torch.where(sd > 0, sd, torch.ones_like(sd))
-        Xn /= sd
-        m = (train @ Xn) / n_train[:, None]  # [B, S, d] per-split train mean
-        v = ((train @ Xn.square()) / n_train[:, None] - m.square()).clamp_min(0).sqrt()  # [B, S, d]
-        v = torch.where(v > 1e-6, v, torch.ones_like(v))
-    else:
-        sd = torch.ones_like(mu)
-        m = torch.zeros(B, S, d, dtype=dtype, device=device)
-        v = torch.ones(B, S, d, dtype=dtype, device=device)
-    XnT = Xn.transpose(1, 2).contiguous()  # [B, d, n]: the fast layout for the forward pass on this CPU BLAS
-
-    def logits_at(w, b, v, m, XnT):  # every row's logits for standardized weights w [B, S, d], intercepts b [B, S]
+    def logits_at(w, b, v, m, Xn):  # every row's logits for standardized weights w [B, S, d], intercepts b [B, S]
         u = w / v  # [B, S, d] weights on Xn
-        return u @ XnT + (b - (u * m).sum(-1))[..., None]  # [B, S, n]
-
-    def forward(w, b):  # on the cells still in the loop
-        return logits_at(w, b, v, m, XnT)
+        return (u.to(data) @ Xn.mT).to(dtype) + (b - (u * m).sum(-1))[..., None]  # [B, S, n]
 
     def loss_grad(w, b, z):  # objective [B, S], gradients [B, S, d] and [B, S] at logits z
         loss = 0.5 * w.square().sum(-1) + C * (train * (torch.nn.functional.softplus(z) - y * z)).sum(-1)
         r = train * (torch.sigmoid(z) - y)  # [B, S, n]
         r_sum = r.sum(-1)  # [B, S]
-        g_w = w + C * ((r @ Xn) - m * r_sum[..., None]) / v
+        g_w = w + C * ((r.to(data) @ Xn).to(dtype) - m * r_sum[..., None]) / v
         return loss, g_w, C * r_sum
 
-    # Preconditioner: the Hessian at w = 0 (every probability 1/2), I + C/4 * X^T X on the train rows, shared by
-    # the splits (all rows, rescaled to the mean train size). Standardized features are centred, so the intercept
-    # block is separate. With it the first step is a Newton step and L-BFGS needs tens of steps, not hundreds.
-    # Beyond GRAM_ROWS rows a strided subset estimates X^T X well enough and keeps this O(d^2) per row cost bounded.
-    step = -(-n // GRAM_ROWS)
-    frac = float(n_train.mean()) / Xn[:, ::step].shape[1]
-    P = torch.eye(d, dtype=dtype, device=device) + (0.25 * C * frac) * (XnT[:, :, ::step] @ Xn[:, ::step])  # [B, d, d]
-    # An explicit inverse: batched cholesky_solve is ~20x slower than a matmul on CPU, and a preconditioner
-    # need not be exact.
-    P_inv = torch.cholesky_inverse(torch.linalg.cholesky(P))  # [B, d, d], symmetric
+    # Preconditioner: the Hessian at w = 0 (every probability 1/2), P = I + C/4 * X^T X on the train rows, shared
+    # by the splits (all rows, rescaled to the mean train size). Standardized features are centred, so the
+    # intercept block is separate. With it the first step is a Newton step and L-BFGS needs tens of steps, not
+    # hundreds. It needs every direction of the data: a low-rank one from 256 of 1,000 rows of real activations
+    # took 215 iterations instead of 33. Its factors are float32: applied by triangular solves (backward stable) a
+    # float32 Cholesky factor stays positive definite; the Woodbury form needs the check for uphill directions below.
+    woodbury = n < d
+    c = 0.25 * C * float(n_train.mean())
+    if woodbury:  # P^-1 = I - c R^T R, R = L^-1 X, L L^T = I + c X X^T: n x d numbers and O(n^2 d) work, not d^3
+        c /= n
+        L = torch.linalg.cholesky(torch.eye(n, dtype=dtype, device=device) + c * (Xn @ Xn.mT).to(dtype))
+        factor = torch.linalg.solve_triangular(L, Xn.to(dtype), upper=False).to(data)  # R [B, n, d]
+        del L
+    else:  # the Cholesky factor of P, from a strided sample of GRAM_ROWS rows beyond that (enough to estimate it)
+        sample = Xn[:, :: -(-n // GRAM_ROWS)]
+        c /= sample.shape[1]
+        P = torch.eye(d, dtype=dtype, device=device) + c * (sample.mT @ sample).to(dtype)
+        factor = torch.linalg.cholesky(P).to(data)  # [B, d, d], lower
+        del sample, P
     p_b = 0.25 * C * n_train  # [S] intercept curvature at w = 0
 
-    def precondition(q_w, q_b):  # q_w [B, S, d] -> P^-1 q_w (row vectors: q_w P^-1, P^-1 symmetric)
-        return q_w @ P_inv, q_b / p_b
+    def precondition(q_w, q_b, factor):  # P^-1 q, q_w [B, S, d] row vectors
+        q = q_w.to(data)
+        if woodbury:
+            return q_w - c * ((q @ factor.mT) @ factor).to(dtype), q_b / p_b
+        half = torch.linalg.solve_triangular(factor, q.mT, upper=False)  # L^-1 q^T
+        return torch.linalg.solve_triangular(factor.mT, half, upper=True).mT.to(dtype), q_b / p_b
 
     w = torch.zeros(B, S, d, dtype=dtype, device=device)
     b = torch.zeros(B, S, dtype=dtype, device=device)
     z = torch.zeros(B, S, n, dtype=dtype, device=device)
     loss, g_w, g_b = loss_grad(w, b, z)
+    h_w, h_b = precondition(g_w, g_b, factor)  # P^-1 g: the one preconditioner application of each iteration
     threshold = tol * C * n_train  # [S] sklearn's tol on the objective divided by C * n_train
-    memory = []  # (s_w, s_b, y_w, y_b, rho), newest last
+    memory = []  # (s_w, s_b, y_w, y_b, P^-1 y_w, P^-1 y_b, rho), newest last
     stuck = torch.zeros(B, S, dtype=torch.bool, device=device)  # no descent found: the optimum within precision
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # all splits converged, results stored
     result = {"mean": mu + sd * m, "scale": sd * v,  # [B, S, d] raw-space mean and scale of the train rows
               "coef": w.clone(), "intercept": b.clone(), "logits": z.clone(), "converged": stuck.clone(), "n_iter": 0}
-    cells = torch.arange(B, device=device)  # cells still in the loop; a cell leaves when all its splits converged
+    cells = torch.arange(B, device=device)  # cells still in the batch
 
     def retire(done):  # store the results of cells[done]; recomputed logits: z accumulated rounding over the steps
         index = cells[done]
         result["coef"][index], result["intercept"][index] = w[done], b[done]
-        result["logits"][index] = logits_at(w[done], b[done], v[done], m[done], XnT[done])
+        result["logits"][index] = logits_at(w[done], b[done], v[done], m[done], Xn[done])
         gradient = torch.maximum(g_w[done].abs().amax(-1), g_b[done].abs())
         result["converged"][index] = (gradient <= threshold) | stuck[done]
 
+    n_iter = 0
     for n_iter in range(1, max_iter + 1):
         active = (torch.maximum(g_w.abs().amax(-1), g_b.abs()) > threshold) & ~stuck  # [cells, S]
-        done = ~active.any(1)
-        if done.any():  # hard cells take several times the iterations of most: stop paying for the others
+        done = ~active.any(1) & ~finished
+        if done.any():
             retire(done)
-            keep = ~done
-            cells, Xn, XnT, m, v, P_inv, w, b, z, loss, g_w, g_b, stuck, active = (
-                t[keep] for t in (cells, Xn, XnT, m, v, P_inv, w, b, z, loss, g_w, g_b, stuck, active))
-            memory = [tuple(t[keep] for t in pair) for pair in memory]
-        if not len(cells):
-            n_iter -= 1
-            break
-        # Two-loop recursion, elementwise over the batch (a pair with rho = 0 is a no-op).
-        q_w, q_b = g_w.clone(), g_b.clone()
+            finished |= done
+            if finished.all():
+                n_iter -= 1
+                break
+            # Hard cells take several times the iterations of most: stop paying for the others, but not at every
+            # cell that finishes, as dropping cells copies the rest of the batch.
+            if int(finished.sum()) * COMPACT_SHARE >= len(cells):
+                keep = ~finished
+                cells, Xn, factor, m, v, w, b, z, loss, g_w, g_b, h_w, h_b, stuck, active, finished = (
+                    t[keep] for t in (cells, Xn, factor, m, v, w, b, z, loss, g_w, g_b, h_w, h_b, stuck, active,
+                                      finished))
+                memory = [tuple(t[keep] for t in pair) for pair in memory]
+        # Two-loop recursion, elementwise over the batch (a pair with rho = 0 is a no-op). The initial matrix is
+        # gamma * P^-1, applied as P^-1 g minus the stored P^-1 y of each pair: no pass over P here.
+        q_w, q_b, r_w, r_b = g_w.clone(), g_b.clone(), h_w.clone(), h_b.clone()
         alphas = []
-        for s_w, s_b, y_w, y_b, rho in reversed(memory):
+        for s_w, s_b, y_w, y_b, hy_w, hy_b, rho in reversed(memory):
             a = rho * ((s_w * q_w).sum(-1) + s_b * q_b)
             q_w -= a[..., None] * y_w
             q_b -= a * y_b
+            r_w -= a[..., None] * hy_w
+            r_b -= a * hy_b
             alphas.append(a)
-        r_w, r_b = precondition(q_w, q_b)
-        if memory:  # scale the preconditioner by the newest curvature pair, as in plain L-BFGS
-            s_w, s_b, y_w, y_b, rho = memory[-1]
-            h_w, h_b = precondition(y_w, y_b)
-            yHy = (y_w * h_w).sum(-1) + y_b * h_b
+        if memory:  # scale by the newest curvature pair, as in plain L-BFGS
+            s_w, s_b, y_w, y_b, hy_w, hy_b, rho = memory[-1]
+            yHy = (y_w * hy_w).sum(-1) + y_b * hy_b
             gamma = torch.where((rho > 0) & (yHy > 0), 1 / (rho * yHy).clamp_min(1e-30), torch.ones_like(rho))
             r_w, r_b = gamma[..., None] * r_w, gamma * r_b
-        for (s_w, s_b, y_w, y_b, rho), a in zip(memory, reversed(alphas)):
+        for (s_w, s_b, y_w, y_b, _, _, rho), a in zip(memory, reversed(alphas)):
             beta = rho * ((y_w * r_w).sum(-1) + y_b * r_b)
             r_w += (a - beta)[..., None] * s_w
             r_b += (a - beta) * s_b
         d_w = -r_w * active[..., None]  # converged fits stay where they are
         d_b = -r_b * active
+        slope = (g_w * d_w).sum(-1) + g_b * d_b  # [B, S], < 0 where active
+        uphill = active & ~(slope < 0)
+        if uphill.any():  # float32 rounding of a preconditioner far too ill-conditioned for it: steepest descent
+            d_w = torch.where(uphill[..., None], -g_w, d_w)
+            d_b = torch.where(uphill, -g_b, d_b)
+            slope = (g_w * d_w).sum(-1) + g_b * d_b
         # Backtracking (Armijo) line search. Logits move linearly along the direction, so one pass over X gives
         # dz and every trial step costs only O(n).
-        dz = forward(d_w, d_b)  # [B, S, n]
-        slope = (g_w * d_w).sum(-1) + g_b * d_b  # [B, S], < 0 where active
+        dz = logits_at(d_w, d_b, v, m, Xn)  # [B, S, n]
         step = active.to(dtype)
         for _ in range(30):
             trial_z = z + step[..., None] * dz
@@ -190,21 +206,52 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=1e-4, hist
         w_new, b_new = w + step[..., None] * d_w, b + step * d_b
         z = z + step[..., None] * dz
         loss_new, g_w_new, g_b_new = loss_grad(w_new, b_new, z)
+        h_w_new, h_b_new = precondition(g_w_new, g_b_new, factor)
         s_w, s_b = w_new - w, b_new - b
         y_w, y_b = g_w_new - g_w, g_b_new - g_b
         # scipy's L-BFGS-B test (as sklearn runs it): an accepted step that barely lowers the objective means the
-        # optimum within the float precision of this dtype, where more steps only churn rounding.
+        # optimum within float64 precision, where more steps only churn rounding.
         scale = torch.maximum(loss.abs(), loss_new.abs()).clamp_min(1)
         stuck |= active & (loss - loss_new <= FTOL_EPS * torch.finfo(dtype).eps * scale)
         sy = (s_w * y_w).sum(-1) + s_b * y_b
         rho = torch.where(sy > 1e-10, 1 / sy.clamp_min(1e-10), torch.zeros_like(sy))
-        memory = (memory + [(s_w, s_b, y_w, y_b, rho)])[-history:]
-        w, b, loss, g_w, g_b = w_new, b_new, loss_new, g_w_new, g_b_new
+        memory = (memory + [(s_w, s_b, y_w, y_b, h_w_new - h_w, h_b_new - h_b, rho)])[-history:]
+        w, b, loss, g_w, g_b, h_w, h_b = w_new, b_new, loss_new, g_w_new, g_b_new, h_w_new, h_b_new
 
-    if len(cells):
-        retire(torch.ones(len(cells), dtype=torch.bool, device=device))
+    if not finished.all():
+        retire(~finished)
     result["n_iter"] = n_iter
     return result
+
+
+def _standardize(X, train, standardize: bool):
+    """Centre and scale X [B, n, d] in place by all rows' mean and std; returns those ([B, 1, d]) and the train
+    rows' mean m and std v of the result per split ([B, S, d], float64). Each split's own standardization is then
+    a small affine correction (m, v), so one copy of X serves every split and every pass reads X once for S splits.
+    Statistics in float64, one cell at a time (float64 temporaries of one cell only)."""
+    import torch
+
+    B, n, d = X.shape
+    dtype, device = torch.float64, X.device
+    S = train.shape[0]
+    n_train = train.sum(1)[:, None]  # [S, 1]
+    mu = torch.zeros(B, 1, d, dtype=dtype, device=device)
+    sd = torch.ones(B, 1, d, dtype=dtype, device=device)
+    m = torch.zeros(B, S, d, dtype=dtype, device=device)
+    v = torch.ones(B, S, d, dtype=dtype, device=device)
+    for i in range(B):
+        cell = X[i].to(dtype)  # [n, d]
+        mu[i] = cell.mean(0)
+        cell -= mu[i]
+        if standardize:
+            scale = cell.square().mean(0).sqrt()
+            sd[i] = torch.where(scale > 0, scale, torch.ones_like(scale))
+            cell /= sd[i]
+            m[i] = (train @ cell) / n_train
+            spread = ((train @ cell.square()) / n_train - m[i].square()).clamp_min(0).sqrt()
+            v[i] = torch.where(spread > 1e-6, spread, torch.ones_like(spread))
+        X[i] = cell.to(X.dtype)
+    return mu, sd, m, v
 
 
 def _auc_rows(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
@@ -234,14 +281,15 @@ class ErrorProbe(ClassifierMixin, BaseEstimator):
     """Standardize, then L2 logistic regression: the probe of one (layer, token) cell.
 
     Parameters are sklearn's LogisticRegression ones (C is the inverse penalty: 0.5*||w||^2 + C * sum logloss;
-    tol bounds the gradient of that objective divided by C * n_samples, as sklearn's lbfgs).
+    tol bounds the gradient of that objective divided by C * n_samples, as sklearn's lbfgs), with the grid's
+    tolerance GRID_TOL as default, so that a detector's probe is fitted as the heatmap's.
     Fitted attributes: classes_, coef_ [d] and intercept_ (on standardized features), mean_ and scale_ [d] (the
     standardization; with standardize=False scale_ is ones and mean_ only centres, which moves the intercept
     alone), n_features_in_, n_iter_. The fit is deterministic, hence no random_state.
     ClassifierMixin comes first: scikit-learn's check_mixin_order requires mixins left of BaseEstimator.
     """
 
-    def __init__(self, C=1.0, max_iter=1000, standardize=True, tol=1e-4):
+    def __init__(self, C=1.0, max_iter=1000, standardize=True, tol=GRID_TOL):
         self.C = C
         self.max_iter = max_iter
         self.standardize = standardize
@@ -421,38 +469,37 @@ def weighted_aucs(scores, positive, weights) -> np.ndarray:
     """[n_boot, m] AUC of each row of scores [m, n] (ties count one half) with row weights [n_boot, n] (bootstrap
     counts): the AUC of the resampled rows. NaN where a replicate draws no positive or no negative row.
 
-    Sorted once per score row; each replicate is then a cumulative sum, O(n) instead of O(positives x negatives)."""
+    Each score row is sorted once: a positive's share is the weight of the negatives below it, a cumulative sum
+    over the negatives in that row's order, read at a position known before any replicate. Per replicate and row
+    that is O(negatives + positives), and the sum over the positives is a matrix product."""
     scores = np.asarray(scores, dtype=np.float64)
     positive = np.asarray(positive, dtype=bool)
-    m, n = scores.shape
-    order = np.argsort(scores, axis=1, kind="stable")  # [m, n]
-    s = np.take_along_axis(scores, order, 1)
-    pos = positive[order]  # [m, n]
-    ranks = np.arange(n)
-    first = np.ones((m, n), dtype=bool)
-    first[:, 1:] = s[:, 1:] != s[:, :-1]  # a tie group starts here
-    last = np.ones((m, n), dtype=bool)
-    last[:, :-1] = first[:, 1:]  # ... and ends here
-    start = np.maximum.accumulate(np.where(first, ranks, 0), axis=1)  # [m, n] first index of each row's tie group
-    end = np.minimum.accumulate(np.where(last, ranks, n)[:, ::-1], axis=1)[:, ::-1]  # [m, n] its last index
-    ties = not first.all()  # probe logits rarely tie; text controls can
     weights = np.asarray(weights, dtype=np.float32)
+    m, n = scores.shape
+    pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
+    order = np.argsort(scores[:, neg], axis=1, kind="stable")  # [m, negatives] each row's negatives, ascending
+    sorted_neg = np.take_along_axis(scores[:, neg], order, 1)
+    below = np.stack([np.searchsorted(sorted_neg[r], scores[r, pos], "left") for r in range(m)])  # [m, positives]
+    upto = np.stack([np.searchsorted(sorted_neg[r], scores[r, pos], "right") for r in range(m)])  # ... or tied
+    ties = bool((below != upto).any())  # probe logits rarely tie; text controls can
+    # Rows of weights first ([rows, m, b]): the cumulative sum then adds whole rows of m x b numbers at a time, which
+    # vectorises, where a sum along each short row of the other layout runs element by element.
+    columns = neg[order].T  # [negatives, m] rows of weights in each score row's order
+    below, upto = below.T, upto.T  # [positives, m]
     out = np.empty((weights.shape[0], m))
     per_chunk = max(1, BOOT_ELEMENTS // max(1, m * n))
     for lo in range(0, weights.shape[0], per_chunk):
-        w = weights[lo : lo + per_chunk][:, order]  # [b, m, n] in each score row's sorted order
-        w_pos = w * pos
-        w_neg = w - w_pos
-        below = np.cumsum(w_neg, axis=2)  # [b, m, n] negative weight at or below each index
-        if ties:
-            upto = np.take_along_axis(below, np.broadcast_to(end, below.shape), 2)  # through the row's tie group
-            before = np.take_along_axis(below, np.broadcast_to(np.maximum(start - 1, 0), below.shape), 2)
-            before = np.where(start > 0, before, 0)  # strictly below the tie group
-            numerator = (w_pos * (before + upto)).sum(-1) * 0.5  # before + half of the ties = (before + upto) / 2
-        else:  # a positive index holds no negative weight itself: `below` is the weight strictly below it
-            numerator = (w_pos * below).sum(-1)
+        w = np.ascontiguousarray(weights[lo : lo + per_chunk].T)  # [n, b]
+        cum = np.zeros((neg.size + 1, m, w.shape[1]), dtype=np.float32)  # negative weight below each position
+        np.cumsum(w[columns], axis=0, out=cum[1:])
+        share = cum[below, np.arange(m)]  # [positives, m, b]
+        if ties:  # half the tied negatives' weight
+            share += cum[upto, np.arange(m)]
+            share *= 0.5
+        w_pos = w[pos]  # [positives, b]
+        numerator = np.einsum("pmb,pb->bm", share, w_pos)
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[lo : lo + per_chunk] = numerator / (w_pos.sum(-1) * w_neg.sum(-1))
+            out[lo : lo + per_chunk] = numerator / (w_pos.sum(0) * w[neg].sum(0))[:, None]
     out[~np.isfinite(out)] = np.nan
     return out
 
@@ -534,19 +581,13 @@ def probe_grid(
 ) -> ProbeGrid:
     """Fit and score an error probe for every (layer, position) cell of acts [n, layers, positions, hidden].
 
-    acts is read one cell (acts[:, layer, pos, :]) at a time and converted to float64, so a cell-major float16
+    acts is read one cell (acts[:, layer, pos, :]) at a time and converted to float32, so a cell-major float16
     store (activations.CellStore, or a memmap view) is never loaded whole. is_error: bool [n], the positive class.
     For each seed one grouped split (stratified by is_error) serves all cells; each cell gets a standardized L2
-    logistic regression (sklearn's C) on train and its ROC AUC on test. Cells are fitted in batches of up to one
-    layer.
-    threads: torch threads for the fits (None: torch's setting, as for generation and extraction; 2 threads fit
-    1.6x faster than 1 on 2 free cores). Pass 1 on a CPU shared with other work: torch's OpenMP threads spin-wait,
-    and there 2 threads made small ops 100x slower and the grid 10x.
-    device: where the fits run (None: cuda when available, else cpu); cells are read on the CPU and moved there.
+    logistic regression (sklearn's C) on train and its ROC AUC on test. Cells are fitted in batches (fit_cells).
+    threads, device: as fit_cells.
     n_boot: bootstrap replicates of the test rows for each cell's 95 % interval (bootstrap_aucs); 0 for none.
     """
-    import torch
-
     _check_C(C, "probe_grid")
     shape = tuple(getattr(acts, "shape", ()))
     if len(shape) != 4:
@@ -572,25 +613,13 @@ def probe_grid(
 
     aucs = np.empty((len(seeds), n_layers, n_positions))
     cells = [(layer, pos) for layer in range(n_layers) for pos in range(n_positions)]
-    per_batch = max(1, min(n_positions, CELL_BUDGET_BYTES // (2 * 8 * n * hidden)))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "mps":  # Apple GPUs have no float64
-        device = torch.device("cpu")
     not_converged = 0
     probing = progress_bar(len(cells), f"Probing{_on(name)}", unit="cell", enabled=progress)
-    with probing as advance, _torch_threads(threads):
-        for start in range(0, len(cells), per_batch):
-            batch = cells[start : start + per_batch]
-            X = torch.empty(len(batch), n, hidden, dtype=torch.float64)  # [cells, n, hidden]
-            for i, (layer, pos) in enumerate(batch):
-                X[i].numpy()[:] = acts[:, layer, pos, :]  # [n, hidden]: reads this cell only, cast to float64
-                if not torch.isfinite(X[i]).all():
-                    raise ProbeError(
-                        f"Activations{_of(name)} at layer {layer}, position {pos} hold "
-                        f"{int((~torch.isfinite(X[i])).sum())} NaN or inf values; extract the activations again."
-                    )
-            fit = fit_logistic(X.to(device), y.astype(np.float64), train, float(C), max_iter=max_iter, tol=GRID_TOL)
-            logits = fit["logits"].cpu().numpy()  # [cells, seeds, n]
+    with probing as advance:
+        for batch, fit in fit_cells(lambda cell: acts[:, cell[0], cell[1], :], cells, y, train, C, max_iter,
+                                    device, threads, lambda cell: f"Activations{_of(name)} at layer {cell[0]}, "
+                                                                  f"position {cell[1]}"):
+            logits = fit["logits"]  # [cells, seeds, n]
             not_converged += int((~fit["converged"]).sum())
             for s in range(len(seeds)):
                 test = ~train[s]
@@ -616,6 +645,91 @@ def probe_grid(
         low=interval(boot)[0] if n_boot else None,
         high=interval(boot)[1] if n_boot else None,
     )
+
+
+def fit_cells(read, cells, y, train, C=1.0, max_iter=1000, device=None, threads=None, where=str):
+    """Fit the probes of many cells and splits, a batch of cells at a time: the fit of the heatmap, the detection
+    table, generalization and detectors.
+
+    read(cell) -> [n, hidden] activations of one cell; y [n] bool; train [S, n] bool (the splits' train rows).
+    Yields (the batch's cells, fit_logistic's result as numpy arrays), the batches holding at most
+    CELL_BUDGET_BYTES of float32 activations. where(cell) names a cell in the error about NaN or inf values.
+    device: where the fits run (None: cuda when available, else cpu); cells are read on the CPU and moved there.
+    threads: torch threads on the CPU (None: torch's setting, less what other processes keep busy, measured before
+    each batch: on a shared CPU, threads that wait for a descheduled peer made the grid 20x slower).
+    """
+    import torch
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "mps":  # Apple GPUs have no float64
+        device = torch.device("cpu")
+    first = read(cells[0]) if cells else None
+    n, hidden = np.shape(first) if cells else (0, 0)
+    per_batch = max(1, CELL_BUDGET_BYTES // (4 * n * hidden)) if cells else 1
+    y = np.asarray(y, dtype=np.float64)
+    ceiling = threads or torch.get_num_threads()
+    sample = cpu_sample() if threads is None and device.type == "cpu" else None
+    if sample is not None:  # the load before the first batch: a short look while this process is idle
+        time.sleep(0.1)
+    for start in range(0, len(cells), per_batch):
+        batch = cells[start : start + per_batch]
+        X = torch.empty(len(batch), n, hidden, dtype=torch.float32)  # [cells, n, hidden]
+        for i, cell in enumerate(batch):
+            X[i].numpy()[:] = first if start == i == 0 else read(cell)  # one cell, cast to float32 (exact from float16)
+            if not torch.isfinite(X[i]).all():
+                raise ProbeError(
+                    f"{where(cell)} hold {int((~torch.isfinite(X[i])).sum())} NaN or inf values; extract the "
+                    "activations again."
+                )
+        if sample is not None:
+            now = cpu_sample()
+            ceiling = threads_to_use(torch.get_num_threads(), busy_elsewhere(sample, now))
+            sample = now
+        with _torch_threads(ceiling):
+            fit = fit_logistic(X.to(device), y, train, float(C), max_iter=max_iter)
+        yield batch, {k: (t.cpu().numpy() if torch.is_tensor(t) else t) for k, t in fit.items()}
+
+
+# ------------------------------------------------------------------------------------- threads on a shared CPU
+
+
+def cpu_sample():
+    """(wall seconds, CPU seconds spent by everything on the CPUs this process may use, CPU seconds of this
+    process), read from /proc; None where there is no /proc/stat (not Linux)."""
+    import os
+
+    try:
+        allowed = os.sched_getaffinity(0)
+        busy = 0
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in allowed:
+                    ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+                    busy += sum(ticks) - ticks[3] - ticks[4]  # steal too: a VM's CPU lent elsewhere is not ours
+        own = os.times()
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+    except (OSError, AttributeError, ValueError, IndexError):
+        return None
+
+
+def busy_elsewhere(before, after) -> float:
+    """CPUs kept busy by other processes between two cpu_sample()s (0 when either is None)."""
+    if before is None or after is None or after[0] <= before[0]:
+        return 0.0
+    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0]))
+
+
+def threads_to_use(ceiling: int, busy: float) -> int:
+    """Threads for the fits: the CPUs this process may use that others leave free, at most `ceiling`, at least 1.
+    A thread count above the free CPUs makes every parallel op wait for a thread that is not running."""
+    import os
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 1
+    return max(1, min(ceiling, round(usable - busy)))
 
 
 @contextmanager
