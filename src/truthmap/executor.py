@@ -178,8 +178,8 @@ def generate_on_ray(config, spec, records, run, settings):
     from truthmap import pipeline
     from truthmap.datasets import build_prompt
     from truthmap.generate import answer_stop, generate_answers
-    from truthmap.label import label_answers
-    from truthmap.locate import extract_spans, locate_answers
+    from truthmap.label import label_and_locate
+    from truthmap.locate import extract_spans
     from truthmap.models import encode_prompt
     from truthmap.rundir import Checkpoints
 
@@ -201,7 +201,6 @@ def generate_on_ray(config, spec, records, run, settings):
         ]
         frames = run_shards(actors, generate_answers, jobs, f"Generating answers on {n} Ray workers")
         frame = pd.concat(frames, ignore_index=True).set_index("id").loc[ids].reset_index()  # record order
-        frame["correct"] = label_answers(spec, records, list(frame["answer"]))
 
         def extract(pending):
             jobs = [
@@ -214,10 +213,9 @@ def generate_on_ray(config, spec, records, run, settings):
                 found |= shard
             return found
 
-        answer_ids = list(frame["answer_ids"]) if not config.extraction_model else [None] * len(frame)
-        spans = locate_answers(spec, records, list(frame["answer"]), answer_ids, list(frame["correct"]),
-                               config.locate, extract)
-    pipeline.write_answers(run, config, settings, records, prompts, frame, spans, lm, started)
+        frame = label_and_locate(spec, records, frame, lm.tokenizer, config.locate, extract,
+                                 not config.extraction_model)
+    pipeline.write_answers(run, config, settings, records, prompts, frame, lm, started)
     return run
 
 

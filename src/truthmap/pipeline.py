@@ -142,8 +142,8 @@ def generate(config: RunConfig, lm=None) -> RunDir:
     """Generate, label and locate: writes answers.parquet and run.json (skipped when already done)."""
     from truthmap.datasets import build_prompt
     from truthmap.generate import answer_stop, generate_answers
-    from truthmap.label import label_answers
-    from truthmap.locate import extract_spans, gold_spans, locate_answers
+    from truthmap.label import label_and_locate
+    from truthmap.locate import extract_spans
     from truthmap.models import load_model
 
     spec, records = load_config_records(config)
@@ -178,25 +178,22 @@ def generate(config: RunConfig, lm=None) -> RunDir:
         lm, ids, prompts, settings["max_new_tokens"], config.batch_size, Checkpoints(run.generation_parts, generation),
         settings["stop_text"],
     )
-    frame["correct"] = label_answers(spec, records, list(frame["answer"]))
 
     def extract(rows):
         extractor = lm if not config.extraction_model else load_model(config.extraction_model, config.device, config.dtype)
         return extract_spans(extractor, rows, config.batch_size, Checkpoints(run.extraction_parts, settings),
                              config.extractor, config.extraction_tries, config.seed)
 
-    answer_ids = list(frame["answer_ids"]) if not config.extraction_model else [None] * len(frame)
-    spans = locate_answers(spec, records, list(frame["answer"]), answer_ids, list(frame["correct"]), config.locate,
-                           extract)
-    write_answers(run, config, settings, records, prompts, frame, spans, lm, started)
+    frame = label_and_locate(spec, records, frame, lm.tokenizer, config.locate, extract, not config.extraction_model)
+    write_answers(run, config, settings, records, prompts, frame, lm, started)
     return run
 
 
-def write_answers(run: RunDir, config: RunConfig, settings: dict, records, prompts, frame, spans, lm, started) -> None:
-    """answers.parquet (records + generations + exact answers and positions) and run.json."""
+def write_answers(run: RunDir, config: RunConfig, settings: dict, records, prompts, frame, lm, started) -> None:
+    """answers.parquet (records + located answers, label.label_and_locate's frame) and run.json."""
     import pandas as pd
 
-    from truthmap.locate import exact_answer_columns, gold_agreement, gold_spans
+    from truthmap.locate import gold_agreement
 
     ids = [r.id for r in records]
     table = pd.DataFrame(
@@ -208,10 +205,6 @@ def write_answers(run: RunDir, config: RunConfig, settings: dict, records, promp
             "group": [r.group for r in records],
         }
     ).merge(frame, on="id")
-    golds = gold_spans(records, list(table["answer"]), list(table["correct"]))
-    table = table.assign(**exact_answer_columns(table, lm.tokenizer, spans, golds))
-    table["prompt_len"] = table["prompt_ids"].map(len)
-    table["answer_len"] = table["answer_ids"].map(len)
     write_parquet(run.answers, table[list(ANSWER_COLUMNS)])
     write_json(
         run.run_json,
