@@ -357,12 +357,12 @@ def test_recorded_decoding_equals_a_full_forward_pass(tiny, site):
     prompts = [encode_prompt(tiny.tokenizer, q, True) for q in questions]
     free = generate_batch(tiny.model, tiny.tokenizer, prompts, 7, [10**9])
     stop_at = free[1].token_ids[3]  # row 1 stops early, others may run to the limit
-    with record(tiny.model, site, window=8) as recording:
+    with record(tiny.model, site, prompts) as recording:
         made = generate_batch(tiny.model, tiny.tokenizer, prompts, 7, [stop_at], recording=recording)
     assert made[1].stopped and len(made[1].token_ids) <= 3 and any(not g.stopped for g in made)
     for row, (prompt, generation) in enumerate(zip(prompts, made)):
         sequence = prompt + generation.token_ids
-        positions = list(range(len(prompt) - 8, len(sequence)))  # every recorded position
+        positions = [0, *range(len(prompt) - 8, len(sequence))]  # every recorded position
         got = recording.cells(row, len(prompt), positions).float().numpy()  # [layers, positions, width]
         expected = read_positions(tiny, [sequence], [positions], site)[0]  # [layers, positions, width]
         assert got.shape == expected.shape

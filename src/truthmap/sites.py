@@ -358,22 +358,29 @@ def capture(model: "torch.nn.Module", site: str, positions: "torch.Tensor") -> I
 class Recording:
     """What `record` yields: the site's output at every token a decoding feeds the model, per row of its batch.
 
-    The first forward call (the prefill of the left-padded prompts) keeps its last `window` columns, the last
-    `window` prompt tokens of every row; each later call feeds one token per row still writing, and keeps it.
-    After each call the decoding loop names the rows it served (`took`, decoding.generate_batch), and the values
-    go to the CPU, one copy per call rather than one per layer. Answer token j is fed at call j + 1, so
-    `cells` finds any position of prompt + answer from the prompt's last `window` tokens on.
+    The first forward call (the prefill of the left-padded prompts) keeps each row's first token and the last
+    `window` columns (the last `window` prompt tokens of every row); each later call feeds one token per row
+    still writing, and keeps it. After each call the decoding loop names the rows it served (`took`,
+    decoding.generate_batch), and the values go to the CPU: one copy per call rather than one per layer. Answer
+    token j is fed at call j + 1, so `cells` finds the first token and any position from the prompt's last
+    `window` tokens on: all that the probed positions (locate.token_positions) can be.
     """
 
-    def __init__(self, model_name: str, n_layers: int, window: int):
-        self.model_name, self.window = model_name, window
+    def __init__(self, model_name: str, n_layers: int, prompt_lengths: list[int], window: int):
+        self.model_name, self.prompt_lengths, self.window = model_name, list(prompt_lengths), window
         self.pending: list = [None] * n_layers  # this call's [rows, k, width] per layer, on the model's device
         self.calls: list[tuple[list[int], "torch.Tensor"]] = []  # (rows, [rows, layers, k, width] on the CPU)
 
     def _keep(self, layer: int, hidden: "torch.Tensor") -> None:
+        import torch
+
         if self.pending[layer] is not None:
             raise ModelError(f"Cannot record {self.model_name}: layer {layer} ran twice in one forward pass")
-        self.pending[layer] = hidden[:, -min(self.window, hidden.shape[1]) :, :].detach().clone()  # not a view
+        kept = hidden[:, -min(self.window, hidden.shape[1]) :, :]  # [rows, k, width]
+        if not self.calls:  # the prefill: each row's first token too, after its left padding
+            first = torch.tensor([hidden.shape[1] - n for n in self.prompt_lengths], device=hidden.device)
+            kept = torch.cat([hidden[torch.arange(len(first), device=hidden.device), first][:, None], kept], dim=1)
+        self.pending[layer] = kept.detach().clone()  # not a view: the whole output would stay alive
 
     def took(self, rows: list[int]) -> None:
         """The forward call just made served these rows (indices into the batch's prompts), in this order."""
@@ -389,13 +396,15 @@ class Recording:
         prompt + answer, the answers table's positions)."""
         import torch
 
-        prefill_rows, prefill = self.calls[0]
-        window = prefill.shape[2]
+        prefill_rows, prefill = self.calls[0]  # [rows, layers, 1 + window, width]
+        window = prefill.shape[2] - 1
         columns = []
         for position in positions:
             step = position - prompt_len + 1  # the call that fed it; 0: the prefill
-            if step <= 0 and window - (prompt_len - position) >= 0:
-                columns.append(prefill[prefill_rows.index(row), :, window - (prompt_len - position)])
+            if position == 0:
+                columns.append(prefill[prefill_rows.index(row), :, 0])
+            elif step <= 0 and window - (prompt_len - position) >= 0:
+                columns.append(prefill[prefill_rows.index(row), :, 1 + window - (prompt_len - position)])
             elif 0 < step < len(self.calls) and row in self.calls[step][0]:
                 rows, values = self.calls[step]
                 columns.append(values[rows.index(row), :, 0])
@@ -406,12 +415,13 @@ class Recording:
 
 
 @contextmanager
-def record(model: "torch.nn.Module", site: str, window: int) -> Iterator[Recording]:
-    """Hook every layer at `site` for one decoding (decoding.generate_batch(..., recording=...)): see Recording.
+def record(model: "torch.nn.Module", site: str, prompts: list[list[int]], window: int = 8) -> Iterator[Recording]:
+    """Hook every layer at `site` for one decoding of `prompts` (decoding.generate_batch(..., recording=...)).
 
-    Only the prompt's last `window` columns and one column per later step are kept, never a whole sequence."""
+    Only each prompt's first token and last `window` tokens, then one column per later step, are kept (see
+    Recording): never a whole sequence. 8: the last eight tokens of prompt + answer are probed positions."""
     name = type(model).__name__
-    recording = Recording(name, len(site_hooks(model, site)), window)
+    recording = Recording(name, len(site_hooks(model, site)), [len(p) for p in prompts], window)
     with _hooked(model, site, lambda layer, value: recording._keep(layer, _first_tensor(name, value))):
         yield recording
 
