@@ -5,6 +5,10 @@ in the paper. A base model has no end-of-turn token: asked "Q: ...\\nA:", it ans
 answers that too; its label and exact answer must come from the first line only. A line break may sit inside a
 token (".\\n", "\\n\\n"), so the rule reads the decoded text, and the answer keeps the tokens wholly before the line
 break: answer_ids, answer_logprobs and the answer text stay one and the same sequence.
+
+With a site, the decoding records that site's output at every token it feeds (sites.record), and each batch is
+handed, with its recording, to the caller's after_batch before its checkpoint: the stage that composes this one
+(stages.answer_shard) labels, locates and writes the batch's activations there.
 """
 
 from __future__ import annotations

@@ -125,10 +125,12 @@ def answer_shard(models: Models, batches: list[list[int]], shard, job: Answering
     store_row = {job.records[i].id: k for k, i in enumerate(rows)}
     store = store_dir(job.run, shard, job.site) if job.site else None
     meta = create_or_resume(store, new_meta(lm, job.site, len(rows), job.settings, one_pass=True)) if store else None
-    extractions = Checkpoints(work / "extractions", job.settings)
+    opened = {}
 
     def extract(pending):
-        return extract_spans(models.extractor(), pending, config.batch_size, extractions, config.extractor,
+        if "extractions" not in opened:  # on first use: answers that need no extractor leave no checkpoints of it
+            opened["extractions"] = Checkpoints(work / "extractions", job.settings)
+        return extract_spans(models.extractor(), pending, config.batch_size, opened["extractions"], config.extractor,
                              config.extraction_tries, config.seed, models.extraction_prefix(), progress=False)
 
     located = []
