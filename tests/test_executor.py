@@ -10,12 +10,21 @@ from typer.testing import CliRunner
 from truthmap.cli import app
 from truthmap.config import RunConfig
 from truthmap.errors import ConfigError
-from truthmap.executor import deal, import_ray, plan_workers
+from truthmap.executor import deal, import_ray, plan_workers, runner, shard_batches
 
 
 def test_deal_gives_whole_batches_round_robin():
     assert deal(list(range(10)), 3, 2) == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9]]
     assert deal([7, 8], 4, 3) == [[7, 8], [], []]
+    assert shard_batches([[0, 1], [2], [3, 4], [5]], 3) == [[[0, 1], [5]], [[2]], [[3, 4]]]
+
+
+def test_the_local_runner_runs_the_stage_function_on_one_shard_of_every_batch():
+    loaded = []
+    with runner(RunConfig(), lambda: loaded.append("state") or "state", n_batches=2) as workers:
+        assert workers.one(lambda state: state.upper()) == "STATE"
+        got = workers.map(lambda state, batches, shard: (state, batches, shard), [[0, 1], [2]], "Working")
+    assert got == [("state", [[0, 1], [2]], None)] and loaded == ["state"]  # loaded once
 
 
 def test_plan_workers_follows_the_cluster():

@@ -33,11 +33,13 @@ def deal(items: list, batch_size: int, n_shards: int) -> list[list]:
 
 
 def deal_batches(batches: list[list], n_shards: int) -> list[list]:
-    """Deal whole batches round-robin: over batches sorted by length, every shard gets a similar mix."""
-    shards = [[] for _ in range(n_shards)]
-    for index, batch in enumerate(batches):
-        shards[index % n_shards].extend(batch)
-    return shards
+    """Deal whole batches round-robin (shard_batches), each shard's items in one list."""
+    return [[item for batch in shard for item in batch] for shard in shard_batches(batches, n_shards)]
+
+
+def shard_batches(batches: list[list], n_shards: int) -> list[list[list]]:
+    """Batch k goes to shard k % n_shards: over batches sorted by length, every shard gets a similar mix."""
+    return [batches[k::n_shards] for k in range(n_shards)]
 
 
 # ------------------------------------------------------------------------------------------------- runners
@@ -70,7 +72,7 @@ class RayRunner:
     def map(self, function, batches: list[list], description: str = "") -> list:
         """function(state, its batches, (k, n)) on actor k, for the shards that got a batch; results in shard order."""
         n = len(self.actors)
-        shards = [batches[k::n] for k in range(n)]  # round-robin, as deal_batches
+        shards = shard_batches(batches, n)
         refs = [actor.call.remote(function, shard, (k, n)) for k, (actor, shard) in enumerate(zip(self.actors, shards))
                 if shard]
         return get(refs, f"{description} on {n} Ray workers" if description else "")
