@@ -10,12 +10,21 @@ from typer.testing import CliRunner
 from truthmap.cli import app
 from truthmap.config import RunConfig
 from truthmap.errors import ConfigError
-from truthmap.executor import deal, import_ray, plan_workers
+from truthmap.executor import deal, import_ray, plan_workers, runner, shard_batches
 
 
 def test_deal_gives_whole_batches_round_robin():
     assert deal(list(range(10)), 3, 2) == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9]]
     assert deal([7, 8], 4, 3) == [[7, 8], [], []]
+    assert shard_batches([[0, 1], [2], [3, 4], [5]], 3) == [[[0, 1], [5]], [[2]], [[3, 4]]]
+
+
+def test_the_local_runner_runs_the_stage_function_on_one_shard_of_every_batch():
+    loaded = []
+    with runner(RunConfig(), lambda: loaded.append("state") or "state", n_batches=2) as workers:
+        assert workers.one(lambda state: state.upper()) == "STATE"
+        got = workers.map(lambda state, batches, shard: (state, batches, shard), [[0, 1], [2]], "Working")
+    assert got == [("state", [[0, 1], [2]], None)] and loaded == ["state"]  # loaded once
 
 
 def test_plan_workers_follows_the_cluster():
@@ -62,7 +71,8 @@ def test_ray_run_writes_what_the_local_run_writes(small_study, tmp_path):
     torch.set_num_threads(1)  # as each Ray worker: the float rounding of a forward pass may depend on the threads
     try:
         for name, extra in (("local", []), ("ray", ray_options)):
-            for command in (generate, ["extract", *common]):
+            # generate records the mlp store while generating; extract adds resid by a second pass.
+            for command in (generate, ["extract", *common, "--site", "resid"]):
                 result = CliRunner().invoke(app, [*command, "--runs-dir", str(runs[name]), *extra])
                 assert result.exit_code == 0, result.output
     finally:
@@ -73,13 +83,16 @@ def test_ray_run_writes_what_the_local_run_writes(small_study, tmp_path):
     answers = pd.read_parquet(local / "answers.parquet")
     assert len(answers) == 16 and 0 < answers["correct"].sum() < 16  # the train split: 80 % of the questions
     pd.testing.assert_frame_equal(pd.read_parquet(distributed / "answers.parquet"), answers)
-    for name in ("meta.json", "acts.f16", "embed.f16"):
-        assert (distributed / "activations" / "mlp" / name).read_bytes() == (local / "activations" / "mlp" / name).read_bytes()
     from truthmap.activations import open_store
 
-    acts, meta = open_store(distributed / "activations" / "mlp")
-    np.testing.assert_array_equal(acts, open_store(local / "activations" / "mlp")[0])
-    assert meta["written"] == 16 and acts.shape[:3] == (16, 2, 15)
+    for site, one_pass in (("mlp", True), ("resid", False)):
+        for name in ("meta.json", "acts.f16", "embed.f16"):
+            assert (distributed / "activations" / site / name).read_bytes() == (local / "activations" / site / name).read_bytes()
+        acts, meta = open_store(distributed / "activations" / site)
+        np.testing.assert_array_equal(acts, open_store(local / "activations" / site)[0])
+        assert meta["written"] == 16 and acts.shape[:3] == (16, 2, 15) and meta["one_pass"] is one_pass
     shards = distributed / "work" / "shards"
     assert sorted(p.name for p in shards.iterdir()) == ["0-of-2", "1-of-2"]
-    assert all(len(list((shards / s / "generations").glob("part-*.parquet"))) > 0 for s in ("0-of-2", "1-of-2"))
+    for shard in ("0-of-2", "1-of-2"):
+        assert len(list((shards / shard / "generations").glob("part-*.parquet"))) > 0
+        assert sorted(p.name for p in (shards / shard / "activations").iterdir()) == ["mlp", "resid"]

@@ -124,13 +124,15 @@ def test_4_extraction_killed_then_resumed_with_another_dtype_is_refused_then_res
     import truthmap.activations as activations
 
     args, run, data = study
-    common = ["--model", args[1], "--dataset", "custom", "--runs-dir", run.path.parents[2], "--batch-size", 4]
+    # generate recorded the mlp store while generating; extract adds another site by a second pass.
+    common = ["--model", args[1], "--dataset", "custom", "--runs-dir", run.path.parents[2], "--batch-size", 4,
+              "--site", "resid"]
     assert cli("generate", *args).exit_code == 0
     clean_root = run.path.parents[2].with_name("clean")
     shutil.copytree(run.path.parents[2], clean_root)
-    clean = cli("extract", *common[:5], clean_root, "--batch-size", 4)
+    clean = cli("extract", *common[:5], clean_root, *common[6:])
     assert clean.exit_code == 0, clean.output
-    store = run.activations("mlp")
+    store = run.activations("resid")
 
     real, calls = activations.read_positions, []
 
@@ -142,7 +144,7 @@ def test_4_extraction_killed_then_resumed_with_another_dtype_is_refused_then_res
 
     monkeypatch.setattr(activations, "read_positions", killed_at_second_batch)
     line = one_line(cli("extract", *common), exit_code=130)
-    assert line == f"Stopped by Ctrl-C during Extracting mlp activations (4 of 8 samples done). {STOP_HINT}"
+    assert line == f"Stopped by Ctrl-C during Extracting resid activations (4 of 8 samples done). {STOP_HINT}"
     monkeypatch.setattr(activations, "read_positions", real)
     half = ((store / "acts.f16").read_bytes(), (store / "meta.json").read_bytes())
     assert json.loads(half[1])["written"] == 4
@@ -156,7 +158,7 @@ def test_4_extraction_killed_then_resumed_with_another_dtype_is_refused_then_res
 
     resumed = cli("extract", *common)
     assert resumed.exit_code == 0, resumed.output
-    clean_store = RunDir(clean_root, "tiny-model", "custom", "train").activations("mlp")
+    clean_store = RunDir(clean_root, "tiny-model", "custom", "train").activations("resid")
     assert (store / "acts.f16").read_bytes() == (clean_store / "acts.f16").read_bytes()
     assert json.loads((store / "meta.json").read_text())["device"] == "cpu"
 
@@ -167,12 +169,14 @@ def test_4_activations_of_another_model_with_the_same_name_are_refused(tmp_path,
     other = shutil.copytree(args[1], tmp_path / "elsewhere" / "tiny-model")  # the same run directory, other weights
     with monkeypatch.context() as patched:
         patched.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-        line = one_line(cli("extract", "--model", other, "--dataset", "custom", "--runs-dir", run.path.parents[2]))
+        line = one_line(cli("extract", "--model", other, "--dataset", "custom", "--runs-dir", run.path.parents[2],
+                            "--site", "resid"))
     assert line == (f"Error: {run.path} holds the answers of model '{args[1]}', not '{other}': activations must come "
                     f"from the model that answered. Use --model {args[1]}.")
-    assert not run.activations("mlp").exists()
+    assert not run.activations("resid").exists()
     monkeypatch.chdir(args[1].parent)  # the same model by a relative path is the same model
-    same = cli("extract", "--model", "tiny-model", "--dataset", "custom", "--runs-dir", run.path.parents[2])
+    same = cli("extract", "--model", "tiny-model", "--dataset", "custom", "--runs-dir", run.path.parents[2],
+               "--site", "resid")
     assert same.exit_code == 0, same.output
 
 

@@ -1,7 +1,9 @@
 """The answers stage end to end on a tiny model, through the Python API and the CLI."""
 
+import dataclasses
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -64,6 +66,100 @@ def test_killed_generation_resumes_to_the_same_table(tiny, tmp_path, custom_csv,
     monkeypatch.setattr(generate_module, "generate_batch", real)
     resumed = pd.read_parquet(pipeline.generate(config, lm=tiny).answers)
     pd.testing.assert_frame_equal(resumed, whole)
+
+
+def read_store(directory):
+    from truthmap.activations import open_embedding, open_store
+
+    acts, meta = open_store(directory)
+    return np.asarray(acts, dtype=np.float32), np.asarray(open_embedding(directory, meta), dtype=np.float32), meta
+
+
+def test_generate_records_the_store_a_second_pass_reads(tiny, tmp_path, custom_csv, monkeypatch):
+    """The cells recorded while decoding (KV cache) are those of a forward pass over prompt + answer, up to float
+    rounding: at most one float16 step apart. extract then finds the site done, and reads another by a second pass."""
+    import truthmap.generate as generate_module
+    from truthmap.activations import extract_activations
+
+    # The random model never ends an answer: end some early, at a length its first token picks, as a stop text
+    # would (the token that holds it is dropped), so that rows leave the batch at different steps.
+    monkeypatch.setattr(generate_module, "stop_at_text",
+                        lambda tokenizer, text: lambda ids: len(ids) - 1 if len(ids) >= 2 + ids[0] % 9 else None)
+    config = config_for(tmp_path, custom_csv, max_new_tokens=8)
+    run = pipeline.generate(config, lm=tiny)
+    table = pd.read_parquet(run.answers)
+    assert (table["answer_len"] == 8).any() and (table["answer_len"] < 7).any()  # the limit, and stops before it
+    one, one_embed, meta = read_store(run.activations("mlp"))
+    assert meta["one_pass"] is True and meta["written"] == len(table) == 24 and "rows_written" not in meta
+    assert json.loads(run.run_json.read_text())["activations_while_generating"] == "mlp"
+    extract_activations(tiny, table, tmp_path / "second", "mlp", 4, meta["answers"])
+    two, two_embed, two_meta = read_store(tmp_path / "second")
+    assert two_meta["one_pass"] is False and two_meta["answers"] == meta["answers"]
+    np.testing.assert_allclose(one, two, rtol=2e-3, atol=2e-3)  # [samples, layers, 15, hidden]
+    np.testing.assert_array_equal(one_embed, two_embed)  # a lookup of the same tokens
+
+    before = (run.activations("mlp") / "acts.f16").stat().st_mtime_ns
+    pipeline.extract(config, lm=tiny)  # the site generate recorded: done
+    assert (run.activations("mlp") / "acts.f16").stat().st_mtime_ns == before
+    pipeline.extract(dataclasses.replace(config, site="resid"), lm=tiny)  # another site: a second pass
+    assert read_store(run.activations("resid"))[2]["one_pass"] is False
+
+
+def kill_answers_stage(monkeypatch, where: str):
+    """Make the answers stage stop (KeyboardInterrupt) at its second batch, at `where`; returns the undo."""
+    import truthmap.activations as activations
+    import truthmap.generate as generate_module
+    import truthmap.locate as locate
+
+    name, module = {"generating": ("generate_batch", generate_module), "locating": ("extract_spans", locate),
+                    "between the cells and the checkpoint": ("write_answer_cells", activations),
+                    "writing answers.parquet": ("write_answers", pipeline)}[where]
+    real, calls = getattr(module, name), []
+
+    def stops(*args, **kwargs):
+        calls.append(1)
+        if where == "writing answers.parquet" or len(calls) == 2:
+            if where == "between the cells and the checkpoint":
+                real(*args, **kwargs)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, stops)
+    return lambda: monkeypatch.setattr(module, name, real)
+
+
+@pytest.mark.parametrize("where", ["generating", "locating", "between the cells and the checkpoint",
+                                   "writing answers.parquet"])
+def test_a_killed_answers_stage_resumes_to_the_same_files(tiny, tmp_path, custom_csv, monkeypatch, where):
+    whole = pipeline.generate(config_for(tmp_path / "a", custom_csv, max_new_tokens=8), lm=tiny)
+    config = config_for(tmp_path / "b", custom_csv, max_new_tokens=8)
+    undo = kill_answers_stage(monkeypatch, where)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.generate(config, lm=tiny)
+    undo()
+    run = pipeline.generate(config, lm=tiny)
+    assert run.answers.read_bytes() == whole.answers.read_bytes()
+    for name in ("acts.f16", "embed.f16", "meta.json"):
+        assert (run.activations("mlp") / name).read_bytes() == (whole.activations("mlp") / name).read_bytes(), name
+
+
+def test_answers_resumed_with_another_site_get_its_cells_by_a_forward_pass(tiny, tmp_path, custom_csv, monkeypatch):
+    """Batches checkpointed while recording mlp have no resid cells: a forward pass reads them on resume."""
+    from truthmap.activations import extract_activations
+
+    config = config_for(tmp_path, custom_csv, max_new_tokens=8)
+    undo = kill_answers_stage(monkeypatch, "generating")
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.generate(config, lm=tiny)
+    undo()
+    meta = json.loads((pipeline.run_dir(config).activations("mlp") / "meta.json").read_text())
+    assert meta["written"] == 4 and len(meta["rows_written"]) == 4  # one batch
+    run = pipeline.generate(dataclasses.replace(config, site="resid"), lm=tiny)
+    table = pd.read_parquet(run.answers)
+    resid, _, meta = read_store(run.activations("resid"))
+    assert meta["written"] == 24 and meta["one_pass"] is True
+    extract_activations(tiny, table, tmp_path / "second", "resid", 4, meta["answers"])
+    np.testing.assert_allclose(resid, read_store(tmp_path / "second")[0], rtol=2e-3, atol=2e-3)
 
 
 def test_resume_with_other_settings_is_refused(tiny, tmp_path, custom_csv):

@@ -131,7 +131,8 @@ def test_resampled_activations_match_the_greedy_store(greedy_run, tiny):
     again = resampling.cell_activations(tiny, greedy, "mlp", 1, "exact_answer_last", 5, Checkpoints(run.path / "c", {}))
     valid = greedy["exact_answer_valid"].to_numpy()
     expected = resampling.greedy_cell(store, {"layer": 1, "token": "exact_answer_last"})
-    np.testing.assert_allclose(again[valid].astype(np.float32), expected[valid].astype(np.float32), atol=2e-3)
+    # The greedy store was recorded while decoding: a forward pass agrees up to float rounding, one float16 step.
+    np.testing.assert_allclose(again[valid].astype(np.float32), expected[valid].astype(np.float32), rtol=2e-3, atol=2e-3)
 
 
 def test_resampling_is_deterministic_across_batch_sizes(greedy_run, tiny):

@@ -3,6 +3,7 @@
 from contextlib import ExitStack
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 import torch  # noqa: E402
@@ -338,3 +339,35 @@ def test_gemma3_mlp_site_reads_the_mlp_output_before_its_post_norm():
     captured = cap.stack()[0, 1]  # [n_pos, hidden], layer 1
     assert torch.allclose(captured, norm_in[0, [0, 3]])
     assert not torch.allclose(captured, norm_out[0, [0, 3]])
+
+
+# --- recording a decoding ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("site", ["mlp", "mlp_in", "attn", "resid"])
+def test_recorded_decoding_equals_a_full_forward_pass(tiny, site):
+    """What a KV-cache decoding records at every fed token is a forward pass over prompt + answer, up to float
+    rounding: the prompt's last 8 tokens from the prefill, each answer token from the step that fed it, the last
+    one (of a row that ran to the token limit) from the extra pass."""
+    from truthmap.activations import read_positions
+    from truthmap.decoding import generate_batch
+    from truthmap.models import encode_prompt
+    from truthmap.sites import record
+
+    questions = ["What is the capital of France?", "Zürich?", "In which country is the city of Tromsø? Answer:", "What?"]
+    prompts = [encode_prompt(tiny.tokenizer, q, True) for q in questions]
+    free = generate_batch(tiny.model, tiny.tokenizer, prompts, 7, [10**9])
+    stop_at = free[1].token_ids[3]  # row 1 stops early, others may run to the limit
+    with record(tiny.model, site, prompts) as recording:
+        made = generate_batch(tiny.model, tiny.tokenizer, prompts, 7, [stop_at], recording=recording)
+    assert made[1].stopped and len(made[1].token_ids) <= 3 and any(not g.stopped for g in made)
+    for row, (prompt, generation) in enumerate(zip(prompts, made)):
+        sequence = prompt + generation.token_ids
+        positions = [0, *range(len(prompt) - 8, len(sequence))]  # every recorded position
+        got = recording.cells(row, len(prompt), positions).float().numpy()  # [layers, positions, width]
+        expected = read_positions(tiny, [sequence], [positions], site)[0]  # [layers, positions, width]
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()  # float32 rounding, not a wrong token
+    before = len(prompts[0]) - 9  # before the window
+    with pytest.raises(ModelError, match=rf"^Position {before} of row 0 was not recorded"):
+        recording.cells(0, len(prompts[0]), [before])

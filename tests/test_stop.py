@@ -105,10 +105,11 @@ def capitals_csv(path):
 
 
 def test_labels_and_exact_answers_are_read_from_the_first_line(base_lm, tmp_path):
-    # locate="gold": the scripted model answers its scripts only, so it cannot extract; the gold alias can.
+    # locate="gold": the scripted model answers its scripts only, so it cannot extract; the gold alias can. It has no
+    # layers either: no activations are recorded while it generates.
     config = RunConfig(dataset="custom", custom_path=str(capitals_csv(tmp_path / "qa.csv")), runs_dir=str(tmp_path),
                        batch_size=4, max_new_tokens=40, extraction_tries=1, locate="gold")
-    table = pd.read_parquet(pipeline.generate(config, lm=base_lm).answers)
+    table = pd.read_parquet(pipeline.generate(config, lm=base_lm, activations=False).answers)
     country = table["question"].str.extract(r"capital of (\w+)\?")[0]
     assert set(country) == set(CAPITALS)
     expected = {"France": True, "Italy": False, "Peru": True, "Chile": True}  # Italy: "Milan", then "Rome" unasked
@@ -124,13 +125,13 @@ def test_labels_and_exact_answers_are_read_from_the_first_line(base_lm, tmp_path
 def test_a_base_run_made_before_the_stop_rule_is_refused(base_lm, tmp_path):
     config = RunConfig(dataset="custom", custom_path=str(capitals_csv(tmp_path / "qa.csv")), runs_dir=str(tmp_path),
                        batch_size=4, max_new_tokens=40, extraction_tries=1)
-    run = pipeline.generate(config, lm=base_lm)
-    assert pipeline.generate(config, lm=base_lm).path == run.path  # resumes: nothing to do
+    run = pipeline.generate(config, lm=base_lm, activations=False)
+    assert pipeline.generate(config, lm=base_lm, activations=False).path == run.path  # resumes: nothing to do
     made = json.loads(run.run_json.read_text())
     del made["settings"]["stop_text"]  # as written before answers stopped at the line break
     run.run_json.write_text(json.dumps(made))
     with pytest.raises(StoreError, match=r"was made with stop_text=None, not '\\n'\. Use another --runs-dir"):
-        pipeline.generate(config, lm=base_lm)
+        pipeline.generate(config, lm=base_lm, activations=False)
 
 
 def test_resampled_answers_end_at_the_line_break_too(base_lm, tmp_path):
@@ -154,4 +155,4 @@ def test_batches_of_a_killed_base_run_from_before_the_stop_rule_are_refused(base
     parts.mkdir(parents=True)
     (parts / "settings.json").write_text(json.dumps({"model": "smollm2", "dataset": "custom"}))  # no stop_text
     with pytest.raises(StoreError, match=r"generations was made with stop_text=None, not '\\n'"):
-        pipeline.generate(config, lm=base_lm)
+        pipeline.generate(config, lm=base_lm, activations=False)

@@ -42,7 +42,9 @@ def device_kind(device: str) -> str:
 
 
 def store_meta(run_settings: dict, site: str, n_samples: int, n_layers: int, hidden: int, model_dtype: str,
-               device: str = "cpu", embed_width: int | None = None) -> dict:
+               device: str = "cpu", embed_width: int | None = None, one_pass: bool = False) -> dict:
+    """one_pass: the cells were recorded while the answers were generated (write_answer_cells), not read by a
+    second forward pass over them (extract_activations); the two agree up to float rounding."""
     return {
         "answers": run_settings,  # what made the answers these activations belong to
         "site": site,
@@ -55,6 +57,7 @@ def store_meta(run_settings: dict, site: str, n_samples: int, n_layers: int, hid
         "device": device_kind(device),
         "written": 0,  # samples done, counted in the (deterministic) processing order
         "clipped": 0,  # values beyond the float16 range, clipped to +-65504
+        "one_pass": one_pass,
     }
 
 
@@ -80,53 +83,111 @@ def extract_activations(lm, table, directory: Path, site: str, batch_size: int, 
     """Fill directory/acts.f16 for every row of the answers table; resumes after the last finished batch."""
     import numpy as np
 
-    from truthmap.sites import num_layers, site_width
-
     directory = Path(directory)
-    n_samples, n_layers, hidden = len(table), num_layers(lm.model), site_width(lm.model, site)
-    embed_width = lm.model.get_input_embeddings().embedding_dim
-    meta = store_meta(run_settings, site, n_samples, n_layers, hidden, lm.dtype, lm.device, embed_width)
-    meta_path, store_path, embed_path = directory / META_FILE, directory / STORE_FILE, directory / EMBED_FILE
-    if meta_path.exists() and store_path.exists():
-        saved = read_json(meta_path, META_FIX)
-        check_matches(saved, {k: meta[k] for k in (*RESUME_KEYS, "shape")}, directory)
-        meta = saved
-    else:
-        directory.mkdir(parents=True, exist_ok=True)
-        np.memmap(store_path, dtype=np.float16, mode="w+", shape=tuple(meta["shape"])).flush()
-        np.memmap(embed_path, dtype=np.float16, mode="w+", shape=tuple(meta["embed_shape"])).flush()
-        write_json(meta_path, meta)
+    meta_path = directory / META_FILE
+    if meta_path.exists() and "rows_written" in read_json(meta_path, META_FIX):
+        # A store begun while generating, left unfinished when that run went on with another site: its rows are
+        # not a run of this stage's batches, so it starts over.
+        meta_path.unlink()
+    meta = create_or_resume(directory, new_meta(lm, site, len(table), run_settings))
     sequences = [list(p) + list(a) for p, a in zip(table["prompt_ids"], table["answer_ids"])]
     positions = np.stack([table[position_column(p)].to_numpy() for p in POSITIONS], axis=1)  # [samples, 15]
     cut = extraction_batches([len(s) for s in sequences], batch_size)
     starts = np.cumsum([0] + [len(batch) for batch in cut])  # "written" is always a whole number of batches
     todo = [batch for batch, start in zip(cut, starts) if start >= meta["written"]]
-    with progress_bar(n_samples, f"Extracting {site} activations", initial=meta["written"]) as advance:
+    with progress_bar(len(table), f"Extracting {site} activations", initial=meta["written"]) as advance:
         for batch in todo:
-            values = read_positions(lm, [sequences[i] for i in batch], positions[batch], site)
-            meta["clipped"] += int((np.abs(values) > FLOAT16_MAX).sum())
-            store = np.memmap(store_path, dtype=np.float16, mode="r+", shape=tuple(meta["shape"]))  # see the top
-            store[:, :, batch, :] = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).transpose(1, 2, 0, 3)
-            store.flush()
-            del store
-            if "embed_shape" in meta:  # absent when resuming a store begun before the embedding row existed
-                embedded = read_embeddings(lm, [sequences[i] for i in batch], positions[batch])  # [batch, k, width]
-                embed = np.memmap(embed_path, dtype=np.float16, mode="r+", shape=tuple(meta["embed_shape"]))
-                embed[0][:, batch, :] = np.clip(embedded, -FLOAT16_MAX, FLOAT16_MAX).transpose(1, 0, 2)
-                embed.flush()
-                del embed
+            batch_sequences = [sequences[i] for i in batch]
+            values = read_positions(lm, batch_sequences, positions[batch], site)
+            write_rows(directory, meta, batch, values, read_embeddings(lm, batch_sequences, positions[batch]))
             meta["written"] += len(batch)
             write_json(meta_path, meta)
             advance(len(batch))
     return directory
 
 
-def check_resume(directory: Path, run_settings: dict, site: str, model_dtype: str, device: str) -> None:
-    """Refuse, before the model loads, to finish a store begun with other settings (a mixed store looks fine)."""
+def new_meta(lm, site: str, n_samples: int, run_settings: dict, one_pass: bool = False) -> dict:
+    from truthmap.sites import num_layers, site_width
+
+    embed_width = lm.model.get_input_embeddings().embedding_dim
+    return store_meta(run_settings, site, n_samples, num_layers(lm.model), site_width(lm.model, site), lm.dtype,
+                      lm.device, embed_width, one_pass)
+
+
+def create_or_resume(directory: Path, meta: dict) -> dict:
+    """The meta of the store in directory: the one on disk when its settings and shape are meta's (else an error
+    naming the first that differs), or meta, with new zeroed files."""
+    import numpy as np
+
+    meta_path, store_path = directory / META_FILE, directory / STORE_FILE
+    if meta_path.exists() and store_path.exists():
+        saved = read_json(meta_path, META_FIX)
+        check_matches(saved, {k: meta[k] for k in (*RESUME_KEYS, "shape")}, directory)
+        return saved
+    directory.mkdir(parents=True, exist_ok=True)
+    np.memmap(store_path, dtype=np.float16, mode="w+", shape=tuple(meta["shape"])).flush()
+    np.memmap(directory / EMBED_FILE, dtype=np.float16, mode="w+", shape=tuple(meta["embed_shape"])).flush()
+    write_json(meta_path, meta)
+    return meta
+
+
+def write_rows(directory: Path, meta: dict, rows: list[int], values, embedded) -> None:
+    """values [batch, layers, 15, hidden] and embedded [batch, 15, width] (float32) into the store's rows,
+    clipped to float16; meta["clipped"] counts the values clipped, and writing meta.json is the caller's."""
+    import numpy as np
+
+    meta["clipped"] += int((np.abs(values) > FLOAT16_MAX).sum())
+    store = np.memmap(directory / STORE_FILE, dtype=np.float16, mode="r+", shape=tuple(meta["shape"]))  # see the top
+    store[:, :, rows, :] = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).transpose(1, 2, 0, 3)
+    store.flush()
+    del store
+    if "embed_shape" in meta:  # absent when resuming a store begun before the embedding row existed
+        embed = np.memmap(directory / EMBED_FILE, dtype=np.float16, mode="r+", shape=tuple(meta["embed_shape"]))
+        embed[0][:, rows, :] = np.clip(embedded, -FLOAT16_MAX, FLOAT16_MAX).transpose(1, 0, 2)
+        embed.flush()
+        del embed
+
+
+def write_answer_cells(lm, directory: Path, meta: dict, frame, rows: list[int], recording=None) -> None:
+    """The cells of one generated batch, as soon as it is located: frame is label.label_and_locate's (prompt_ids,
+    answer_ids, the positions), row k decoded as row k of `recording` (sites.record); rows[k] is its store row.
+
+    Answers read back from the checkpoints of an earlier run have no recording: a forward pass over them reads
+    their cells, as extract_activations does. Rows already written are skipped (the same answers give the same
+    cells), and meta.json lists the rows written until every row is, so a killed run resumes with nothing mixed.
+    """
+    import numpy as np
+
+    directory = Path(directory)
+    n_samples = meta["shape"][2]
+    done = set(range(n_samples)) if meta["written"] == n_samples else set(meta.get("rows_written", []))
+    keep = [k for k, row in enumerate(rows) if row not in done]
+    if not keep:
+        return
+    prompts = [list(frame["prompt_ids"].iloc[k]) for k in keep]
+    sequences = [p + list(frame["answer_ids"].iloc[k]) for p, k in zip(prompts, keep)]
+    positions = np.stack([frame[position_column(p)].to_numpy()[keep] for p in POSITIONS], axis=1)  # [batch, 15]
+    if recording is None:
+        values = read_positions(lm, sequences, positions, meta["site"])
+    else:  # -1 (no exact answer) reads the first token, as read_positions does
+        values = np.stack([recording.cells(k, len(p), np.maximum(at, 0).tolist()).float().numpy()
+                           for k, p, at in zip(keep, prompts, positions)])  # [batch, layers, 15, hidden]
+    write_rows(directory, meta, [rows[k] for k in keep], values, read_embeddings(lm, sequences, positions))
+    meta["rows_written"] = sorted(done | {rows[k] for k in keep})
+    meta["written"] = len(meta["rows_written"])
+    if meta["written"] == n_samples:
+        del meta["rows_written"]
+    write_json(directory / META_FILE, meta)
+
+
+def check_resume(directory: Path, run_settings: dict | None, site: str, model_dtype: str, device: str) -> None:
+    """Refuse, before the model loads, to finish a store begun with other settings (a mixed store looks fine).
+    run_settings None: not known yet (generation adds stop_text once the model is loaded); not compared."""
     directory = Path(directory)
     if (directory / META_FILE).exists() and (directory / STORE_FILE).exists():
         wanted = store_meta(run_settings, site, 0, 0, 0, model_dtype, device)
-        check_matches(read_json(directory / META_FILE, META_FIX), {k: wanted[k] for k in RESUME_KEYS}, directory)
+        keys = [k for k in RESUME_KEYS if run_settings is not None or k != "answers"]
+        check_matches(read_json(directory / META_FILE, META_FIX), {k: wanted[k] for k in keys}, directory)
 
 
 def read_positions(lm, sequences: list[list[int]], positions, site: str):
@@ -236,3 +297,32 @@ class RowView:
         import numpy as np
 
         return np.asarray(self.acts[key])[self.rows]
+
+
+def merge_stores(parts: list[tuple[list[int], Path]], directory: Path, n_samples: int) -> None:
+    """Copy each shard's store into the run's store at its rows; meta.json is written last, so a killed merge
+    never leaves a store that looks finished."""
+    import numpy as np
+
+    metas = [read_json(Path(d) / META_FILE) for _, d in parts]
+    n_layers, n_positions, _, hidden = metas[0]["shape"]
+    meta = metas[0] | {"shape": [n_layers, n_positions, n_samples, hidden], "written": n_samples,
+                       "clipped": sum(m["clipped"] for m in metas)}
+    files = [(STORE_FILE, "shape")]
+    if all("embed_shape" in m for m in metas):  # the input embedding, beside the store (see activations.py)
+        meta["embed_shape"] = metas[0]["embed_shape"][:2] + [n_samples, metas[0]["embed_shape"][3]]
+        files.append((EMBED_FILE, "embed_shape"))
+    else:
+        meta.pop("embed_shape", None)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / META_FILE).unlink(missing_ok=True)
+    for name, key in files:
+        np.memmap(directory / name, dtype=np.float16, mode="w+", shape=tuple(meta[key])).flush()
+        for (rows, part_dir), part_meta in zip(parts, metas):
+            for layer in range(meta[key][0]):  # one layer of one shard mapped at a time (see activations.py)
+                store = np.memmap(directory / name, dtype=np.float16, mode="r+", shape=tuple(meta[key]))
+                part = np.memmap(Path(part_dir) / name, dtype=np.float16, mode="r", shape=tuple(part_meta[key]))
+                store[layer][:, rows, :] = part[layer]  # [positions, shard samples, hidden]
+                store.flush()
+                del store, part
+    write_json(directory / META_FILE, meta)

@@ -179,11 +179,13 @@ def generate(
     custom_path: CustomPath = None,
     question_column: QuestionColumn = "question",
     answer_column: AnswerColumn = "answer",
+    site: Site = "mlp",
     executor: Executor = "local",
     ray_address: RayAddress = None,
     workers: Workers = None,
 ):
-    """Answer a dataset's questions, label them and locate the exact answers: writes answers.parquet.
+    """Answer a dataset's questions, label them and locate the exact answers: writes answers.parquet, and the
+    site's activations, recorded while the answers are generated.
 
     Example: truthmap generate --dataset triviaqa --n-samples 200 --data-dir ../shared/data
     """
@@ -253,9 +255,10 @@ def extract(
     ray_address: RayAddress = None,
     workers: Workers = None,
 ):
-    """Read every layer's activations at the 15 probed positions of each answer into the run's float16 store.
+    """Read every layer's activations at the 15 probed positions of each answer into the run's float16 store, by a
+    second pass over the answers: for a site other than the one `generate` recorded, or answers made elsewhere.
 
-    Example: truthmap extract --dataset geography --site mlp
+    Example: truthmap extract --dataset geography --site resid
     """
     from truthmap import pipeline
 

@@ -93,6 +93,7 @@ def generate_batch(
     prefix: Prefix | None = None,
     choose=None,
     stop_check=None,
+    recording=None,
 ) -> list[Generation]:
     """Greedy when temperature == 0, else sampling from the full distribution at that temperature.
 
@@ -102,6 +103,8 @@ def generate_batch(
     choose(logits [rows, vocab], rows) -> token ids: a decoding rule of the caller's (a constraint), instead.
     stop_check(token_ids) -> int | None, called on a row's tokens after each step: None to go on, else how many of
     them to keep; the row then ends as on a stop token (a stop text such as a line break, see generate.py).
+    recording (sites.record, around this call): told after each forward pass which rows it served; rows still
+    writing after the last step are fed their last token once more, so every answer token has been fed.
     """
     import torch
 
@@ -120,8 +123,13 @@ def generate_batch(
         choose = _sampler(temperature)
     generations = [Generation([], [], False) for _ in prompts]
     ended = set()  # rows that stop_check ended: _decode drops them after this step, as rows on a stop token
-    steps = _decode(model, tokenizer.pad_token_id, prompts, max_new_tokens, set(stop_ids), choose, prefix, ended)
+    steps = _decode(model, tokenizer.pad_token_id, prompts, max_new_tokens, set(stop_ids), choose, prefix, ended,
+                    feed_last=recording is not None)
     for rows, chosen, logprobs in steps:
+        if recording is not None:
+            recording.took(rows)
+        if chosen is None:  # the pass that only fed the last tokens
+            continue
         for row, token, logprob in zip(rows, chosen, logprobs):
             if token in stop_ids:
                 generations[row].stopped = True
@@ -137,8 +145,10 @@ def generate_batch(
 
 
 def _decode(model, pad_id: int, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int], choose,
-            prefix: Prefix | None = None, ended: set[int] = frozenset()):
+            prefix: Prefix | None = None, ended: set[int] = frozenset(), feed_last: bool = False):
     """Per step: (rows still writing, the tokens chosen for them, those tokens' log-probabilities), as lists.
+    feed_last: after the last step, one more pass feeds the rows still writing their last token, and yields
+    (those rows, None, None).
 
     A row leaves the batch, and its keys and values the cache, after the step that chose a stop token, or once
     the caller has put it in `ended` (read after each step's yield).
@@ -164,9 +174,12 @@ def _decode(model, pad_id: int, prompts: list[list[int]], max_new_tokens: int, s
     cache_name = "cache" if "cache" in accepts else "past_key_values"  # renamed in transformers 5.24
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
     with torch.inference_mode():
-        for step in range(max_new_tokens):
+        for step in range(max_new_tokens + feed_last):
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                         **{cache_name: cache}, **keep_last)
+            if step == max_new_tokens:
+                yield rows.tolist(), None, None
+                return
             cache, logits = out[cache_name], out.logits[:, -1].float()  # [rows, vocab]
             chosen = choose(logits, rows)
             logprobs = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
@@ -174,7 +187,7 @@ def _decode(model, pad_id: int, prompts: list[list[int]], max_new_tokens: int, s
             yield rows.tolist(), chosen.tolist(), logprobs.tolist()
             writing = torch.tensor([t not in stop_ids and r not in ended
                                     for r, t in zip(rows.tolist(), chosen.tolist())])
-            if step == max_new_tokens - 1 or not writing.any():
+            if (step == max_new_tokens - 1 and not feed_last) or not writing.any():
                 return
             if not writing.all():
                 index = writing.nonzero().squeeze(1)

@@ -5,9 +5,15 @@ in the paper. A base model has no end-of-turn token: asked "Q: ...\\nA:", it ans
 answers that too; its label and exact answer must come from the first line only. A line break may sit inside a
 token (".\\n", "\\n\\n"), so the rule reads the decoded text, and the answer keeps the tokens wholly before the line
 break: answer_ids, answer_logprobs and the answer text stay one and the same sequence.
+
+With a site, the decoding records that site's output at every token it feeds (sites.record), and each batch is
+handed, with its recording, to the caller's after_batch before its checkpoint: the stage that composes this one
+(stages.answer_shard) labels, locates and writes the batch's activations there.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 from truthmap.decoding import batches, generate_batch
 from truthmap.models import encode_prompt, stop_token_ids
@@ -16,33 +22,41 @@ from truthmap.rundir import Checkpoints
 
 
 def generate_answers(lm, ids: list[str], prompts: list[str], max_new_tokens: int, batch_size: int,
-                     checkpoints: Checkpoints, stop_text: str | None = None):
+                     checkpoints: Checkpoints, stop_text: str | None = None, site: str | None = None,
+                     after_batch=None):
     """Answer each prompt; returns a frame of id, prompt_ids, answer_ids, answer_logprobs, stopped, answer.
 
     stop_text (answer_stop's): the text that ends an answer besides the end token, or None.
     Batches that finished before a kill are read back from `checkpoints`; only the rest is generated.
+    after_batch(frame, recording): called on each batch (those read back too, with no recording) before it is
+    checkpointed, so that what it writes (labels, exact answers, activations) is never behind the checkpoints;
+    recording is the decoding's sites.Recording at `site` (None without a site).
     """
     import pandas as pd
 
-    done = checkpoints.done_ids()
+    from truthmap.sites import record
+
+    wanted = set(ids)
+    finished = [part[part["id"].isin(wanted)] for part in checkpoints.batches()]
+    done = {i for part in finished for i in part["id"]}
     todo = [(i, encode_prompt(lm.tokenizer, p, lm.is_chat)) for i, p in zip(ids, prompts) if i not in done]
     todo.sort(key=lambda item: -len(item[1]))  # similar lengths share a batch: less padding
     stop_ids = stop_token_ids(lm.tokenizer, lm.model)
     stop_check = stop_at_text(lm.tokenizer, stop_text)
+    for part in finished:
+        if after_batch is not None and len(part):
+            after_batch(part.reset_index(drop=True), None)
     with progress_bar(total=len(ids), initial=len(done), description="Generating answers") as advance:
         for batch in batches(todo, batch_size):
-            generations = generate_batch(
-                lm.model, lm.tokenizer, [p for _, p in batch], max_new_tokens, stop_ids, stop_check=stop_check
-            )
-            checkpoints.write(
-                pd.DataFrame(
-                    {
-                        "id": [i for i, _ in batch],
-                        "prompt_ids": [p for _, p in batch],
-                        **generation_columns(lm.tokenizer, generations),
-                    }
-                )
-            )
+            prompt_ids = [p for _, p in batch]
+            with record(lm.model, site, prompt_ids) if site else nullcontext() as recording:
+                generations = generate_batch(lm.model, lm.tokenizer, prompt_ids, max_new_tokens, stop_ids,
+                                             stop_check=stop_check, recording=recording)
+            frame = pd.DataFrame({"id": [i for i, _ in batch], "prompt_ids": prompt_ids,
+                                  **generation_columns(lm.tokenizer, generations)})
+            if after_batch is not None:
+                after_batch(frame, recording)
+            checkpoints.write(frame)
             advance(len(batch))
     frame = checkpoints.load().drop_duplicates("id", keep="last").set_index("id")
     return frame.loc[ids].reset_index()

@@ -109,9 +109,9 @@ def import_answers(config: RunConfig, source: ImportSource, lm=None, strict: boo
         from truthmap.models import load_model
 
         lm = load_model(config.model, config.device, config.dtype)
-    from truthmap.pipeline import _use_chat
+    from truthmap.stages import use_chat
 
-    lm = _replace(lm, is_chat=_use_chat(config.prompt_style, lm))
+    lm = _replace(lm, is_chat=use_chat(config.prompt_style, lm))
     kept, skipped, text_differs = prepare_rows(rows, spec, lm, source, strict)
     if not kept:
         raise DataError(f"No row of {path} can be imported ({describe_skips(skipped)}); see the summary's kinds.")
@@ -135,9 +135,18 @@ def import_answers(config: RunConfig, source: ImportSource, lm=None, strict: boo
     from truthmap.pipeline import write_answers
 
     prompts = list(frame["prompt"])
-    write_answers(run, config, settings, records, prompts, frame.drop(columns=["prompt"]), spans, lm, started,
-                  extra={"import": summary})
+    located = located_frame(frame.drop(columns=["prompt"]), records, spans, lm.tokenizer)
+    write_answers(run, config, settings, records, prompts, located, lm, started, extra={"import": summary})
     return summary | summarize_answers(run)
+
+
+def located_frame(frame, records, spans: dict, tokenizer):
+    """The frame with the columns label.label_and_locate adds: exact answer and gold alias, positions, lengths."""
+    from truthmap.locate import exact_answer_columns, gold_spans
+
+    golds = gold_spans(records, list(frame["answer"]), list(frame["correct"]))
+    frame = frame.assign(**exact_answer_columns(frame, tokenizer, spans, golds))
+    return frame.assign(prompt_len=frame["prompt_ids"].map(len), answer_len=frame["answer_ids"].map(len))
 
 
 def _replace(lm, **changes):

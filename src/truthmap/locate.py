@@ -171,7 +171,7 @@ def token_positions(prompt_len: int, answer_len: int, exact_tokens: tuple[int, i
 
 
 def extract_spans(lm, rows: list[tuple], batch_size: int, checkpoints: Checkpoints, method: str = "constrained",
-                  tries: int = 1, seed: int = 0) -> dict:
+                  tries: int = 1, seed: int = 0, prefix=None, progress: bool = True) -> dict:
     """rows: (id, question, answer, answer_ids). Returns {id: (source, char span or None)}.
 
     answer_ids: the answer's tokens as the extractor's tokenizer has them; None re-encodes the text (an
@@ -180,6 +180,7 @@ def extract_spans(lm, rows: list[tuple], batch_size: int, checkpoints: Checkpoin
     method "constrained": one greedy pass that can only write a run of the answer's own tokens or NO ANSWER, so
     every extraction is valid. "free": the model writes freely, up to `tries` times (greedy, then sampled), and
     an extraction counts only if it occurs in the answer; "not_found" after that.
+    prefix: extraction_prefix(lm), when the caller keeps it over many calls (None: encoded here).
     """
     import pandas as pd
 
@@ -188,8 +189,9 @@ def extract_spans(lm, rows: list[tuple], batch_size: int, checkpoints: Checkpoin
     prompts = {row[0]: extraction_prompt_ids(lm.tokenizer, lm.is_chat, row[1], row[2]) for row in rows
                if row[0] not in results}
     todo = sorted((row for row in rows if row[0] in prompts), key=lambda row: -len(prompts[row[0]]))
-    prefix = extraction_prefix(lm) if todo else None
-    with progress_bar(total=len(rows), initial=len(rows) - len(todo), description="Extracting exact answers") as advance:
+    prefix = (prefix or extraction_prefix(lm)) if todo else None
+    with progress_bar(total=len(rows), initial=len(rows) - len(todo), description="Extracting exact answers",
+                      enabled=progress) as advance:
         for batch in batches(todo, batch_size):
             batch_prompts = [prompts[row[0]] for row in batch]
             shared = prefix if prefix and all(p[: len(prefix.ids)] == prefix.ids for p in batch_prompts) else None

@@ -127,6 +127,12 @@ def same_model(a: str, b: str) -> bool:
     return first.exists() and second.exists() and first.resolve() == second.resolve()
 
 
+def model_location(model: str) -> str:
+    """A local model path made absolute (a Ray worker may run in another directory); other names as they are."""
+    local = model not in EMBEDDED_MODELS and Path(model).expanduser().exists()  # as resolve_source decides
+    return str(Path(model).expanduser().resolve()) if local else model
+
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 

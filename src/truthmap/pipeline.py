@@ -22,6 +22,7 @@ from truthmap.rundir import (
     file_sha256,
     generalization_dir,
     package_versions,
+    position_column,
     read_json,
     read_parquet,
     run_lock,
@@ -107,24 +108,24 @@ def check_resume(config: RunConfig) -> None:
     if run.run_json.exists():
         check_matches(read_json(run.run_json)["settings"], settings, run.path)
     if not run.answers.exists():
-        local = compute_settings(config) if config.executor == "local" else {}  # Ray workers resolve their own
-        check_checkpoints(run.generation_parts, generation_settings(settings) | local)
-        check_checkpoints(run.extraction_parts, settings)
+        if config.executor == "local":  # Ray workers resolve their own
+            check_generation_resume(config, run, settings, config.site)
     elif run.run_json.exists() and config.executor == "local" and not extraction_done(run, config.site):
         check_extract_resume(config, run, read_json(run.run_json)["settings"])
 
 
-def compute_settings(config: RunConfig, lm=None) -> dict:
-    """The dtype and the kind of device the model computes in (the loaded model's, or what loading would give):
-    both change the numbers generated, so finished batches are not continued with others."""
-    from truthmap.activations import device_kind
-
-    if lm is not None:
-        return {"dtype": lm.dtype, "device": device_kind(lm.device)}
+def check_generation_resume(config: RunConfig, run: RunDir, settings: dict, site: str | None) -> None:
+    """Before the model loads: the checkpoints of the answers stage, and the store it records into while
+    generating, must have been begun with these settings, dtype and device kind."""
+    from truthmap.activations import check_resume as check_store
     from truthmap.models import default_device_and_dtype
+    from truthmap.stages import compute_settings
 
-    device, dtype = default_device_and_dtype(config.device, config.dtype)
-    return {"dtype": dtype, "device": device_kind(device)}
+    check_checkpoints(run.generation_parts, generation_settings(settings) | compute_settings(config))
+    check_checkpoints(run.extraction_parts, settings)
+    if site:
+        device, dtype = default_device_and_dtype(config.device, config.dtype)
+        check_store(run.activations(site), None, site, dtype, device)  # settings lack stop_text until it loads
 
 
 def check_extract_resume(config: RunConfig, run: RunDir, settings: dict) -> None:
@@ -143,13 +144,17 @@ def check_extract_resume(config: RunConfig, run: RunDir, settings: dict) -> None
 
 
 @locked
-def generate(config: RunConfig, lm=None) -> RunDir:
-    """Generate, label and locate: writes answers.parquet and run.json (skipped when already done)."""
+def generate(config: RunConfig, lm=None, activations: bool = True) -> RunDir:
+    """Generate, label and locate, recording config.site's activations while generating (activations=False: not):
+    writes answers.parquet, run.json and that site's store (skipped when already done)."""
+    import pandas as pd
+
+    from truthmap.activations import merge_stores
     from truthmap.datasets import build_prompt
-    from truthmap.generate import answer_stop, generate_answers
-    from truthmap.label import label_answers
-    from truthmap.locate import extract_spans, gold_spans, locate_answers
-    from truthmap.models import load_model
+    from truthmap.executor import runner
+    from truthmap.generate import answer_stop
+    from truthmap.models import encode_prompt
+    from truthmap.stages import Answering, answer_shard, describe
 
     run = run_dir(config)
     if imported(run):
@@ -164,47 +169,48 @@ def generate(config: RunConfig, lm=None) -> RunDir:
         stop = {"stop_text": answer_stop(spec, made["chat_template"])}
         check_matches({"stop_text": made["settings"].get("stop_text")}, stop, run.path)
         return run
-    if config.executor == "ray":
-        from truthmap.executor import generate_on_ray
-
-        return generate_on_ray(config, spec, records, run, settings)
-    generation = generation_settings(settings) | compute_settings(config, lm)
-    check_checkpoints(run.generation_parts, generation)  # before the model loads
-    check_checkpoints(run.extraction_parts, settings)
+    site = config.site if activations else None
+    if config.executor == "local":
+        check_generation_resume(config, run, settings, site)  # before the model loads
     started = time.time()
-    lm = lm or load_model(config.model, config.device, config.dtype)
-    lm = dataclasses.replace(lm, is_chat=_use_chat(config.prompt_style, lm))
-    settings["stop_text"] = answer_stop(spec, lm.is_chat)
-    generation["stop_text"] = settings["stop_text"]
-    made_parts = run.generation_parts / "settings.json"
-    if made_parts.exists():  # batches of a killed run from before the stop rule: as on resume above
-        check_matches({"stop_text": read_json(made_parts).get("stop_text")}, settings, run.generation_parts)
-    prompts = [build_prompt(spec, r, "instruct" if lm.is_chat else "base") for r in records]
-    ids = [r.id for r in records]
-    frame = generate_answers(
-        lm, ids, prompts, settings["max_new_tokens"], config.batch_size, Checkpoints(run.generation_parts, generation),
-        settings["stop_text"],
-    )
-    frame["correct"] = label_answers(spec, records, list(frame["answer"]))
-
-    def extract(rows):
-        extractor = lm if not config.extraction_model else load_model(config.extraction_model, config.device, config.dtype)
-        return extract_spans(extractor, rows, config.batch_size, Checkpoints(run.extraction_parts, settings),
-                             config.extractor, config.extraction_tries, config.seed)
-
-    answer_ids = list(frame["answer_ids"]) if not config.extraction_model else [None] * len(frame)
-    spans = locate_answers(spec, records, list(frame["answer"]), answer_ids, list(frame["correct"]), config.locate,
-                           extract)
-    write_answers(run, config, settings, records, prompts, frame, spans, lm, started)
+    with runner(config, model_state(config, lm), -(-len(records) // config.batch_size)) as workers:
+        lm = workers.one(describe)  # the tokenizer and chat template as the workers have them
+        settings["stop_text"] = answer_stop(spec, lm.is_chat)
+        made_parts = run.generation_parts / "settings.json"
+        if made_parts.exists():  # batches of a killed run from before the stop rule: as on resume above
+            check_matches({"stop_text": read_json(made_parts).get("stop_text")}, settings, run.generation_parts)
+        prompts = [build_prompt(spec, r, "instruct" if lm.is_chat else "base") for r in records]
+        lengths = [len(encode_prompt(lm.tokenizer, p, lm.is_chat)) for p in prompts]
+        order = sorted(range(len(records)), key=lambda i: -lengths[i])  # generate_answers' order: longest first
+        batches = [order[start : start + config.batch_size] for start in range(0, len(order), config.batch_size)]
+        job = Answering(config, spec, records, prompts, settings, generation_settings(settings), run, site)
+        shards = workers.map(functools.partial(answer_shard, job=job), batches, "Generating answers")
+    if site and config.executor == "ray":
+        merge_stores([(rows, store) for _, rows, store in shards], run.activations(site), len(records))
+    frame = pd.concat([located for located, _, _ in shards]).set_index("id").loc[[r.id for r in records]]
+    write_answers(run, config, settings, records, prompts, frame.reset_index(), lm, started, site)
     return run
 
 
-def write_answers(run: RunDir, config: RunConfig, settings: dict, records, prompts, frame, spans, lm, started,
-                  extra: dict | None = None) -> None:
-    """answers.parquet (records + generations + exact answers and positions) and run.json (with `extra`'s keys)."""
+def model_state(config: RunConfig, lm=None):
+    """What the executor's workers hold (stages.load_models), as a picklable function: a local model path is made
+    absolute, since a Ray worker may run in another directory."""
+    from truthmap.models import model_location
+    from truthmap.stages import load_models
+
+    if config.executor == "ray":
+        config = dataclasses.replace(config, model=model_location(config.model),
+                                     extraction_model=config.extraction_model and model_location(config.extraction_model))
+    return functools.partial(load_models, config, lm)
+
+
+def write_answers(run: RunDir, config: RunConfig, settings: dict, records, prompts, frame, lm, started,
+                  site: str | None = None, extra: dict | None = None) -> None:
+    """answers.parquet (records + located answers, label.label_and_locate's frame) and run.json (with `extra`'s
+    keys)."""
     import pandas as pd
 
-    from truthmap.locate import exact_answer_columns, gold_agreement, gold_spans
+    from truthmap.locate import gold_agreement
 
     ids = [r.id for r in records]
     table = pd.DataFrame(
@@ -216,10 +222,6 @@ def write_answers(run: RunDir, config: RunConfig, settings: dict, records, promp
             "group": [r.group for r in records],
         }
     ).merge(frame, on="id")
-    golds = gold_spans(records, list(table["answer"]), list(table["correct"]))
-    table = table.assign(**exact_answer_columns(table, lm.tokenizer, spans, golds))
-    table["prompt_len"] = table["prompt_ids"].map(len)
-    table["answer_len"] = table["answer_ids"].map(len)
     write_parquet(run.answers, table[list(ANSWER_COLUMNS)])
     write_json(
         run.run_json,
@@ -233,6 +235,7 @@ def write_answers(run: RunDir, config: RunConfig, settings: dict, records, promp
             "dtype": lm.dtype,
             "n_samples": len(table),
             "exact_answer_agreement": gold_agreement(table),
+            "activations_while_generating": site,  # the store of this site came from the answers' own decoding
             "seconds": round(time.time() - started, 1),
             "versions": package_versions(),
             **(extra or {}),
@@ -251,12 +254,6 @@ def import_answers(config: RunConfig, source, lm=None, strict: bool = False) -> 
     from truthmap.importer import import_answers as run_import
 
     return run_import(config, source, lm, strict)
-
-
-def _use_chat(prompt_style: str, lm) -> bool:
-    if prompt_style == "instruct" and not lm.is_chat:
-        raise ConfigError(f"--prompt-style instruct needs a chat template, and model '{lm.name}' has none. Use base.")
-    return lm.is_chat if prompt_style == "auto" else prompt_style == "instruct"
 
 
 def summarize_answers(run: RunDir) -> dict:
@@ -295,23 +292,27 @@ def extraction_done(run: RunDir, site: str) -> bool:
 
 @locked
 def extract(config: RunConfig, lm=None) -> RunDir:
-    """Activations at the probed positions for every answer (skipped when the store is complete)."""
-    from truthmap.activations import extract_activations
-    from truthmap.models import load_model
+    """Activations at the probed positions for every answer, by a forward pass over it (skipped when the store is
+    complete: generate records its site's while generating). For another site, or answers made elsewhere."""
+    from truthmap.activations import extraction_batches, merge_stores
+    from truthmap.executor import runner
+    from truthmap.stages import Extracting, extract_shard
 
     run = run_dir(config)
     table = _answers_table(run)
     if extraction_done(run, config.site):
         return run
-    if config.executor == "ray":
-        from truthmap.executor import extract_on_ray
-
-        return extract_on_ray(config, run, table)
     settings = read_json(run.run_json)["settings"]
-    if lm is None:
+    if lm is None and config.executor == "local":
         check_extract_resume(config, run, settings)  # before the model loads
-    lm = lm or load_model(config.model, config.device, config.dtype)
-    extract_activations(lm, table, run.activations(config.site), config.site, config.batch_size, settings)
+    cut = extraction_batches([len(p) + len(a) for p, a in zip(table["prompt_ids"], table["answer_ids"])],
+                             config.batch_size)
+    columns = ["prompt_ids", "answer_ids", *(position_column(p) for p in POSITIONS)]
+    job = Extracting(table[columns], settings, config.site, config.batch_size, run)
+    with runner(config, model_state(config, lm), len(cut)) as workers:
+        shards = workers.map(functools.partial(extract_shard, job=job), cut, f"Extracting {config.site} activations")
+    if config.executor == "ray":
+        merge_stores(shards, run.activations(config.site), len(table))
     return run
 
 

@@ -78,32 +78,25 @@ def sample_answers(lm, greedy, n_resamples: int, temperature: float, seed: int, 
 
 def label_and_locate(extractor, tokenizer, spec, records: dict, frame, batch_size: int, checkpoints: Checkpoints,
                      locating: dict, seed: int):
-    """Add correct, exact-answer and position columns to the sampled answers, as the greedy answers have them.
+    """Add correct, exact-answer and position columns to the sampled answers, as the greedy answers have them
+    (label.label_and_locate, keyed by row_key: each sample is its own row).
 
     records: question id -> Record. locating: the greedy run's "locate", "extractor" and "extraction_tries"
     (pipeline.locating_settings), so that resamples are located as the greedy answers were.
     """
-    from truthmap.label import label_answers
-    from truthmap.locate import exact_answer_columns, extract_spans, gold_spans, locate_answers
+    from truthmap.label import label_and_locate as locate_rows
+    from truthmap.locate import extract_spans
 
     keys = [row_key(i, k) for i, k in zip(frame["id"], frame["sample"])]
     keyed = [dataclasses.replace(records[i], id=key) for i, key in zip(frame["id"], keys)]  # one record per answer
-    answers = list(frame["answer"])
-    frame = frame.assign(correct=label_answers(spec, keyed, answers))
-    same_tokens = extractor.tokenizer is tokenizer
-    answer_ids = list(frame["answer_ids"]) if same_tokens else [None] * len(frame)
 
     def extract(rows):
         return extract_spans(extractor, rows, batch_size, checkpoints, locating["extractor"],
                              locating["extraction_tries"] or 1, seed)
 
-    spans = locate_answers(spec, keyed, answers, answer_ids, list(frame["correct"]), locating["locate"], extract)
-    located = frame.assign(id=keys)  # exact_answer_columns looks spans up by row id
-    golds = gold_spans(keyed, answers, list(frame["correct"]))
-    frame = frame.assign(**exact_answer_columns(located, tokenizer, spans, golds))
-    frame["prompt_len"] = frame["prompt_ids"].map(len)
-    frame["answer_len"] = frame["answer_ids"].map(len)
-    return frame
+    located = locate_rows(spec, keyed, frame.assign(id=keys), tokenizer, locating["locate"], extract,
+                          answer_tokens=extractor.tokenizer is tokenizer)
+    return located.assign(id=frame["id"].to_numpy())
 
 
 def vote_text(source: str, valid: bool, exact_answer: str) -> str | None:

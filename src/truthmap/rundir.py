@@ -271,10 +271,14 @@ def run_lock(run: "RunDir"):
 
 
 class Checkpoints:
-    """Finished batches of a stage, one parquet part each, keyed by record id; resume skips what is done."""
+    """Finished batches of a stage, one parquet part each, keyed by record id; resume skips what is done.
+
+    A part is never changed once written (a damaged one is deleted and its batch written again under a new
+    number), so each is read once: a stage that asks after every batch what is done reads only the new parts."""
 
     def __init__(self, directory: Path, settings: dict):
         self.directory = Path(directory)
+        self.read: dict[Path, object] = {}  # part -> its frame
         meta_path = self.directory / "settings.json"
         if meta_path.exists():
             check_checkpoints(self.directory, settings)
@@ -284,12 +288,18 @@ class Checkpoints:
     def parts(self) -> list[Path]:
         return sorted(self.directory.glob("part-*.parquet"))
 
+    def batches(self) -> list:
+        """Each finished batch's frame, in the order they were written."""
+        parts = self.parts()
+        fix = "delete it and rerun the same command: that batch is made again"
+        self.read = {p: self.read[p] if p in self.read else read_parquet(p, fix=fix) for p in parts}
+        return list(self.read.values())
+
     def load(self):
         import pandas as pd
 
-        parts = self.parts()
-        frames = [read_parquet(p, fix="delete it and rerun the same command: that batch is made again") for p in parts]
-        return pd.concat(frames, ignore_index=True) if parts else pd.DataFrame()
+        frames = self.batches()
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     def done_ids(self) -> set[str]:
         frame = self.load()
@@ -299,7 +309,9 @@ class Checkpoints:
         # After the last part, not at the count of parts: once a damaged part is deleted, the count is a taken number.
         parts = self.parts()
         number = int(parts[-1].stem.removeprefix("part-")) + 1 if parts else 0
-        write_parquet(self.directory / f"part-{number:06d}.parquet", frame)
+        path = self.directory / f"part-{number:06d}.parquet"
+        write_parquet(path, frame)
+        self.read.pop(path, None)  # read back on the next load, as parquet gives it (dtypes)
 
 
 def package_versions() -> dict:

@@ -298,18 +298,6 @@ class Capture:
         picked = torch.gather(hidden.detach(), 1, index)  # [batch, n_pos, width], its own storage
         self.buffers[layer].append(picked.to("cpu"))
 
-    def _first_tensor(self, value) -> "torch.Tensor":
-        """The tensor a hook sees: a plain tensor, or the first element of a tuple (attention returns
-        (output, weights); older decoder layers return (hidden, cache, ...))."""
-        import torch
-
-        if isinstance(value, (tuple, list)) and value:
-            value = value[0]
-        if not isinstance(value, torch.Tensor) or value.dim() != 3:
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ModelError(f"Cannot capture from {self.model_name}: expected a [batch, seq, width] tensor, got {got}")
-        return value
-
     def stack(self, call: int = -1) -> "torch.Tensor":
         """[batch, n_layers, n_pos, width] from one forward call (the last by default), in the model dtype."""
         import torch
@@ -324,6 +312,32 @@ class Capture:
 
 
 @contextmanager
+def _hooked(model: "torch.nn.Module", site: str, keep) -> Iterator[int]:
+    """Hook every layer at `site`: keep(layer, tensor [batch, seq, width]) on each call; yields the layer count.
+    The hooks are removed on exit, also after an exception."""
+    hooks = site_hooks(model, site)
+    handles = []
+    try:
+        for layer, (module, kind) in enumerate(hooks):
+            if kind == "forward":
+
+                def hook(_module, _args, output, layer=layer):
+                    keep(layer, output)
+
+                handles.append(module.register_forward_hook(hook))
+            else:
+
+                def pre_hook(_module, args, kwargs, layer=layer):
+                    keep(layer, args if args else tuple(kwargs.values()))
+
+                handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        yield len(hooks)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def capture(model: "torch.nn.Module", site: str, positions: "torch.Tensor") -> Iterator[Capture]:
     """Hook every layer at `site` and keep only `positions` ([batch, n_pos] absolute indices into the padded
     input), copied to CPU inside the hook. Whole sequences are never kept.
@@ -333,26 +347,92 @@ def capture(model: "torch.nn.Module", site: str, positions: "torch.Tensor") -> I
         acts = cap.stack()  # [batch, n_layers, n_pos, width], model dtype
 
     Hooks are removed on exit, also after an exception. Meant for plain forward passes: inside `generate`
-    the later steps see one token and fail the position check.
+    the later steps see one token and fail the position check (`record` reads a decoding).
     """
-    hooks = site_hooks(model, site)
-    cap = Capture(type(model).__name__, len(hooks), positions)
-    handles = []
-    try:
-        for layer, (module, kind) in enumerate(hooks):
-            if kind == "forward":
-
-                def hook(_module, _args, output, layer=layer):
-                    cap._gather(layer, cap._first_tensor(output))
-
-                handles.append(module.register_forward_hook(hook))
-            else:
-
-                def pre_hook(_module, args, kwargs, layer=layer):
-                    cap._gather(layer, cap._first_tensor(args if args else tuple(kwargs.values())))
-
-                handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+    cap = Capture(type(model).__name__, len(site_hooks(model, site)), positions)
+    with _hooked(model, site, lambda layer, value: cap._gather(layer, _first_tensor(cap.model_name, value))):
         yield cap
-    finally:
-        for handle in handles:
-            handle.remove()
+
+
+class Recording:
+    """What `record` yields: the site's output at every token a decoding feeds the model, per row of its batch.
+
+    The first forward call (the prefill of the left-padded prompts) keeps each row's first token and the last
+    `window` columns (the last `window` prompt tokens of every row); each later call feeds one token per row
+    still writing, and keeps it. After each call the decoding loop names the rows it served (`took`,
+    decoding.generate_batch), and the values go to the CPU: one copy per call rather than one per layer. Answer
+    token j is fed at call j + 1, so `cells` finds the first token and any position from the prompt's last
+    `window` tokens on: all that the probed positions (locate.token_positions) can be.
+    """
+
+    def __init__(self, model_name: str, n_layers: int, prompt_lengths: list[int], window: int):
+        self.model_name, self.prompt_lengths, self.window = model_name, list(prompt_lengths), window
+        self.pending: list = [None] * n_layers  # this call's [rows, k, width] per layer, on the model's device
+        self.calls: list[tuple[list[int], "torch.Tensor"]] = []  # (rows, [rows, layers, k, width] on the CPU)
+
+    def _keep(self, layer: int, hidden: "torch.Tensor") -> None:
+        import torch
+
+        if self.pending[layer] is not None:
+            raise ModelError(f"Cannot record {self.model_name}: layer {layer} ran twice in one forward pass")
+        kept = hidden[:, -min(self.window, hidden.shape[1]) :, :]  # [rows, k, width]
+        if not self.calls:  # the prefill: each row's first token too, after its left padding
+            first = torch.tensor([hidden.shape[1] - n for n in self.prompt_lengths], device=hidden.device)
+            kept = torch.cat([hidden[torch.arange(len(first), device=hidden.device), first][:, None], kept], dim=1)
+        self.pending[layer] = kept.detach().clone()  # not a view: the whole output would stay alive
+
+    def took(self, rows: list[int]) -> None:
+        """The forward call just made served these rows (indices into the batch's prompts), in this order."""
+        import torch
+
+        if any(value is None for value in self.pending):
+            raise ModelError(f"Nothing recorded from {self.model_name} at some layer: run a forward pass inside record()")
+        self.calls.append((list(rows), torch.stack(self.pending, dim=1).to("cpu")))  # [rows, layers, k, width]
+        self.pending = [None] * len(self.pending)
+
+    def cells(self, row: int, prompt_len: int, positions) -> "torch.Tensor":
+        """[layers, len(positions), width], model dtype: row's values at positions (indices into its unpadded
+        prompt + answer, the answers table's positions)."""
+        import torch
+
+        prefill_rows, prefill = self.calls[0]  # [rows, layers, 1 + window, width]
+        window = prefill.shape[2] - 1
+        columns = []
+        for position in positions:
+            step = position - prompt_len + 1  # the call that fed it; 0: the prefill
+            if position == 0:
+                columns.append(prefill[prefill_rows.index(row), :, 0])
+            elif step <= 0 and window - (prompt_len - position) >= 0:
+                columns.append(prefill[prefill_rows.index(row), :, 1 + window - (prompt_len - position)])
+            elif 0 < step < len(self.calls) and row in self.calls[step][0]:
+                rows, values = self.calls[step]
+                columns.append(values[rows.index(row), :, 0])
+            else:
+                raise ModelError(f"Position {position} of row {row} was not recorded (prompt of {prompt_len} tokens, "
+                                 f"{len(self.calls)} calls, a window of {window}).")
+        return torch.stack(columns, dim=1)
+
+
+@contextmanager
+def record(model: "torch.nn.Module", site: str, prompts: list[list[int]], window: int = 8) -> Iterator[Recording]:
+    """Hook every layer at `site` for one decoding of `prompts` (decoding.generate_batch(..., recording=...)).
+
+    Only each prompt's first token and last `window` tokens, then one column per later step, are kept (see
+    Recording): never a whole sequence. 8: the last eight tokens of prompt + answer are probed positions."""
+    name = type(model).__name__
+    recording = Recording(name, len(site_hooks(model, site)), [len(p) for p in prompts], window)
+    with _hooked(model, site, lambda layer, value: recording._keep(layer, _first_tensor(name, value))):
+        yield recording
+
+
+def _first_tensor(model_name: str, value) -> "torch.Tensor":
+    """The tensor a hook sees: a plain tensor, or the first element of a tuple (attention returns (output,
+    weights); older decoder layers return (hidden, cache, ...))."""
+    import torch
+
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    if not isinstance(value, torch.Tensor) or value.dim() != 3:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ModelError(f"Cannot capture from {model_name}: expected a [batch, seq, width] tensor, got {got}")
+    return value
