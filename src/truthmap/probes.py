@@ -81,16 +81,17 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
     mu, sd, m, v = _standardize(X, train, standardize)  # X is now Xn, centred and scaled by all rows
     Xn = X
 
-    def logits_at(w, b, v, m, Xn):  # every row's logits for standardized weights w [B, S, d], intercepts b [B, S]
-        u = w / v  # [B, S, d] weights on Xn
-        return (u.to(data) @ Xn.mT).to(dtype) + (b - (u * m).sum(-1))[..., None]  # [B, S, n]
+    def logits_at(theta, v, m, Xn):  # every row's logits [B, S, n] for theta [B, S, d + 1] (weights, intercept)
+        u = theta[..., :d] / v  # [B, S, d] weights on Xn
+        return (u.to(data) @ Xn.mT).to(dtype) + (theta[..., d] - (u * m).sum(-1))[..., None]
 
-    def loss_grad(w, b, z):  # objective [B, S], gradients [B, S, d] and [B, S] at logits z
-        loss = 0.5 * w.square().sum(-1) + C * (train * (torch.nn.functional.softplus(z) - y * z)).sum(-1)
+    def loss_grad(theta, z):  # objective [B, S] and gradient [B, S, d + 1] at logits z
+        w = theta[..., :d]
+        loss = 0.5 * torch.linalg.vecdot(w, w) + C * (train * (torch.nn.functional.softplus(z) - y * z)).sum(-1)
         r = train * (torch.sigmoid(z) - y)  # [B, S, n]
-        r_sum = r.sum(-1)  # [B, S]
-        g_w = w + C * ((r.to(data) @ Xn).to(dtype) - m * r_sum[..., None]) / v
-        return loss, g_w, C * r_sum
+        r_sum = r.sum(-1, keepdim=True)  # [B, S, 1]
+        g_w = w + C * ((r.to(data) @ Xn).to(dtype) - m * r_sum) / v
+        return loss, torch.cat([g_w, C * r_sum], -1)
 
     # Preconditioner: the Hessian at w = 0 (every probability 1/2), P = I + C/4 * X^T X on the train rows, shared
     # by the splits (all rows, rescaled to the mean train size). Standardized features are centred, so the
@@ -113,36 +114,37 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
         del sample, P
     p_b = 0.25 * C * n_train  # [S] intercept curvature at w = 0
 
-    def precondition(q_w, q_b, factor):  # P^-1 q, q_w [B, S, d] row vectors
-        q = q_w.to(data)
+    def precondition(g, factor):  # P^-1 g for g [B, S, d + 1] (row vectors)
+        q = g[..., :d].to(data)
         if woodbury:
-            return q_w - c * ((q @ factor.mT) @ factor).to(dtype), q_b / p_b
-        half = torch.linalg.solve_triangular(factor, q.mT, upper=False)  # L^-1 q^T
-        return torch.linalg.solve_triangular(factor.mT, half, upper=True).mT.to(dtype), q_b / p_b
+            h_w = g[..., :d] - c * ((q @ factor.mT) @ factor).to(dtype)
+        else:
+            h_w = torch.linalg.solve_triangular(factor.mT, torch.linalg.solve_triangular(factor, q.mT, upper=False),
+                                                upper=True).mT.to(dtype)
+        return torch.cat([h_w, g[..., d:] / p_b[:, None]], -1)
 
-    w = torch.zeros(B, S, d, dtype=dtype, device=device)
-    b = torch.zeros(B, S, dtype=dtype, device=device)
+    theta = torch.zeros(B, S, d + 1, dtype=dtype, device=device)  # weights and intercept of every (cell, split)
     z = torch.zeros(B, S, n, dtype=dtype, device=device)
-    loss, g_w, g_b = loss_grad(w, b, z)
-    h_w, h_b = precondition(g_w, g_b, factor)  # P^-1 g: the one preconditioner application of each iteration
+    loss, g = loss_grad(theta, z)
+    h = precondition(g, factor)  # P^-1 g: the one preconditioner application of each iteration
     threshold = tol * C * n_train  # [S] sklearn's tol on the objective divided by C * n_train
-    memory = []  # (s_w, s_b, y_w, y_b, P^-1 y_w, P^-1 y_b, rho), newest last
+    memory = []  # (s, y, P^-1 y, rho), newest last
     stuck = torch.zeros(B, S, dtype=torch.bool, device=device)  # no descent found: the optimum within precision
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # all splits converged, results stored
     result = {"mean": mu + sd * m, "scale": sd * v,  # [B, S, d] raw-space mean and scale of the train rows
-              "coef": w.clone(), "intercept": b.clone(), "logits": z.clone(), "converged": stuck.clone(), "n_iter": 0}
+              "coef": theta[..., :d].clone(), "intercept": theta[..., d].clone(), "logits": z.clone(),
+              "converged": stuck.clone(), "n_iter": 0}
     cells = torch.arange(B, device=device)  # cells still in the batch
 
     def retire(done):  # store the results of cells[done]; recomputed logits: z accumulated rounding over the steps
         index = cells[done]
-        result["coef"][index], result["intercept"][index] = w[done], b[done]
-        result["logits"][index] = logits_at(w[done], b[done], v[done], m[done], Xn[done])
-        gradient = torch.maximum(g_w[done].abs().amax(-1), g_b[done].abs())
-        result["converged"][index] = (gradient <= threshold) | stuck[done]
+        result["coef"][index], result["intercept"][index] = theta[done, :, :d], theta[done, :, d]
+        result["logits"][index] = logits_at(theta[done], v[done], m[done], Xn[done])
+        result["converged"][index] = (g[done].abs().amax(-1) <= threshold) | stuck[done]
 
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        active = (torch.maximum(g_w.abs().amax(-1), g_b.abs()) > threshold) & ~stuck  # [cells, S]
+        active = (g.abs().amax(-1) > threshold) & ~stuck  # [cells, S]
         done = ~active.any(1) & ~finished
         if done.any():
             retire(done)
@@ -154,46 +156,39 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
             # cell that finishes, as dropping cells copies the rest of the batch.
             if int(finished.sum()) * COMPACT_SHARE >= len(cells):
                 keep = ~finished
-                cells, Xn, factor, m, v, w, b, z, loss, g_w, g_b, h_w, h_b, stuck, active, finished = (
-                    t[keep] for t in (cells, Xn, factor, m, v, w, b, z, loss, g_w, g_b, h_w, h_b, stuck, active,
-                                      finished))
+                cells, Xn, factor, m, v, theta, z, loss, g, h, stuck, active, finished = (
+                    t[keep] for t in (cells, Xn, factor, m, v, theta, z, loss, g, h, stuck, active, finished))
                 memory = [tuple(t[keep] for t in pair) for pair in memory]
         # Two-loop recursion, elementwise over the batch (a pair with rho = 0 is a no-op). The initial matrix is
         # gamma * P^-1, applied as P^-1 g minus the stored P^-1 y of each pair: no pass over P here.
-        q_w, q_b, r_w, r_b = g_w.clone(), g_b.clone(), h_w.clone(), h_b.clone()
+        q, r = g.clone(), h.clone()
         alphas = []
-        for s_w, s_b, y_w, y_b, hy_w, hy_b, rho in reversed(memory):
-            a = rho * ((s_w * q_w).sum(-1) + s_b * q_b)
-            q_w -= a[..., None] * y_w
-            q_b -= a * y_b
-            r_w -= a[..., None] * hy_w
-            r_b -= a * hy_b
+        for s_k, y_k, hy_k, rho in reversed(memory):
+            a = rho * torch.linalg.vecdot(s_k, q)
+            q.addcmul_(a[..., None], y_k, value=-1)
+            r.addcmul_(a[..., None], hy_k, value=-1)
             alphas.append(a)
         if memory:  # scale by the newest curvature pair, as in plain L-BFGS
-            s_w, s_b, y_w, y_b, hy_w, hy_b, rho = memory[-1]
-            yHy = (y_w * hy_w).sum(-1) + y_b * hy_b
-            gamma = torch.where((rho > 0) & (yHy > 0), 1 / (rho * yHy).clamp_min(1e-30), torch.ones_like(rho))
-            r_w, r_b = gamma[..., None] * r_w, gamma * r_b
-        for (s_w, s_b, y_w, y_b, _, _, rho), a in zip(memory, reversed(alphas)):
-            beta = rho * ((y_w * r_w).sum(-1) + y_b * r_b)
-            r_w += (a - beta)[..., None] * s_w
-            r_b += (a - beta) * s_b
-        d_w = -r_w * active[..., None]  # converged fits stay where they are
-        d_b = -r_b * active
-        slope = (g_w * d_w).sum(-1) + g_b * d_b  # [B, S], < 0 where active
+            _, y_k, hy_k, rho = memory[-1]
+            yHy = torch.linalg.vecdot(y_k, hy_k)
+            r *= torch.where((rho > 0) & (yHy > 0), 1 / (rho * yHy).clamp_min(1e-30), torch.ones_like(rho))[..., None]
+        for (s_k, y_k, _, rho), a in zip(memory, reversed(alphas)):
+            r.addcmul_((a - rho * torch.linalg.vecdot(y_k, r))[..., None], s_k)
+        direction = r.mul_(active[..., None].to(dtype)).neg_()  # converged fits stay where they are
+        slope = torch.linalg.vecdot(g, direction)  # [B, S], < 0 where active
         uphill = active & ~(slope < 0)
         if uphill.any():  # float32 rounding of a preconditioner far too ill-conditioned for it: steepest descent
-            d_w = torch.where(uphill[..., None], -g_w, d_w)
-            d_b = torch.where(uphill, -g_b, d_b)
-            slope = (g_w * d_w).sum(-1) + g_b * d_b
+            direction = torch.where(uphill[..., None], -g, direction)
+            slope = torch.linalg.vecdot(g, direction)
         # Backtracking (Armijo) line search. Logits move linearly along the direction, so one pass over X gives
-        # dz and every trial step costs only O(n).
-        dz = logits_at(d_w, d_b, v, m, Xn)  # [B, S, n]
+        # dz, the penalty is a quadratic in the step, and every trial step costs only O(n).
+        dz = logits_at(direction, v, m, Xn)  # [B, S, n]
+        w, d_w = theta[..., :d], direction[..., :d]
+        ww, wd, dd = torch.linalg.vecdot(w, w), torch.linalg.vecdot(w, d_w), torch.linalg.vecdot(d_w, d_w)
         step = active.to(dtype)
         for _ in range(30):
             trial_z = z + step[..., None] * dz
-            trial_w = w + step[..., None] * d_w
-            trial = 0.5 * trial_w.square().sum(-1) + C * (
+            trial = 0.5 * (ww + step * (2 * wd + step * dd)) + C * (
                 train * (torch.nn.functional.softplus(trial_z) - y * trial_z)
             ).sum(-1)
             bad = trial > loss + 1e-4 * step * slope
@@ -203,20 +198,20 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
         else:
             stuck |= bad
             step = torch.where(bad, torch.zeros_like(step), step)
-        w_new, b_new = w + step[..., None] * d_w, b + step * d_b
+        s_k = step[..., None] * direction
+        theta = theta + s_k
         z = z + step[..., None] * dz
-        loss_new, g_w_new, g_b_new = loss_grad(w_new, b_new, z)
-        h_w_new, h_b_new = precondition(g_w_new, g_b_new, factor)
-        s_w, s_b = w_new - w, b_new - b
-        y_w, y_b = g_w_new - g_w, g_b_new - g_b
+        loss_new, g_new = loss_grad(theta, z)
+        h_new = precondition(g_new, factor)
+        y_k = g_new - g
         # scipy's L-BFGS-B test (as sklearn runs it): an accepted step that barely lowers the objective means the
         # optimum within float64 precision, where more steps only churn rounding.
         scale = torch.maximum(loss.abs(), loss_new.abs()).clamp_min(1)
         stuck |= active & (loss - loss_new <= FTOL_EPS * torch.finfo(dtype).eps * scale)
-        sy = (s_w * y_w).sum(-1) + s_b * y_b
+        sy = torch.linalg.vecdot(s_k, y_k)
         rho = torch.where(sy > 1e-10, 1 / sy.clamp_min(1e-10), torch.zeros_like(sy))
-        memory = (memory + [(s_w, s_b, y_w, y_b, h_w_new - h_w, h_b_new - h_b, rho)])[-history:]
-        w, b, loss, g_w, g_b, h_w, h_b = w_new, b_new, loss_new, g_w_new, g_b_new, h_w_new, h_b_new
+        memory = (memory + [(s_k, y_k, h_new - h, rho)])[-history:]
+        loss, g, h = loss_new, g_new, h_new
 
     if not finished.all():
         retire(~finished)
