@@ -77,15 +77,6 @@ class Row:
     ids_given: bool = False  # answer_ids came from the file, not from encoding the text
 
 
-def located_frame(frame, records, spans: dict, tokenizer):
-    """The frame with the columns label.label_and_locate adds: exact answer and gold alias, positions, lengths."""
-    from truthmap.locate import exact_answer_columns, gold_spans
-
-    golds = gold_spans(records, list(frame["answer"]), list(frame["correct"]))
-    frame = frame.assign(**exact_answer_columns(frame, tokenizer, spans, golds))
-    return frame.assign(prompt_len=frame["prompt_ids"].map(len), answer_len=frame["answer_ids"].map(len))
-
-
 # ------------------------------------------------------------------------------------------------- reading
 
 

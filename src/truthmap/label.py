@@ -20,12 +20,20 @@ def label_and_locate(spec, records, frame, tokenizer, locate: str, extract, answ
     (locate.extract_spans on the extractor). answer_tokens=False: the extractor's tokenizer is another one, so it
     re-encodes the answers' text rather than copy their tokens.
     """
-    from truthmap.locate import exact_answer_columns, gold_spans, locate_answers
+    from truthmap.locate import locate_answers
 
     answers = list(frame["answer"])
     correct = label_answers(spec, records, answers)
     answer_ids = list(frame["answer_ids"]) if answer_tokens else [None] * len(frame)
     spans = locate_answers(spec, records, answers, answer_ids, correct, locate, extract)
-    frame = frame.assign(correct=correct)
-    frame = frame.assign(**exact_answer_columns(frame, tokenizer, spans, gold_spans(records, answers, correct)))
+    return located_frame(frame.assign(correct=correct), records, spans, tokenizer)
+
+
+def located_frame(frame, records, spans: dict, tokenizer):
+    """frame (with `correct`) plus the exact answer and gold alias columns of {id: (source, span)}, every probed
+    position, prompt_len and answer_len."""
+    from truthmap.locate import exact_answer_columns, gold_spans
+
+    golds = gold_spans(records, list(frame["answer"]), list(frame["correct"]))
+    frame = frame.assign(**exact_answer_columns(frame, tokenizer, spans, golds))
     return frame.assign(prompt_len=frame["prompt_ids"].map(len), answer_len=frame["answer_ids"].map(len))

@@ -255,8 +255,9 @@ def import_answers(config: RunConfig, source, lm=None, strict: bool = False) -> 
 
     A finished import of the same file returns at once; checkpoints of a killed one are resumed."""
     from truthmap.datasets import get_spec
-    from truthmap.importer import (SHOWN_ROWS, check_rows, describe_skips, label_rows, locate_rows, located_frame,
-                                   prepare_rows, read_rows, scored_frame)
+    from truthmap.importer import (SHOWN_ROWS, check_rows, describe_skips, label_rows, locate_rows, prepare_rows,
+                                   read_rows, scored_frame)
+    from truthmap.label import located_frame
     from truthmap.rundir import check_checkpoints, check_matches, file_sha256, read_json
 
     spec = get_spec(config.dataset)
