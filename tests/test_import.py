@@ -56,6 +56,9 @@ def test_round_trip_gives_the_generated_run_back(generated, tmp_path):
     summary, n = json.loads(result.stdout), len(pd.read_parquet(original / "answers.parquet"))
     assert summary["imported"] == summary["rows"] == n and sum(summary["skipped"].values()) == 0
     assert summary["answer_tokens"] == {"given": n, "re_encoded_from_text": 0}
+    store = runs / "tiny-model" / "custom" / "train" / "activations" / "mlp"
+    meta = json.loads((store / "meta.json").read_text())  # written by the import's own pass: extract has nothing to do
+    assert meta["one_pass"] and meta["written"] == n and "rows_written" not in meta
     ran = CliRunner().invoke(app, ["run", "--model", str(model_dir), "--dataset", "custom", "--runs-dir", str(runs),
                                    "--batch-size", "8", "--seeds", "0,1"])
     assert ran.exit_code == 0, ran.output
@@ -70,6 +73,9 @@ def test_round_trip_gives_the_generated_run_back(generated, tmp_path):
     assert 0 < before["correct"].sum() < len(before) and before["exact_answer_valid"].sum() > 10
     differences = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(before["answer_logprobs"], after["answer_logprobs"])]
     assert max(differences) < 1e-4
+    stores = [np.fromfile(run / "activations" / "mlp" / "acts.f16", dtype=np.float16).astype(np.float32)
+              for run in (original, imported)]
+    assert np.abs(stores[0] - stores[1]).max() <= 2e-3 * np.abs(stores[0]).max()  # decoding vs one forward pass
     heatmaps = [pd.read_csv(run / "probes" / "mlp" / "heatmap.csv") for run in (original, imported)]
     assert (heatmaps[0]["auc_mean"] - heatmaps[1]["auc_mean"]).abs().max() < 0.005
     made = json.loads((imported / "run.json").read_text())
@@ -246,3 +252,35 @@ def test_detector_refuses_another_revision_in_one_line(tiny):
     with pytest.raises(ModelError, match=r"^This detector was fitted on org/tiny at revision aaa111, not org/tiny at "
                                          r"revision bbb222: [^\n]*$"):
         detector.check_model(other)
+
+
+def test_a_killed_import_resumes_to_the_same_store_and_answers(generated, tmp_path, monkeypatch):
+    """Killed after the first batch's cells were written: the rerun writes the rest, byte for byte the uninterrupted
+    import's store and answers."""
+    import truthmap.activations as activations
+
+    model_dir, original = generated
+    path = answers_file(original, tmp_path / "answers.jsonl")
+    whole = CliRunner().invoke(app, import_args(model_dir, path, tmp_path / "whole"))
+    assert whole.exit_code == 0, whole.output
+    mark_written, calls = activations.mark_written, []
+
+    def killed_on_second_batch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        mark_written(*args)
+
+    monkeypatch.setattr(activations, "mark_written", killed_on_second_batch)
+    killed = CliRunner().invoke(app, import_args(model_dir, path, tmp_path / "killed"))
+    assert killed.exit_code != 0 and len(calls) == 2
+    run = tmp_path / "killed" / "tiny-model" / "custom" / "train"
+    assert not (run / "answers.parquet").exists()
+    assert 0 < len(json.loads((run / "activations" / "mlp" / "meta.json").read_text())["rows_written"]) <= 8
+    monkeypatch.setattr(activations, "mark_written", mark_written)
+    resumed = CliRunner().invoke(app, import_args(model_dir, path, tmp_path / "killed"))
+    assert resumed.exit_code == 0, resumed.output
+    done = tmp_path / "whole" / "tiny-model" / "custom" / "train"
+    for name in ("acts.f16", "embed.f16"):
+        assert (run / "activations" / "mlp" / name).read_bytes() == (done / "activations" / "mlp" / name).read_bytes()
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "answers.parquet"), pd.read_parquet(done / "answers.parquet"))

@@ -159,8 +159,7 @@ def write_answer_cells(lm, directory: Path, meta: dict, frame, rows: list[int], 
     import numpy as np
 
     directory = Path(directory)
-    n_samples = meta["shape"][2]
-    done = set(range(n_samples)) if meta["written"] == n_samples else set(meta.get("rows_written", []))
+    done = rows_written(meta)
     keep = [k for k, row in enumerate(rows) if row not in done]
     if not keep:
         return
@@ -173,11 +172,22 @@ def write_answer_cells(lm, directory: Path, meta: dict, frame, rows: list[int], 
         values = np.stack([recording.cells(k, len(p), np.maximum(at, 0).tolist()).float().numpy()
                            for k, p, at in zip(keep, prompts, positions)])  # [batch, layers, 15, hidden]
     write_rows(directory, meta, [rows[k] for k in keep], values, read_embeddings(lm, sequences, positions))
-    meta["rows_written"] = sorted(done | {rows[k] for k in keep})
+    mark_written(directory, meta, [rows[k] for k in keep])
+
+
+def rows_written(meta: dict) -> set[int]:
+    """The store rows written so far, by a stage that writes rows in any order (meta.json's rows_written)."""
+    n_samples = meta["shape"][2]
+    return set(range(n_samples)) if meta["written"] == n_samples else set(meta.get("rows_written", []))
+
+
+def mark_written(directory: Path, meta: dict, rows: list[int]) -> None:
+    """Add rows to meta.json's rows written; the list goes once every row is written (then `written` says it)."""
+    meta["rows_written"] = sorted(rows_written(meta) | set(rows))
     meta["written"] = len(meta["rows_written"])
-    if meta["written"] == n_samples:
+    if meta["written"] == meta["shape"][2]:
         del meta["rows_written"]
-    write_json(directory / META_FILE, meta)
+    write_json(Path(directory) / META_FILE, meta)
 
 
 def check_resume(directory: Path, run_settings: dict | None, site: str, model_dtype: str, device: str) -> None:

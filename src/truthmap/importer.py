@@ -373,32 +373,29 @@ def locate_rows(config, spec, records, rows, frame, lm, settings, run) -> dict:
 # ------------------------------------------------------------------------------------------------- log-probs
 
 
-def scored_frame(lm, rows: list[Row], batch_size: int, settings: dict, run):
-    """id, prompt, prompt_ids, answer_ids, answer_logprobs, stopped, answer: the generation columns of each row."""
+def generation_frame(lm, rows: list[Row]):
+    """id, prompt, prompt_ids, answer_ids, stopped, answer: the generation columns of each row, as `generate`
+    writes them (the log-probabilities come later, from the pass that reads the activations)."""
     import pandas as pd
 
-    from truthmap.rundir import Checkpoints
-
-    logprobs = answer_logprobs(lm, rows, batch_size, Checkpoints(run.import_parts, settings))
-    frame = pd.DataFrame({
+    return pd.DataFrame({
         "id": [r.id for r in rows],
         "prompt": [r.prompt if r.prompt is not None else lm.tokenizer.decode(r.prompt_ids) for r in rows],
         "prompt_ids": [list(r.prompt_ids) for r in rows],
         "answer_ids": [list(r.answer_ids) for r in rows],
-        "answer_logprobs": [logprobs[r.id] for r in rows],
         "stopped": [bool(r.stopped) for r in rows],
         "answer": [r.answer for r in rows],
     })
-    return frame
 
 
-def logit_batches(rows: list[Row], batch_size: int, vocab: int) -> list[list[int]]:
-    """Row indices, longest first, in batches of at most batch_size rows whose kept logits fit LOGIT_BUDGET."""
-    order = sorted(range(len(rows)), key=lambda i: -(len(rows[i].prompt_ids) + len(rows[i].answer_ids)))
+def logit_batches(lengths: list[tuple[int, int]], batch_size: int, vocab: int) -> list[list[int]]:
+    """Row indices of (prompt length, answer length) pairs, longest first, in batches of at most batch_size rows
+    whose kept logits fit LOGIT_BUDGET."""
+    order = sorted(range(len(lengths)), key=lambda i: -sum(lengths[i]))
     cut = []
     for i in order:
         if cut and len(cut[-1]) < batch_size:
-            longest = max(len(rows[j].answer_ids) for j in cut[-1] + [i])
+            longest = max(lengths[j][1] for j in cut[-1] + [i]) + 1
             if (len(cut[-1]) + 1) * longest * vocab <= LOGIT_BUDGET:
                 cut[-1].append(i)
                 continue
@@ -406,44 +403,63 @@ def logit_batches(rows: list[Row], batch_size: int, vocab: int) -> list[list[int
     return cut
 
 
-def answer_logprobs(lm, rows: list[Row], batch_size: int, checkpoints) -> dict[str, list[float]]:
-    """{id: log-probability of each answer token given the prompt and the answer before it}: one teacher-forced
-    forward pass per batch, reading the logits of the answer positions only. Positions count real tokens, as in
-    decoding, so a left-padded row sees what it saw while it was generated."""
+def score_answers(lm, frame, batch_size: int, checkpoints, store=None) -> dict[str, list[float]]:
+    """{id: log-probability of each answer token given the prompt and the answer before it}, by one teacher-forced
+    forward pass per batch over the located frame (label.located_frame's); with store = (directory, meta) the same
+    pass writes each row's 15 cells of the store's site (its row in the store is its row in frame), before the
+    batch's log-probabilities are checkpointed, as generation writes its cells before its checkpoint.
+
+    Positions count real tokens, as in decoding, so a left-padded row sees what it saw while it was generated."""
+    import contextlib
     import inspect
 
+    import numpy as np
     import pandas as pd
     import torch
 
+    from truthmap.activations import mark_written, read_embeddings, rows_written, write_rows
     from truthmap.decoding import left_pad
     from truthmap.progress import progress_bar
+    from truthmap.rundir import POSITIONS, position_column
+    from truthmap.sites import capture
 
     done = checkpoints.load()
     found = dict(zip(done["id"], done["answer_logprobs"].map(list))) if len(done) else {}
-    todo = [r for r in rows if r.id not in found]
+    written = rows_written(store[1]) if store else None
+    todo = [k for k, id_ in enumerate(frame["id"]) if id_ not in found or (store and k not in written)]
+    prompts, answers = list(frame["prompt_ids"]), list(frame["answer_ids"])
+    positions = np.stack([frame[position_column(p)].to_numpy() for p in POSITIONS], axis=1)  # [rows, 15]
     vocab = lm.model.get_output_embeddings().weight.shape[0]
     accepts = inspect.signature(lm.model.forward).parameters
-    with progress_bar(total=len(rows), initial=len(rows) - len(todo), description="Scoring answer tokens") as advance:
-        for batch in logit_batches(todo, batch_size, vocab):
+    lengths = [(len(prompts[k]), len(answers[k])) for k in todo]
+    with progress_bar(total=len(frame), initial=len(frame) - len(todo), description="Scoring answers") as advance:
+        for batch in logit_batches(lengths, batch_size, vocab):
             chosen = [todo[i] for i in batch]
-            # The last answer token predicts nothing we keep: leave it out, so the kept logits are the answers'.
-            sequences = [list(r.prompt_ids) + list(r.answer_ids)[:-1] for r in chosen]
+            sequences = [list(prompts[k]) + list(answers[k]) for k in chosen]
             input_ids, attention_mask = left_pad(sequences, lm.tokenizer.pad_token_id)
-            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            keep = max(len(r.answer_ids) for r in chosen)
+            cells = np.maximum(positions[chosen], 0)  # no exact answer (-1) reads the first token, as extract does
+            padded = torch.from_numpy(cells + (input_ids.shape[1] - np.array([len(s) for s in sequences]))[:, None])
+            # Answer token j is predicted at the position before it; the last token predicts nothing we keep.
+            keep = max(len(answers[k]) for k in chosen) + 1
             device = lm.model.device
-            with torch.inference_mode():
+            hooked = capture(lm.model, store[1]["site"], padded) if store else contextlib.nullcontext()
+            with torch.inference_mode(), hooked as cap:
                 out = lm.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                               position_ids=positions.to(device), use_cache=False,
+                               position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False,
                                **({"logits_to_keep": keep} if "logits_to_keep" in accepts else {}))
                 logits = out.logits[:, -keep:].float()  # [batch, keep, vocab]
                 values = []
-                for k, row in enumerate(chosen):
-                    n = len(row.answer_ids)
-                    targets = torch.tensor(row.answer_ids, device=logits.device)[:, None]
-                    values.append(torch.log_softmax(logits[k, keep - n :], dim=-1).gather(1, targets)[:, 0].tolist())
-            checkpoints.write(pd.DataFrame({"id": [r.id for r in chosen], "answer_logprobs": values}))
-            found.update(zip((r.id for r in chosen), values))
+                for row, k in enumerate(chosen):
+                    n = len(answers[k])
+                    targets = torch.tensor(answers[k], device=logits.device)[:, None]
+                    scores = torch.log_softmax(logits[row, keep - n - 1 : keep - 1], dim=-1)
+                    values.append(scores.gather(1, targets)[:, 0].tolist())
+            if store:
+                write_rows(store[0], store[1], chosen, cap.stack().float().numpy(),
+                           read_embeddings(lm, sequences, cells))
+                mark_written(store[0], store[1], chosen)
+            checkpoints.write(pd.DataFrame({"id": [frame["id"].iat[k] for k in chosen], "answer_logprobs": values}))
+            found.update(zip((frame["id"].iat[k] for k in chosen), values))
             advance(len(chosen))
     return found
 

@@ -249,16 +249,18 @@ def imported(run: RunDir) -> bool:
 
 
 @locked
-def import_answers(config: RunConfig, source, lm=None, strict: bool = False) -> dict:
+def import_answers(config: RunConfig, source, lm=None, strict: bool = False, activations: bool = True) -> dict:
     """`truthmap import` (importer.py): write the run of config (its model, dataset and split) from the answers
-    file; returns the import summary.
+    file, and config.site's activations from the same teacher-forced pass that scores the answer tokens
+    (activations=False: not); returns the import summary.
 
     A finished import of the same file returns at once; checkpoints of a killed one are resumed."""
     from truthmap.datasets import get_spec
-    from truthmap.importer import (SHOWN_ROWS, check_rows, describe_skips, label_rows, locate_rows, prepare_rows,
-                                   read_rows, scored_frame)
+    from truthmap.activations import create_or_resume, new_meta
+    from truthmap.importer import (SHOWN_ROWS, check_rows, describe_skips, generation_frame, label_rows, locate_rows,
+                                   prepare_rows, read_rows, score_answers)
     from truthmap.label import located_frame
-    from truthmap.rundir import check_checkpoints, check_matches, file_sha256, read_json
+    from truthmap.rundir import Checkpoints, check_checkpoints, check_matches, file_sha256, read_json
 
     spec = get_spec(config.dataset)
     path = Path(source.path).expanduser()
@@ -289,9 +291,15 @@ def import_answers(config: RunConfig, source, lm=None, strict: bool = False) -> 
     if not kept:
         raise DataError(f"No row of {path} can be imported ({describe_skips(skipped)}); see the summary's kinds.")
     records, labels = label_rows(spec, kept)
-    frame = scored_frame(lm, kept, config.batch_size, settings, run)
-    frame["correct"] = [labels["correct"][r.id] for r in kept]
+    frame = generation_frame(lm, kept).assign(correct=[labels["correct"][r.id] for r in kept])
     spans = locate_rows(config, spec, records, kept, frame, lm, settings, run)
+    located = located_frame(frame, records, spans, lm.tokenizer)
+    site, store = config.site if activations else None, None
+    if site:  # store row k is answers.parquet's row k: both follow the kept rows
+        store = (run.activations(site), create_or_resume(run.activations(site),
+                                                         new_meta(lm, site, len(located), settings, one_pass=True)))
+    logprobs = score_answers(lm, located, config.batch_size, Checkpoints(run.import_parts, settings), store)
+    located["answer_logprobs"] = [logprobs[i] for i in located["id"]]
     summary = {
         "file": str(path.resolve()),
         "sha256": settings["import_sha256"],
@@ -305,9 +313,8 @@ def import_answers(config: RunConfig, source, lm=None, strict: bool = False) -> 
                           "re_encoded_from_text": sum(not r.ids_given for r in kept)},
         "answer_text_replaced_by_token_decoding": text_differs,
     }
-    prompts = list(frame["prompt"])
-    located = located_frame(frame.drop(columns=["prompt"]), records, spans, lm.tokenizer)
-    write_answers(run, config, settings, records, prompts, located, lm, started, extra={"import": summary})
+    write_answers(run, config, settings, records, list(located["prompt"]), located.drop(columns=["prompt"]), lm,
+                  started, site, extra={"import": summary})
     return summary | summarize_answers(run)
 
 
