@@ -66,3 +66,41 @@ def test_no_module_imports_one_that_imports_it_back():
 def test_a_cycle_is_found():
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert cycle({"a": {"b"}, "b": set()}) is None
+
+
+# The package's layers, lowest first: a module may import its own layer (without cycles) and those below it,
+# never one above. A new module must be placed here, which is the point: its place in the layers is a decision.
+LAYERS = {
+    "base": {"errors", "progress", "rundir", "executor", "datasets", "datasets.spec", "datasets.registry",
+             "datasets.rules", "datasets.loaders", "datasets.builtin"},
+    "lm": {"models", "sites", "decoding"},
+    "config": {"config"},
+    "stages": {"generate", "label", "locate", "activations", "importer", "resample", "stages", "baselines", "probes",
+               "controls", "heatmap", "error_types", "selection", "detection", "generalize", "detector", "report"},
+    "api": {"pipeline", "cli"},
+}
+
+
+def layer_of(module: str) -> int:
+    short = module.removeprefix("truthmap").lstrip(".")
+    for rank, members in enumerate(LAYERS.values()):
+        if short in members or (short == "" and rank == 0):
+            return rank
+    raise AssertionError(f"{module} is in no layer of tests/test_imports.py: place it in LAYERS")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{module} -> {target}" for module, targets in graph.items() for target in targets
+                  if layer_of(target) > layer_of(module))
+
+
+def test_no_layer_imports_a_higher_one():
+    graph = import_graph()
+    assert upward_imports(graph) == []
+    names = list(LAYERS)
+    assert {names[layer_of(m)] for m in graph} == set(names)  # every layer holds a module: the table is current
+
+
+def test_an_upward_import_is_found():
+    graph = {"truthmap.models": {"truthmap.probes"}, "truthmap.probes": {"truthmap.models"}}
+    assert upward_imports(graph) == ["truthmap.models -> truthmap.probes"]
