@@ -6,7 +6,9 @@ import them into a new run, and compare the two runs stage by stage.
 Prints: labels and exact-answer positions equal or not, the largest difference of an answer token's
 log-probability, the largest difference of a heatmap cell's AUC, how many answers re-encode from their text to the
 generated tokens (without answer_token_ids), and the seconds of each stage of both runs (one model load, not
-counted). Timings mean something only on a quiet machine.
+counted). Both `generate` and `import` write the activation store in their own pass (decoding, or the
+teacher-forced pass that scores the answer tokens), so their "answers" stage includes the activations and the
+"activations" stage (`extract`) finds the store done. Timings mean something only on a quiet machine.
 """
 
 from __future__ import annotations
