@@ -57,7 +57,7 @@ class Option:
     flag: str | None = None  # default: --the-name-with-dashes
     to_text: typing.Callable | None = None  # RunConfig's default as typed on the command line
     parse: typing.Callable | None = None  # the typed text -> the value the command gets (raises on a bad one)
-    help_in: dict = dataclasses.field(default_factory=dict)  # command -> its help there, where it says more
+    help_in: dict = dataclasses.field(default_factory=dict)  # command -> its help there, where more particular
 
     def declaration(self, name: str) -> str:
         return self.flag or "--" + name.replace("_", "-")
@@ -71,7 +71,8 @@ def _token(value):
 
 OPTIONS = {
     # Run: which run, or which runs.
-    "config": Option("A TOML study file (see study.example.toml); flags given here override it.", RUN, Optional[str], None),
+    "config": Option("A TOML study file (see study.example.toml); flags given here override it.", RUN,
+                     Optional[str], None),
     "run": Option("An existing run directory, runs/<model>/<dataset>/<split>: names the run instead of --model, "
                   "--dataset, --split and --runs-dir.", RUN, Optional[str], None),
     "model": Option("'smollm2' (embedded default), 'gemma3-270m' (a base model), a hub id, a local directory or a "
@@ -131,8 +132,8 @@ OPTIONS = {
     "seeds": Option("Probe split seeds, comma- or space-separated.", PROBES, str,
                     to_text=lambda seeds: ",".join(str(s) for s in seeds), parse=parse_seeds),
     "token": Option(f"The probed token, one of: {', '.join(POSITIONS)}.", PROBES, Optional[str], "exact_answer_last",
-                    parse=_token, help_in={"resample": f"Token of the probed cell, one of: {', '.join(POSITIONS)}; default: the "
-                                                        "train run's best cell's."}),
+                    parse=_token, help_in={"resample": f"Token of the probed cell, one of: {', '.join(POSITIONS)}; "
+                                                        "default: the train run's best cell's."}),
     "layer": Option("Layer of the probed cell.", PROBES, Optional[int], None,
                     help_in={"fit-detector": "Layer of the probe; default: chosen on validation splits.",
                              "resample": "Layer of the probed cell; default: the train run's best cell's."}),
@@ -148,7 +149,8 @@ OPTIONS = {
     # Output
     "out": Option("Detector file (.json, with a .npz of the same name beside it); default: "
                   "<run>/detector_<site>.json.", OUTPUT, Optional[str], None),
-    "output": Option("Batch mode: write the rows with their scores here (.csv or .jsonl).", OUTPUT, Optional[str], None),
+    "output": Option("Batch mode: write the rows with their scores here (.csv or .jsonl).", OUTPUT, Optional[str],
+                     None),
 }
 RUN_FIELDS = {field.name: field for field in dataclasses.fields(RunConfig)}
 RUN_TYPES = typing.get_type_hints(RunConfig)
@@ -174,7 +176,8 @@ def _parameter(name: str, default, command: str) -> inspect.Parameter:
     option = OPTIONS[name]
     text = option.help_in.get(command, option.help)
     info = typer.Option(default, option.declaration(name), help=text, rich_help_panel=option.panel)
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=option.type or RUN_TYPES[name])
+    kind = option.type or RUN_TYPES[name]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind)
 
 
 def _renamed_parameter(old: str) -> inspect.Parameter:
@@ -185,6 +188,7 @@ def _renamed_parameter(old: str) -> inspect.Parameter:
 def takes(*names: str, defaults: dict | None = None, renamed: tuple[str, ...] = ()):
     """Give a command the options `names` of OPTIONS, as keyword arguments, after its own parameters.
 
+    The help shown is the option's help_in for this command, else its help; --help groups the options in PANELS.
     `defaults` replaces an option's default for this command (say why where used); `renamed` lists the old flags
     (RENAMED) that fail with a ConfigError naming the new one. Values are parsed (--seeds) and checked (--token)
     before the command runs; the command gets `ctx` when it declares it."""
@@ -571,7 +575,8 @@ def score(**options):
         )
     found = Detector.load(o["detector"])
     if o["input_path"]:
-        frame = read_pairs(o["input_path"], o["question_column"], o["answer_column"])  # bad input fails before the model loads
+        # Bad input fails before the model loads.
+        frame = read_pairs(o["input_path"], o["question_column"], o["answer_column"])
         lm = load_scoring_model(found, o["model"], o["device"], o["dtype"])
         typer.echo(score_file(found, lm, frame, o["input_path"], o["output"], o["question_column"], o["answer_column"],
                               o["batch_size"]))
