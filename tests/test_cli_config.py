@@ -164,3 +164,133 @@ def test_every_command_has_help_ending_with_an_example():
 @pytest.mark.parametrize("heading", ["## Configuration file", "## Report", "## Listing runs"])
 def test_the_readme_documents_these_commands(heading):
     assert heading in (REPO / "README.md").read_text()
+
+
+# One option table: panels in --help, RunConfig's defaults, renamed flags, token names, one way to address a run.
+
+
+def help_text(command: str) -> str:
+    """The command's --help as one line of words: rich draws boxes and wraps lines at the terminal's width."""
+    shown = CliRunner().invoke(app, [command, "--help"]).output
+    return " ".join(shown.replace("│", " ").split())
+
+
+def cli_commands():
+    import typer.main
+
+    return typer.main.get_command(app).commands
+
+
+def test_every_command_groups_its_options_in_panels_of_its_help():
+    for name, command in cli_commands().items():
+        options = [p for p in command.params if p.param_type_name == "option" and not p.hidden]
+        assert all(p.rich_help_panel for p in options), (name, [p.name for p in options if not p.rich_help_panel])
+        shown = help_text(name)
+        for panel in {p.rich_help_panel for p in options}:
+            assert f"╭─ {panel} ─" in shown, (name, panel, shown)
+        for option in options:
+            assert option.opts[0] in shown, (name, option.opts[0])
+
+
+# The two defaults that are not RunConfig's, on purpose: answers made elsewhere label by their gold aliases, and
+# score uses the detector's own model.
+NOT_RUNCONFIG_DEFAULTS = {("import", "dataset"): "custom", ("score", "model"): None}
+
+
+def test_every_default_the_cli_shows_is_runconfigs():
+    from dataclasses import fields
+
+    defaults = {f.name: f.default for f in fields(RunConfig)} | {"seeds": ",".join(map(str, DEFAULT_SEEDS))}
+    checked = 0
+    for name, command in cli_commands().items():
+        for param in command.params:
+            if param.name in defaults:
+                expected = NOT_RUNCONFIG_DEFAULTS.get((name, param.name), defaults[param.name])
+                assert param.default == expected, (name, param.name, param.default)
+                checked += 1
+    assert checked > 80
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """pipeline's table, resample and extract replaced by recorders of their arguments (they stop the command)."""
+    seen = {}
+
+    def record(stage):
+        def stop(config, *args, **kwargs):
+            seen[stage] = (config, args, kwargs)
+            raise RuntimeError("recorded")
+        return stop
+
+    for stage in ("table", "resample", "extract", "probe"):
+        monkeypatch.setattr(pipeline, stage, record(stage))
+    return seen
+
+
+def test_table_and_resample_use_runconfigs_defaults(captured):
+    CliRunner().invoke(app, ["table", "--datasets", "geography", "triviaqa"])
+    config, (datasets, test_questions), _ = captured["table"]
+    assert config == RunConfig(n_samples=300) and datasets == ["geography", "triviaqa"] and test_questions is None
+    CliRunner().invoke(app, ["table", "--datasets", "geography", "--n-questions", "40", "--n-test-questions", "20"])
+    config, (_, test_questions), _ = captured["table"]
+    assert (config.n_samples, test_questions) == (40, 20)
+    CliRunner().invoke(app, ["resample", "--n-questions", "7"])
+    config, _, kwargs = captured["resample"]
+    assert config.extraction_tries == RunConfig.extraction_tries == 5 and kwargs == {"n_questions": 7}
+
+
+@pytest.mark.parametrize(("command", "old", "new"), [
+    (["table", "--datasets", "geography"], "--n-samples", "--n-questions"),
+    (["table", "--datasets", "geography"], "--test-samples", "--n-test-questions"),
+    (["generalize", "--datasets", "geography", "triviaqa"], "--n-samples", "--n-questions"),
+    (["generalize", "--datasets", "geography", "triviaqa"], "--test-samples", "--n-test-questions"),
+    (["resample"], "--n-samples", "--n-questions"),
+])
+def test_a_flag_whose_meaning_changed_is_refused_naming_the_new_one(captured, command, old, new):
+    result = CliRunner().invoke(app, [*command, old, "50"])
+    assert result.exit_code == 1 and captured == {}
+    assert result.output == f"Error: {old} is now {new} in `truthmap {command[0]}`: rerun with {new} 50.\n"
+
+
+def test_token_lists_its_names_in_help_and_in_the_error():
+    from truthmap.rundir import POSITIONS
+
+    for command in ("fit-detector", "generalize", "resample"):
+        assert ", ".join(POSITIONS) in help_text(command), command
+    result = CliRunner().invoke(app, ["fit-detector", "--token", "exact_last"])
+    assert result.exit_code == 1
+    assert result.output == ("Error: Unknown token 'exact_last'. Did you mean: exact_answer_last, exact_answer_first, "
+                             "exact_answer_after_last? "
+                             f"Available: {', '.join(POSITIONS)}.\n")
+
+
+def test_run_addresses_a_run_as_model_dataset_and_split_do(tmp_path, captured):
+    run = make_run(tmp_path / "elsewhere", "triviaqa", full=False)
+    for command in ("extract", "probe"):
+        CliRunner().invoke(app, [command, "--run", str(run)])
+        by_dir = captured.pop(command)[0]
+        CliRunner().invoke(app, [command, "--dataset", "triviaqa", "--runs-dir", str(tmp_path / "elsewhere")])
+        assert by_dir == captured.pop(command)[0]
+        assert pipeline.run_dir(by_dir).path == run
+    both = CliRunner().invoke(app, ["probe", "--run", str(run), "--dataset", "triviaqa"])
+    assert both.output == f"Error: --run {run} already names the run: drop --dataset, or drop --run.\n"
+    bare = CliRunner().invoke(app, ["extract", "--run", str(tmp_path / "m" / "d" / "train")])
+    assert bare.exit_code == 1 and bare.output == (
+        f"Error: No run.json in {tmp_path / 'm' / 'd' / 'train'}: --run takes a run directory made by generate, run "
+        "or import (runs/<model>/<dataset>/<split>).\n")
+
+
+def test_report_takes_the_same_addresses(tmp_path):
+    run = make_run(tmp_path / "runs", full=False)
+    expected = f"Report: {run / 'report.html'}\n"
+    for address in (["--run", str(run)], [str(run)], ["--runs-dir", str(tmp_path / "runs"), "--dataset", "geography"]):
+        result = CliRunner().invoke(app, ["report", *address])
+        assert result.exit_code == 0 and result.output == expected, (address, result.output)
+    both = CliRunner().invoke(app, ["report", str(run), "--run", str(run)])
+    assert both.exit_code == 1 and both.output.startswith("Error: Give the run directory once: ")
+
+
+def test_score_help_names_only_its_own_flags():
+    shown = help_text("score")
+    assert "--dataset" not in shown and "--custom-path" not in shown
+    assert "Batch mode: the question column of the --input file." in shown

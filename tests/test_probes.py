@@ -183,7 +183,7 @@ def test_too_few_errors_is_refused_before_reading_activations(tmp_path):
     acts = CellsOnly(sample_major(store))
     msg = (
         "Too few errors to probe: 3 incorrect and 997 correct answers with a valid exact answer "
-        "(need at least 5 of each). Use more samples (--n-samples)."
+        "(need at least 5 of each). Use more samples (--n-samples; --n-questions in table and generalize)."
     )
     with pytest.raises(ProbeError, match=f"^{re.escape(msg)}$"):
         probe_grid(acts, is_error, progress=False)
@@ -200,7 +200,7 @@ def test_too_few_correct_answers(tmp_path):
     is_error[:4] = False
     msg = (
         "Too few correct answers to probe: 96 incorrect and 4 correct answers with a valid exact answer "
-        "(need at least 5 of each). Use more samples (--n-samples)."
+        "(need at least 5 of each). Use more samples (--n-samples; --n-questions in table and generalize)."
     )
     with pytest.raises(ProbeError, match=f"^{re.escape(msg)}$"):
         probe_grid(sample_major(store), is_error, progress=False)
@@ -223,7 +223,7 @@ def test_split_with_one_class_in_a_part_is_refused(tmp_path):
     part, idx = ("train", train) if not is_error[train].any() else ("test", test)
     msg = (
         f"The {part} part of the split for seed 0 of nq has one class only: 0 incorrect and {idx.size} correct "
-        "answers. Use more samples (--n-samples)."
+        "answers. Use more samples (--n-samples; --n-questions in table and generalize)."
     )
     acts = CellsOnly(sample_major(store))
     with pytest.raises(ProbeError, match=f"^{re.escape(msg)}$"):

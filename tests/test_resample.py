@@ -216,6 +216,7 @@ def test_the_default_cell_is_the_train_runs_best(greedy_run, tiny):
     [
         ({"temperature": 0.0}, ConfigError, r"Invalid --temperature 0.0: resampling needs a temperature > 0"),
         ({"n_resamples": 0}, ConfigError, r"Invalid --n-resamples 0"),
+        ({"n_questions": 0}, ConfigError, r"^Invalid --n-questions 0: expected an integer >= 1 \(questions to resample\)\.$"),
         ({"token": "exact"}, ConfigError, r"^Unknown token 'exact'\. Available: last_q, first_answer, .*, -1\.$"),
         ({"layer": 2}, ConfigError, r"Invalid --layer 2: the model has 2 layers \(0 to 1\)"),
         ({"layer": None}, StoreError,

@@ -1,20 +1,29 @@
 """The `truthmap` command: parses flags into a RunConfig, calls one pipeline function, prints the outcome.
 
+Every option is declared once, in OPTIONS (its flag, help text and --help panel), and its default is RunConfig's
+for a RunConfig field; each command lists the options it takes (`@takes(...)`), which builds its typer signature.
+A run on disk is addressed the same way by every command that reads one: --run DIR, or --model, --dataset,
+--split under --runs-dir.
+
 Nothing heavy is imported at module level, so `truthmap --help` answers instantly without torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import json
 import signal
+import typing
 import warnings
 from typing import Annotated, Optional
 
 import typer
 
-from truthmap.config import DEFAULT_SEEDS, RunConfig
-from truthmap.errors import TruthmapError, TruthmapWarning
+from truthmap.config import RunConfig
+from truthmap.errors import ConfigError, StoreError, TruthmapError, TruthmapWarning
+from truthmap.rundir import POSITIONS, RunDir, check_token, read_json
 
 app = typer.Typer(
     help="Find where a language model knows that it is wrong: answers, exact answers, activations, probes.",
@@ -22,41 +31,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-Model = Annotated[str, typer.Option(
-    help="'smollm2' (embedded default), 'gemma3-270m' (a base model), a hub id, a local directory or a .gguf file."
-)]
-Dataset = Annotated[str, typer.Option(help="A registered dataset (see `truthmap datasets`), or 'custom'.")]
-Split = Annotated[str, typer.Option(help="train or test.")]
-NSamples = Annotated[Optional[int], typer.Option(help="Subsample this many questions (seeded); default: whole split.")]
-DataDir = Annotated[Optional[str], typer.Option(help="Directory of dataset files; default: $TRUTHMAP_DATA_DIR.")]
-RunsDir = Annotated[str, typer.Option(help="Where run directories are written.")]
-BatchSize = Annotated[int, typer.Option(help="Samples per forward pass.")]
-Seed = Annotated[int, typer.Option(help="Seed for subsampling and sampled retries.")]
-Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ...; default: cuda when available.")]
-Dtype = Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16; default: bf16 on cuda, fp32 on cpu.")]
-PromptStyle = Annotated[str, typer.Option(help="auto (chat template if the model has one), instruct or base.")]
-MaxNewTokens = Annotated[Optional[int], typer.Option(help="Default: the dataset's (100; 200 for math).")]
-ExtractionModel = Annotated[Optional[str], typer.Option(help="Model that extracts exact answers; default: the same.")]
-ExtractionTries = Annotated[int, typer.Option(help="With --extractor free: tries per answer, greedy first, then sampled.")]
-Locate = Annotated[str, typer.Option(help="blind (the extractor locates every open answer, right or wrong) or gold "
-                                          "(a gold alias in correct answers, the extractor for the rest: the paper's way).")]
-Extractor = Annotated[str, typer.Option(help="constrained (can only copy a span of the answer, or say NO ANSWER) or "
-                                             "free (free text that must occur in the answer, retried).")]
-CustomPath = Annotated[Optional[str], typer.Option(help="With --dataset custom: a CSV or JSONL file.")]
-QuestionColumn = Annotated[str, typer.Option(help="With --dataset custom: the question column.")]
-AnswerColumn = Annotated[str, typer.Option(help="With --dataset custom: the answer column (a string or a list).")]
-Site = Annotated[str, typer.Option(help="mlp (MLP output, as the paper), mlp_in, attn or resid.")]
-Seeds = Annotated[str, typer.Option(help="Probe split seeds, comma- or space-separated.")]
-Executor = Annotated[str, typer.Option(help="local (in this process) or ray (shards over Ray workers, one model each).")]
-RayAddress = Annotated[Optional[str], typer.Option(help="With --executor ray: an existing cluster; default: start a local one.")]
-Workers = Annotated[Optional[int], typer.Option(help="With --executor ray: workers; default: one per GPU, else per CPU.")]
-StudyFile = Annotated[Optional[str], typer.Option(help="A TOML study file (see study.example.toml); flags given here override it.")]
-Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback when a command fails.")]
-DEFAULT_SEEDS_TEXT = ",".join(str(s) for s in DEFAULT_SEEDS)
-DatasetList = Annotated[list[str], typer.Option("--datasets", help="Datasets of the study (space- or comma-separated, or repeated).")]
-StudySamples = Annotated[Optional[int], typer.Option(help="Questions per train split, for runs not yet on disk.")]
-TestSamples = Annotated[Optional[int], typer.Option(help="Questions per test split (default: --n-samples).")]
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -66,6 +40,241 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
+# The panels of --help, in this order: which run, what it reads, what it runs on, then each stage's settings.
+PANELS = RUN, DATASET, MODEL, GENERATION, LOCATING, PROBES, SCORING, OUTPUT = (
+    "Run", "Dataset", "Model", "Generation", "Locating", "Probes", "Scoring", "Output")
+ABSENT = object()  # an Option without a default of its own: RunConfig's
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One command-line option. type and default: the RunConfig field's, for a field (typer shows the default)."""
+
+    help: str
+    panel: str
+    type: object = None
+    default: object = ABSENT  # `...`: required
+    flag: str | None = None  # default: --the-name-with-dashes
+    to_text: typing.Callable | None = None  # RunConfig's default as typed on the command line
+    parse: typing.Callable | None = None  # the typed text -> the value the command gets (raises on a bad one)
+    help_in: dict = dataclasses.field(default_factory=dict)  # command -> its help there, where more particular
+
+    def declaration(self, name: str) -> str:
+        return self.flag or "--" + name.replace("_", "-")
+
+
+def _token(value):
+    if value is not None:
+        check_token(value)  # a ConfigError that lists the 15 names
+    return value
+
+
+OPTIONS = {
+    # Run: which run, or which runs.
+    "config": Option("A TOML study file (see study.example.toml); flags given here override it.", RUN,
+                     Optional[str], None),
+    "run": Option("An existing run directory, runs/<model>/<dataset>/<split>: names the run instead of --model, "
+                  "--dataset, --split and --runs-dir.", RUN, Optional[str], None),
+    "model": Option("'smollm2' (embedded default), 'gemma3-270m' (a base model), a hub id, a local directory or a "
+                    ".gguf file.", RUN, help_in={"import": "The model that wrote the answers (as for generate).",
+                                                 "score": "Default: the detector's model (another one is refused)."}),
+    "dataset": Option("A registered dataset (see `truthmap datasets`), or 'custom' (a file: --custom-path).", RUN,
+                      help_in={"import": "Whose correctness rule and prompt apply (e.g. triviaqa); 'custom': the "
+                                         "alias rule. Also names the run directory."}),
+    "datasets": Option("Datasets of the study (space- or comma-separated, or repeated).", RUN, list[str], ...),
+    "split": Option("train or test.", RUN),
+    "runs_dir": Option("Where run directories are written.", RUN),
+    "seed": Option("Seed of subsampling and of sampling (the sampled extraction retries).", RUN,
+                   help_in={"resample": "Sampling seed: the same seed gives the same answers at any batch size; "
+                                        "also subsamples --n-questions."}),
+    # Dataset: the questions, and the columns of a file given.
+    "n_samples": Option("Subsample this many questions of the split (seeded); default: the whole split.", DATASET),
+    "n_questions": Option("Questions per train split, for runs not yet on disk.", DATASET, Optional[int], None,
+                          help_in={"resample": "Resample this many of the run's questions (seeded); default: all."}),
+    "n_test_questions": Option("Questions per test split, for runs not yet on disk; default: --n-questions.", DATASET,
+                               Optional[int], None),
+    "data_dir": Option("Directory of dataset files; default: $TRUTHMAP_DATA_DIR.", DATASET),
+    "custom_path": Option("With --dataset custom: a CSV or JSONL file of questions and answers.", DATASET),
+    "question_column": Option("With --dataset custom: the question column.", DATASET,
+                              help_in={"import": "The question column.",
+                                       "score": "Batch mode: the question column of the --input file."}),
+    "answer_column": Option("With --dataset custom: the column of correct answers (a string or a list).", DATASET,
+                            help_in={"import": "The column of the model's answers.",
+                                     "score": "Batch mode: the column of answers to score."}),
+    "gold_column": Option("Optional gold aliases (a list, or one answer): labels by the rule.", DATASET, str, "gold"),
+    "id_column": Option("Optional row ids (default: row-1, row-2 ...).", DATASET, str, "id"),
+    "prompt_column": Option("Optional prompt: the user message, or the text rendered with the chat template "
+                            "(default: the dataset's prompt of the question).", DATASET, str, "prompt"),
+    "correct_column": Option("Optional labels (true/false); they win over the rule.", DATASET, str, "correct"),
+    "exact_answer_column": Option("Optional exact answers (a span of the answer).", DATASET, str, "exact_answer"),
+    "strict": Option("Stop at the first bad row instead of skipping it.", DATASET, bool, False, "--strict"),
+    # Model: where and how the model runs.
+    "device": Option("cpu, cuda, cuda:1 ...; default: cuda when available.", MODEL),
+    "dtype": Option("float32, bfloat16 or float16; default: bf16 on cuda, fp32 on cpu.", MODEL),
+    "batch_size": Option("Samples per forward pass.", MODEL),
+    "executor": Option("local (in this process) or ray (shards over Ray workers, one model each).", MODEL),
+    "ray_address": Option("With --executor ray: an existing cluster; default: start a local one.", MODEL),
+    "workers": Option("With --executor ray: workers; default: one per GPU, else per CPU.", MODEL),
+    # Generation
+    "prompt_style": Option("auto (chat template if the model has one), instruct or base.", GENERATION),
+    "max_new_tokens": Option("Default: the dataset's (100; 200 for math).", GENERATION),
+    "n_resamples": Option("Sampled answers per question (K; the paper uses 30).", GENERATION, int, 10),
+    "temperature": Option("Sampling temperature, > 0.", GENERATION, float, 1.0),
+    # Locating the exact answer
+    "locate": Option("blind (the extractor locates every open answer, right or wrong) or gold (a gold alias in "
+                     "correct answers, the extractor for the rest: the paper's way).", LOCATING),
+    "extractor": Option("constrained (can only copy a span of the answer, or say NO ANSWER) or free (free text "
+                        "that must occur in the answer, retried).", LOCATING),
+    "extraction_model": Option("Model that extracts exact answers; default: the answering model.", LOCATING),
+    "extraction_tries": Option("With --extractor free: tries per answer, greedy first, then sampled.", LOCATING),
+    # Probes
+    "site": Option("mlp (MLP output, as the paper), mlp_in, attn or resid.", PROBES),
+    "seeds": Option("Probe split seeds, comma- or space-separated.", PROBES, str,
+                    to_text=lambda seeds: ",".join(str(s) for s in seeds), parse=parse_seeds),
+    "token": Option(f"The probed token, one of: {', '.join(POSITIONS)}.", PROBES, Optional[str], "exact_answer_last",
+                    parse=_token, help_in={"resample": f"Token of the probed cell, one of: {', '.join(POSITIONS)}; "
+                                                        "default: the train run's best cell's."}),
+    "layer": Option("Layer of the probed cell.", PROBES, Optional[int], None,
+                    help_in={"fit-detector": "Layer of the probe; default: chosen on validation splits.",
+                             "resample": "Layer of the probed cell; default: the train run's best cell's."}),
+    # Scoring
+    "detector": Option("A detector .json from `truthmap fit-detector` (its .npz beside it).", SCORING, str, ...),
+    "question": Option("The question (single mode).", SCORING, Optional[str], None),
+    "answer": Option("The answer to score (single mode).", SCORING, Optional[str], None),
+    "exact_answer": Option("The span of the answer that answers (skips extraction).", SCORING, Optional[str], None),
+    "gold": Option("A correct answer; used as the exact answer when the answer contains it.", SCORING,
+                   Optional[str], None),
+    "input_path": Option("Batch mode: a CSV or JSONL file of questions and answers.", SCORING, Optional[str], None,
+                         "--input"),
+    # Output
+    "out": Option("Detector file (.json, with a .npz of the same name beside it); default: "
+                  "<run>/detector_<site>.json.", OUTPUT, Optional[str], None),
+    "output": Option("Batch mode: write the rows with their scores here (.csv or .jsonl).", OUTPUT, Optional[str],
+                     None),
+}
+RUN_FIELDS = {field.name: field for field in dataclasses.fields(RunConfig)}
+RUN_TYPES = typing.get_type_hints(RunConfig)
+ADDRESS = ("model", "dataset", "split", "runs_dir")  # what --run DIR stands for
+# Flags whose meaning changed: old name -> new name. Given, they fail in one line (never silently accepted).
+RENAMED = {"n_samples": "n_questions", "test_samples": "n_test_questions"}
+
+
+def flag(name: str) -> str:
+    return OPTIONS[name].declaration(name) if name in OPTIONS else "--" + name.replace("_", "-")
+
+
+def default_of(name: str):
+    """The option's default: RunConfig's for a RunConfig field (as typed on the command line), else the table's."""
+    option = OPTIONS[name]
+    if option.default is not ABSENT:
+        return option.default
+    value = RUN_FIELDS[name].default
+    return option.to_text(value) if option.to_text else value
+
+
+def _parameter(name: str, default, command: str) -> inspect.Parameter:
+    option = OPTIONS[name]
+    text = option.help_in.get(command, option.help)
+    info = typer.Option(default, option.declaration(name), help=text, rich_help_panel=option.panel)
+    kind = option.type or RUN_TYPES[name]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind)
+
+
+def _renamed_parameter(old: str) -> inspect.Parameter:
+    info = typer.Option(None, flag(old), hidden=True)
+    return inspect.Parameter(old, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=Optional[str])
+
+
+def takes(*names: str, defaults: dict | None = None, renamed: tuple[str, ...] = ()):
+    """Give a command the options `names` of OPTIONS, as keyword arguments, after its own parameters.
+
+    The help shown is the option's help_in for this command, else its help; --help groups the options in PANELS.
+    `defaults` replaces an option's default for this command (say why where used); `renamed` lists the old flags
+    (RENAMED) that fail with a ConfigError naming the new one. Values are parsed (--seeds) and checked (--token)
+    before the command runs; the command gets `ctx` when it declares it."""
+    defaults = defaults or {}
+
+    def decorate(command):
+        own = list(inspect.signature(command, eval_str=True).parameters.values())
+        wants_ctx = "ctx" in [p.name for p in own]
+        own = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        context = [] if wants_ctx else [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                          annotation=typer.Context)]
+        name_of_command = command.__name__.strip("_").replace("_", "-")  # import_ -> import
+        in_panels = sorted(names, key=lambda name: PANELS.index(OPTIONS[name].panel))  # stable: else as listed
+        options = [_parameter(name, defaults.get(name, default_of(name)), name_of_command) for name in in_panels]
+        parameters = context + own + options + [_renamed_parameter(old) for old in renamed]
+
+        @functools.wraps(command)
+        def wrapper(ctx, *args, **kwargs):
+            for old in renamed:
+                value = kwargs.pop(old)
+                if value is not None:
+                    raise ConfigError(f"{flag(old)} is now {flag(RENAMED[old])} in `truthmap {ctx.info_name}`: "
+                                      f"rerun with {flag(RENAMED[old])} {value}.")
+            for name in names:
+                if OPTIONS[name].parse:
+                    kwargs[name] = OPTIONS[name].parse(kwargs[name])
+            return command(ctx, *args, **kwargs) if wants_ctx else command(*args, **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(parameters)
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper
+
+    return decorate
+
+
+def run_config(options: dict, **changes) -> RunConfig:
+    """The RunConfig of a command's options (those that are RunConfig fields), with `changes` over them."""
+    return RunConfig(**{k: v for k, v in options.items() if k in RUN_FIELDS} | changes)
+
+
+def given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option was typed on the command line (not left at its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def check_address(ctx: typer.Context, run: str | None) -> None:
+    """--run DIR names the run: typing --model, --dataset, --split or --runs-dir beside it is refused."""
+    typed = [flag(name) for name in ADDRESS if given(ctx, name)]
+    if run is not None and typed:
+        raise ConfigError(f"--run {run} already names the run: drop {', '.join(typed)}, or drop --run.")
+
+
+def addressed(ctx: typer.Context, options: dict) -> dict:
+    """The options with --run DIR resolved into the run's --model (from its run.json), --dataset, --split and
+    --runs-dir; without --run, the options as given."""
+    from truthmap.models import model_slug
+
+    directory = options.pop("run")
+    check_address(ctx, directory)
+    if directory is None:
+        return options
+    run = RunDir.from_path(directory)
+    if not run.run_json.exists():
+        raise StoreError(f"No run.json in {run.path}: --run takes a run directory made by generate, run or import "
+                         "(runs/<model>/<dataset>/<split>).")
+    model = read_json(run.run_json)["config"]["model"]
+    root, slug, dataset, split = run.path.parents[2], *run.path.parts[-3:]
+    if model_slug(model) != slug:
+        raise StoreError(f"{run.path} holds answers of model {model!r}, whose runs are in {model_slug(model)}/, not "
+                         f"{slug}/: move the directory back, or address it with --model.")
+    return options | {"model": model, "dataset": dataset, "split": split, "runs_dir": str(root)}
+
+
+# Option lists that several commands share.
+ADDRESSED = ("run", *ADDRESS)
+EXECUTION = ("batch_size", "device", "dtype", "executor", "ray_address", "workers")
+LOCATING_OPTIONS = ("extraction_model", "extraction_tries", "locate", "extractor")
+CUSTOM = ("custom_path", "question_column", "answer_column")
+GENERATING = ("model", "dataset", "split", "runs_dir", "seed", "n_samples", "data_dir", *CUSTOM, *EXECUTION,
+              "prompt_style", "max_new_tokens", *LOCATING_OPTIONS, "site")
+STUDY = ("datasets", "model", "runs_dir", "seed", "n_questions", "n_test_questions", "data_dir", *CUSTOM,
+         "batch_size", "device", "dtype", "extraction_tries", "locate", "extractor", "site", "seeds")
+STUDY_QUESTIONS = 300  # table and generalize: questions per train split when --n-questions is not given
+
+
 DEBUG = {"on": False}  # set by `truthmap --debug` for this invocation
 # Exits and usage errors that click prints itself; found by name because typer may ship its own copy of click.
 CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -73,7 +282,9 @@ CLICK_EXCEPTIONS = (typer.Exit, typer.Abort, CLICK_ERROR)
 
 
 @app.callback()
-def global_options(debug: Debug = False):
+def global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback when a command fails.")] = False,
+):
     DEBUG["on"] = debug
 
 
@@ -159,31 +370,8 @@ def error_line(error: Exception) -> str:
 
 @app.command()
 @reports_errors
-def generate(
-    model: Model = "smollm2",
-    dataset: Dataset = "geography",
-    split: Split = "train",
-    n_samples: NSamples = None,
-    data_dir: DataDir = None,
-    runs_dir: RunsDir = "runs",
-    batch_size: BatchSize = 16,
-    seed: Seed = 0,
-    device: Device = None,
-    dtype: Dtype = None,
-    prompt_style: PromptStyle = "auto",
-    max_new_tokens: MaxNewTokens = None,
-    extraction_model: ExtractionModel = None,
-    extraction_tries: ExtractionTries = 5,
-    locate: Locate = "blind",
-    extractor: Extractor = "constrained",
-    custom_path: CustomPath = None,
-    question_column: QuestionColumn = "question",
-    answer_column: AnswerColumn = "answer",
-    site: Site = "mlp",
-    executor: Executor = "local",
-    ray_address: RayAddress = None,
-    workers: Workers = None,
-):
+@takes(*GENERATING)
+def generate(**options):
     """Answer a dataset's questions, label them and locate the exact answers: writes answers.parquet, and the
     site's activations, recorded while the answers are generated.
 
@@ -191,38 +379,22 @@ def generate(
     """
     from truthmap import pipeline
 
-    config = RunConfig(**{k: v for k, v in locals().items() if k != "pipeline"})
-    run = pipeline.generate(config)
+    run = pipeline.generate(run_config(options))
     typer.echo(json.dumps(pipeline.summarize_answers(run), indent=2))
+
+
+IMPORT_COLUMNS = ("question_column", "answer_column", "gold_column", "id_column", "prompt_column", "correct_column",
+                  "exact_answer_column")
 
 
 @app.command("import")
 @reports_errors
+# Answers made elsewhere have no registered dataset by default: 'custom' labels them by their gold aliases.
+@takes("model", "dataset", "split", "runs_dir", "seed", *IMPORT_COLUMNS, "strict", "batch_size", "device", "dtype",
+       "prompt_style", *LOCATING_OPTIONS, defaults={"dataset": "custom"})
 def import_(
     answers_file: Annotated[str, typer.Argument(help="A .csv, .jsonl or .parquet file of answers, one per row.")],
-    model: Annotated[str, typer.Option(help="The model that wrote the answers (as for generate).")] = "smollm2",
-    dataset: Annotated[str, typer.Option(help="Whose correctness rule and prompt apply (e.g. triviaqa); 'custom': the "
-                                              "alias rule. Also names the run directory.")] = "custom",
-    split: Split = "train",
-    runs_dir: RunsDir = "runs",
-    batch_size: BatchSize = 16,
-    seed: Seed = 0,
-    device: Device = None,
-    dtype: Dtype = None,
-    prompt_style: PromptStyle = "auto",
-    extraction_model: ExtractionModel = None,
-    extraction_tries: ExtractionTries = 5,
-    locate: Locate = "blind",
-    extractor: Extractor = "constrained",
-    question_column: Annotated[str, typer.Option(help="The question column.")] = "question",
-    answer_column: Annotated[str, typer.Option(help="The column of the model's answers.")] = "answer",
-    gold_column: Annotated[str, typer.Option(help="Optional gold aliases (a list, or one answer): labels by the rule.")] = "gold",
-    id_column: Annotated[str, typer.Option(help="Optional row ids (default: row-1, row-2 ...).")] = "id",
-    prompt_column: Annotated[str, typer.Option(help="Optional prompt: the user message, or the text rendered with the "
-                                                    "chat template (default: the dataset's prompt of the question).")] = "prompt",
-    correct_column: Annotated[str, typer.Option(help="Optional labels (true/false); they win over the rule.")] = "correct",
-    exact_answer_column: Annotated[str, typer.Option(help="Optional exact answers (a span of the answer).")] = "exact_answer",
-    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad row instead of skipping it.")] = False,
+    **options,
 ):
     """Import answers generated elsewhere (vLLM, an API, another run) as a normal run: tokens, log-probabilities,
     labels and exact answers. Then extract, probe, run, table, fit-detector and report work on it unchanged.
@@ -232,29 +404,15 @@ def import_(
     from truthmap import pipeline
     from truthmap.importer import ImportSource
 
-    source = ImportSource(answers_file, question_column, answer_column, gold_column, id_column, prompt_column,
-                          correct_column, exact_answer_column)
-    config = RunConfig(model=model, dataset=dataset, split=split, runs_dir=runs_dir, batch_size=batch_size, seed=seed,
-                       device=device, dtype=dtype, prompt_style=prompt_style, extraction_model=extraction_model,
-                       extraction_tries=extraction_tries, locate=locate, extractor=extractor)
-    typer.echo(json.dumps(pipeline.import_answers(config, source, strict=strict), indent=2))
+    source = ImportSource(answers_file, *(options.pop(column) for column in IMPORT_COLUMNS))
+    strict = options.pop("strict")
+    typer.echo(json.dumps(pipeline.import_answers(run_config(options), source, strict=strict), indent=2))
 
 
 @app.command()
 @reports_errors
-def extract(
-    model: Model = "smollm2",
-    dataset: Dataset = "geography",
-    split: Split = "train",
-    runs_dir: RunsDir = "runs",
-    site: Site = "mlp",
-    batch_size: BatchSize = 16,
-    device: Device = None,
-    dtype: Dtype = None,
-    executor: Executor = "local",
-    ray_address: RayAddress = None,
-    workers: Workers = None,
-):
+@takes(*ADDRESSED, "site", *EXECUTION)
+def extract(ctx: typer.Context, **options):
     """Read every layer's activations at the 15 probed positions of each answer into the run's float16 store, by a
     second pass over the answers: for a site other than the one `generate` recorded, or answers made elsewhere.
 
@@ -262,33 +420,22 @@ def extract(
     """
     from truthmap import pipeline
 
-    config = RunConfig(**{k: v for k, v in locals().items() if k != "pipeline"})
-    run = pipeline.extract(config)
-    typer.echo(f"Activations: {run.activations(site)}")
+    run = pipeline.extract(run_config(addressed(ctx, options)))
+    typer.echo(f"Activations: {run.activations(options['site'])}")
 
 
 @app.command()
 @reports_errors
-def probe(
-    model: Model = "smollm2",
-    dataset: Dataset = "geography",
-    split: Split = "train",
-    runs_dir: RunsDir = "runs",
-    site: Site = "mlp",
-    seeds: Seeds = DEFAULT_SEEDS_TEXT,
-    device: Device = None,
-):
+@takes(*ADDRESSED, "site", "seeds", "device")
+def probe(ctx: typer.Context, **options):
     """Train a probe per (layer, token) cell and draw the layer x token AUC heatmap.
 
     Example: truthmap probe --dataset geography --seeds 0,5,26,42,63
     """
     from truthmap import pipeline
 
-    config = RunConfig(
-        model=model, dataset=dataset, split=split, runs_dir=runs_dir, site=site, seeds=parse_seeds(seeds), device=device
-    )
-    run = pipeline.probe(config)
-    summary = pipeline.read_json(run.probes(site) / "probes.json")
+    run = pipeline.probe(run_config(addressed(ctx, options)))
+    summary = pipeline.read_json(run.probes(options["site"]) / "probes.json")
     typer.echo(json.dumps(summary["best"], indent=2))
     if summary.get("verdict"):
         typer.echo(f"Verdict: {summary['verdict']}")
@@ -296,34 +443,8 @@ def probe(
 
 @app.command()
 @reports_errors
-def run(
-    ctx: typer.Context,
-    config: StudyFile = None,
-    model: Model = "smollm2",
-    dataset: Dataset = "geography",
-    split: Split = "train",
-    n_samples: NSamples = None,
-    data_dir: DataDir = None,
-    runs_dir: RunsDir = "runs",
-    batch_size: BatchSize = 16,
-    seed: Seed = 0,
-    device: Device = None,
-    dtype: Dtype = None,
-    prompt_style: PromptStyle = "auto",
-    max_new_tokens: MaxNewTokens = None,
-    extraction_model: ExtractionModel = None,
-    extraction_tries: ExtractionTries = 5,
-    locate: Locate = "blind",
-    extractor: Extractor = "constrained",
-    custom_path: CustomPath = None,
-    question_column: QuestionColumn = "question",
-    answer_column: AnswerColumn = "answer",
-    site: Site = "mlp",
-    seeds: Seeds = DEFAULT_SEEDS_TEXT,
-    executor: Executor = "local",
-    ray_address: RayAddress = None,
-    workers: Workers = None,
-):
+@takes("config", *GENERATING, "seeds")
+def run(ctx: typer.Context, **options):
     """The main job: generate, extract, probe, draw the heatmap and write report.html, skipping finished stages.
 
     With --config, runs every dataset x site of a TOML study file; flags given on the command line override it.
@@ -333,12 +454,9 @@ def run(
     from truthmap import pipeline
     from truthmap.config import load_study
 
-    options = {k: v for k, v in locals().items() if k not in ("ctx", "config", "pipeline", "load_study")}
-    flags = {k: v for k, v in options.items() if given(ctx, k)}
-    if "seeds" in flags:
-        flags["seeds"] = parse_seeds(flags["seeds"])
-    for run_config in load_study(config, flags):
-        result = pipeline.run_all(run_config)
+    flags = {k: v for k, v in options.items() if k in RUN_FIELDS and given(ctx, k)}
+    for config in load_study(options["config"], flags):
+        result = pipeline.run_all(config)
         best = result["best"]
         shown = {k: v for k, v in result.items() if k not in ("best", "report", "warnings", "verdict")}
         typer.echo(json.dumps(shown, indent=2))
@@ -349,12 +467,6 @@ def run(
         for warning in result.get("warnings", []):
             typer.echo(f"Warning: {warning}")
         typer.echo(f"Report: {result['report']}")
-
-
-def given(ctx: typer.Context, name: str) -> bool:
-    """Whether the option was typed on the command line (not left at its default)."""
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 @app.command()
@@ -370,69 +482,37 @@ def datasets():
         typer.echo(f"{name:32} {get_spec(name).description}")
 
 
+def study(ctx: typer.Context, options: dict) -> tuple[RunConfig, list[str], int | None]:
+    """table and generalize: the config of their runs (--n-questions per train split), the datasets, and the
+    questions per test split."""
+    names = parse_datasets(options.pop("datasets") + ctx.args)
+    test_questions = options.pop("n_test_questions")
+    return run_config(options, n_samples=options.pop("n_questions")), names, test_questions
+
+
 @app.command(context_settings=EXTRA_DATASETS)
 @reports_errors
-def table(
-    ctx: typer.Context,
-    datasets: DatasetList,
-    model: Model = "smollm2",
-    n_samples: StudySamples = 300,
-    test_samples: TestSamples = None,
-    data_dir: DataDir = None,
-    runs_dir: RunsDir = "runs",
-    batch_size: BatchSize = 16,
-    seed: Seed = 0,
-    device: Device = None,
-    dtype: Dtype = None,
-    extraction_tries: ExtractionTries = 5,
-    locate: Locate = "blind",
-    extractor: Extractor = "constrained",
-    custom_path: CustomPath = None,
-    question_column: QuestionColumn = "question",
-    answer_column: AnswerColumn = "answer",
-    site: Site = "mlp",
-    seeds: Seeds = DEFAULT_SEEDS_TEXT,
-):
+@takes(*STUDY, defaults={"n_questions": STUDY_QUESTIONS}, renamed=("n_samples", "test_samples"))
+def table(ctx: typer.Context, **options):
     """The paper's Table 1: baselines and chosen-layer probes, trained on each train split, scored on its test split.
 
     Runs missing on disk (answers, activations, baselines) are made first; runs already there are reused as
     they are. Writes runs/<model>/tables/detection_table.csv, .md and .png.
 
-    Example: truthmap table --datasets geography triviaqa winobias --n-samples 300 --data-dir ../shared/data
+    Example: truthmap table --datasets geography triviaqa winobias --n-questions 300 --data-dir ../shared/data
     """
     from truthmap import pipeline
 
-    options = {k: v for k, v in locals().items() if k not in ("ctx", "pipeline", "datasets", "test_samples")}
-    config = RunConfig(**(options | {"seeds": parse_seeds(seeds)}))
-    written = pipeline.table(config, parse_datasets(datasets + ctx.args), test_samples)
+    config, names, test_questions = study(ctx, options)
+    written = pipeline.table(config, names, test_questions)
     typer.echo(open(written["md"]).read())
     typer.echo(f"Table: {written['csv']}, {written['md']}, {written['png']}")
 
 
 @app.command(context_settings=EXTRA_DATASETS)
 @reports_errors
-def generalize(
-    ctx: typer.Context,
-    datasets: DatasetList,
-    model: Model = "smollm2",
-    token: Annotated[str, typer.Option(help="The probed token of every probe.")] = "exact_answer_last",
-    n_samples: StudySamples = 300,
-    test_samples: TestSamples = None,
-    data_dir: DataDir = None,
-    runs_dir: RunsDir = "runs",
-    batch_size: BatchSize = 16,
-    seed: Seed = 0,
-    device: Device = None,
-    dtype: Dtype = None,
-    extraction_tries: ExtractionTries = 5,
-    locate: Locate = "blind",
-    extractor: Extractor = "constrained",
-    custom_path: CustomPath = None,
-    question_column: QuestionColumn = "question",
-    answer_column: AnswerColumn = "answer",
-    site: Site = "mlp",
-    seeds: Seeds = DEFAULT_SEEDS_TEXT,
-):
+@takes(*STUDY, "token", defaults={"n_questions": STUDY_QUESTIONS}, renamed=("n_samples", "test_samples"))
+def generalize(ctx: typer.Context, **options):
     """Train a probe on each dataset, test it on every dataset: AUC matrix, and AUC minus the target's baseline.
 
     Reuses the runs of `truthmap table` (and makes missing ones). Writes runs/<model>/generalization/auc.csv,
@@ -443,9 +523,9 @@ def generalize(
     """
     from truthmap import pipeline
 
-    options = {k: v for k, v in locals().items() if k not in ("ctx", "pipeline", "datasets", "test_samples", "token")}
-    config = RunConfig(**(options | {"seeds": parse_seeds(seeds)}))
-    result = pipeline.generalize(config, parse_datasets(datasets + ctx.args), token, test_samples)
+    token = options.pop("token")
+    config, names, test_questions = study(ctx, options)
+    result = pipeline.generalize(config, names, token, test_questions)
     typer.echo(result["auc_table"].round(3).to_string())
     typer.echo("\nAUC minus the test dataset's Logits-min-exact AUC:")
     typer.echo(result["relative_table"].round(3).to_string())
@@ -459,18 +539,8 @@ def generalize(
 
 @app.command("fit-detector")
 @reports_errors
-def fit_detector(
-    model: Model = "smollm2",
-    dataset: Dataset = "geography",
-    split: Split = "train",
-    runs_dir: RunsDir = "runs",
-    site: Site = "mlp",
-    token: Annotated[str, typer.Option(help="Probed token, e.g. exact_answer_last, last_q, -1.")] = "exact_answer_last",
-    layer: Annotated[Optional[int], typer.Option(help="Layer; default: chosen on validation splits.")] = None,
-    seeds: Seeds = DEFAULT_SEEDS_TEXT,
-    out: Annotated[Optional[str], typer.Option(help="Detector file (.json, with a .npz of the same name beside it); "
-                                                    "default: <run>/detector_<site>.json.")] = None,
-):
+@takes(*ADDRESSED, "site", "token", "layer", "seeds", "out")
+def fit_detector(ctx: typer.Context, **options):
     """Fit an error detector on a finished run; save it as a JSON file of settings and a .npz of weights beside it.
 
     Also writes detector_scores.parquet in the run (and in its test split's run, when that one is extracted).
@@ -479,117 +549,104 @@ def fit_detector(
     """
     from truthmap import pipeline
 
-    config = RunConfig(model=model, dataset=dataset, split=split, runs_dir=runs_dir, site=site, seeds=parse_seeds(seeds))
-    typer.echo(json.dumps(pipeline.fit_detector(config, token, layer, out), indent=2))
+    token, layer, out = options.pop("token"), options.pop("layer"), options.pop("out")
+    typer.echo(json.dumps(pipeline.fit_detector(run_config(addressed(ctx, options)), token, layer, out), indent=2))
 
 
 @app.command()
 @reports_errors
-def score(
-    detector: Annotated[str, typer.Option(help="A detector .json from `truthmap fit-detector` (its .npz beside it).")],
-    question: Annotated[Optional[str], typer.Option(help="The question (single mode).")] = None,
-    answer: Annotated[Optional[str], typer.Option(help="The answer to score (single mode).")] = None,
-    exact_answer: Annotated[Optional[str], typer.Option(help="The span of the answer that answers (skips extraction).")] = None,
-    gold: Annotated[Optional[str], typer.Option(help="A correct answer; used as the exact answer when the answer contains it.")] = None,
-    input_path: Annotated[Optional[str], typer.Option("--input", help="Batch mode: a CSV or JSONL file of questions and answers.")] = None,
-    output: Annotated[Optional[str], typer.Option(help="Batch mode: write the rows with their scores here (.csv or .jsonl).")] = None,
-    question_column: QuestionColumn = "question",
-    answer_column: Annotated[str, typer.Option(help="Batch mode: the column of answers to score.")] = "answer",
-    model: Annotated[Optional[str], typer.Option(help="Default: the detector's model (another one is refused).")] = None,
-    device: Device = None,
-    dtype: Dtype = None,
-    batch_size: BatchSize = 16,
-):
+# --model: None, the detector's own model (score refuses another one), as RunConfig's default would not be.
+@takes("detector", "question", "answer", "exact_answer", "gold", "input_path", "question_column", "answer_column",
+       "output", "model", "device", "dtype", "batch_size", defaults={"model": None})
+def score(**options):
     """Probability that an answer is wrong, from the detector's probe on the model's own activations.
 
     Example: truthmap score --detector runs/smollm2/geography/train/detector_mlp.json --question "What is the capital of Peru?" --answer "The capital of Peru is Lima."
     """
     from truthmap.detector import Detector, check_texts, load_scoring_model, read_pairs, score_file
-    from truthmap.errors import ConfigError
 
-    single = {"--question": question, "--answer": answer, "--exact-answer": exact_answer, "--gold": gold}
-    if input_path and any(value is not None for value in single.values()):
-        flag = next(name for name, value in single.items() if value is not None)
+    o = options
+    single = {flag(name): o[name] for name in ("question", "answer", "exact_answer", "gold")}
+    if o["input_path"] and any(value is not None for value in single.values()):
+        given_flag = next(name for name, value in single.items() if value is not None)
         raise ConfigError(
-            f"--input scores the rows of a file, {flag} one answer: give one or the other (in batch mode the file's "
-            "columns exact_answer and gold play the roles of --exact-answer and --gold)."
+            f"--input scores the rows of a file, {given_flag} one answer: give one or the other (in batch mode the "
+            "file's columns exact_answer and gold play the roles of --exact-answer and --gold)."
         )
-    found = Detector.load(detector)
-    if input_path:
-        frame = read_pairs(input_path, question_column, answer_column)  # bad input fails before the model loads
-        lm = load_scoring_model(found, model, device, dtype)
-        typer.echo(score_file(found, lm, frame, input_path, output, question_column, answer_column, batch_size))
+    found = Detector.load(o["detector"])
+    if o["input_path"]:
+        # Bad input fails before the model loads.
+        frame = read_pairs(o["input_path"], o["question_column"], o["answer_column"])
+        lm = load_scoring_model(found, o["model"], o["device"], o["dtype"])
+        typer.echo(score_file(found, lm, frame, o["input_path"], o["output"], o["question_column"], o["answer_column"],
+                              o["batch_size"]))
         return
-    if question is None or answer is None:
+    if o["question"] is None or o["answer"] is None:
         raise typer.BadParameter("give --question and --answer, or --input FILE for batch mode", param_hint="--answer")
-    check_texts([question], [answer])
-    lm = load_scoring_model(found, model, device, dtype)
-    result = found.score_texts([question], [answer], lm, golds=[gold] if gold else None,
-                               exact_answers=[exact_answer] if exact_answer else None)
+    check_texts([o["question"]], [o["answer"]])
+    lm = load_scoring_model(found, o["model"], o["device"], o["dtype"])
+    result = found.score_texts([o["question"]], [o["answer"]], lm, golds=[o["gold"]] if o["gold"] else None,
+                               exact_answers=[o["exact_answer"]] if o["exact_answer"] else None)
     typer.echo(json.dumps(result[0], indent=2))
 
 
 @app.command()
 @reports_errors
-def report(run_dir: Annotated[str, typer.Argument(help="A run directory: runs/<model>/<dataset>/<split>.")]):
+@takes(*ADDRESSED)
+def report(
+    ctx: typer.Context,
+    # The form before --run existed, kept working (hidden): `truthmap report DIR` is `truthmap report --run DIR`.
+    run_dir: Annotated[Optional[str], typer.Argument(hidden=True)] = None,
+    **options,
+):
     """Write the run's report.html: heatmaps, result tables, configuration and browsable examples, in one file.
 
-    Example: truthmap report runs/smollm2/geography/train
+    Example: truthmap report --run runs/smollm2/geography/train
     """
+    from truthmap.models import model_slug
     from truthmap.report import write_report
 
-    typer.echo(f"Report: {write_report(run_dir)}")
+    if run_dir is not None and options["run"] is not None:
+        raise ConfigError(f"Give the run directory once: --run {options['run']} or {run_dir}, not both.")
+    directory = run_dir if run_dir is not None else options["run"]
+    check_address(ctx, directory)
+    if directory is None:
+        directory = RunDir(options["runs_dir"], model_slug(options["model"]), options["dataset"], options["split"]).path
+    typer.echo(f"Report: {write_report(directory)}")
 
 
 @app.command()
 @reports_errors
-def runs(runs_dir: RunsDir = "runs"):
+@takes("runs_dir")
+def runs(**options):
     """List the runs on disk: samples, correct answers and the stages done (reads files only).
 
     Example: truthmap runs --runs-dir runs
     """
     from truthmap.report import find_runs, format_runs
 
+    runs_dir = options["runs_dir"]
     typer.echo(format_runs(find_runs(runs_dir), runs_dir))
 
 
 @app.command()
 @reports_errors
-def resample(
-    model: Model = "smollm2",
-    dataset: Dataset = "geography",
-    split: Split = "train",
-    n_samples: Annotated[Optional[int], typer.Option(help="Resample this many of the run's questions (seeded); default: all.")] = None,
-    n_resamples: Annotated[int, typer.Option(help="Sampled answers per question (K; the paper uses 30).")] = 10,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature, > 0.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed: the same seed gives the same answers at any batch size.")] = 0,
-    layer: Annotated[Optional[int], typer.Option(help="Layer of the probed cell; default: the train run's best cell.")] = None,
-    token: Annotated[Optional[str], typer.Option(help="Token of the probed cell, e.g. exact_answer_last; default: the best cell's.")] = None,
-    data_dir: DataDir = None,
-    runs_dir: RunsDir = "runs",
-    batch_size: BatchSize = 16,
-    device: Device = None,
-    dtype: Dtype = None,
-    extraction_model: ExtractionModel = None,
-    extraction_tries: ExtractionTries = 1,
-    site: Site = "mlp",
-    seeds: Seeds = DEFAULT_SEEDS_TEXT,
-):
+@takes(*ADDRESSED, "n_questions", "n_resamples", "temperature", "seed", "layer", "token", "data_dir", *EXECUTION[:3],
+       "extraction_model", "extraction_tries", "site", "seeds", defaults={"token": None}, renamed=("n_samples",))
+def resample(ctx: typer.Context, **options):
     """Sample K answers per question of a finished run: error types, probes per type, and answer selection.
 
     Writes <run>/resamples/: answers.parquet, cell_acts.npy, error_types.csv, type_probes.csv, selection.csv and
     selection.png, resamples.json.
 
-    Example: truthmap resample --dataset geography --n-samples 100 --n-resamples 10 --temperature 1.0 --seed 0
+    Example: truthmap resample --dataset geography --n-questions 100 --n-resamples 10 --temperature 1.0 --seed 0
     """
     from truthmap import pipeline
 
-    config = RunConfig(
-        model=model, dataset=dataset, split=split, data_dir=data_dir, runs_dir=runs_dir, batch_size=batch_size,
-        device=device, dtype=dtype, extraction_model=extraction_model, extraction_tries=extraction_tries, site=site,
-        seeds=parse_seeds(seeds),
-    )
-    summary = pipeline.resample(config, n_resamples, temperature, seed, layer, token, n_questions=n_samples)
+    asked = {name: options.pop(name) for name in ("n_questions", "n_resamples", "temperature", "layer", "token")}
+    config = run_config(addressed(ctx, options))
+    summary = pipeline.resample(config, asked["n_resamples"], asked["temperature"], config.seed, asked["layer"],
+                                asked["token"], n_questions=asked["n_questions"])
     out = pipeline.run_dir(config).resamples
     typer.echo(json.dumps({k: summary[k] for k in ("questions", "resampled_answers", "error_types", "selection")}, indent=2))
     cell = summary["cell"]

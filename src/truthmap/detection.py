@@ -93,7 +93,7 @@ def check_splits(is_error: np.ndarray, fit_masks: np.ndarray, seeds, name: str) 
             if errors in (0, int(rows.sum())):
                 raise ProbeError(
                     f"The {part} part of the train rows of {name} for seed {seed} has one class only "
-                    f"({errors} of {int(rows.sum())} incorrect). Use more samples (--n-samples)."
+                    f"({errors} of {int(rows.sum())} incorrect). Use more samples (--n-samples; --n-questions in table and generalize)."
                 )
 
 

@@ -434,7 +434,7 @@ def split_masks(n, groups, seeds, is_error, test_size=0.2, name="") -> np.ndarra
             if k == 0 or k == idx.size:
                 raise ProbeError(
                     f"The {part} part of the split for seed {seed}{_of(name)} has one class only: {k} incorrect and "
-                    f"{idx.size - k} correct answers. Use more samples (--n-samples)."
+                    f"{idx.size - k} correct answers. Use more samples (--n-samples; --n-questions in table and generalize)."
                 )
         train[i, parts[0]] = True
     return train
@@ -556,7 +556,7 @@ def check_class_counts(n_errors: int, n_correct: int, name: str = "") -> None:
     few = "errors" if n_errors < MIN_PER_CLASS else "correct answers"
     raise ProbeError(
         f"Too few {few} to probe{_on(name)}: {n_errors} incorrect and {n_correct} correct answers with a valid "
-        f"exact answer (need at least {MIN_PER_CLASS} of each). Use more samples (--n-samples)."
+        f"exact answer (need at least {MIN_PER_CLASS} of each). Use more samples (--n-samples; --n-questions in table and generalize)."
     )
 
 

@@ -152,7 +152,7 @@ def choose_questions(n: int, n_questions: int | None, seed: int):
     import numpy as np
 
     if n_questions is not None and n_questions < 1:
-        raise ConfigError(f"Invalid --n-samples {n_questions}: expected an integer >= 1 (questions to resample).")
+        raise ConfigError(f"Invalid --n-questions {n_questions}: expected an integer >= 1 (questions to resample).")
     if n_questions is None or n_questions >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, n_questions, replace=False))
