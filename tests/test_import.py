@@ -284,3 +284,15 @@ def test_a_killed_import_resumes_to_the_same_store_and_answers(generated, tmp_pa
     for name in ("acts.f16", "embed.f16"):
         assert (run / "activations" / "mlp" / name).read_bytes() == (done / "activations" / "mlp" / name).read_bytes()
     pd.testing.assert_frame_equal(pd.read_parquet(run / "answers.parquet"), pd.read_parquet(done / "answers.parquet"))
+
+
+def test_import_writes_the_store_of_the_site_it_is_given(generated, tmp_path):
+    model_dir, original = generated
+    path = answers_file(original, tmp_path / "answers.jsonl")
+    result = CliRunner().invoke(app, import_args(model_dir, path, tmp_path / "runs", "--site", "resid"))
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "tiny-model" / "custom" / "train"
+    assert sorted(p.name for p in (run / "activations").iterdir()) == ["resid"]
+    meta = json.loads((run / "activations" / "resid" / "meta.json").read_text())
+    assert meta["site"] == "resid" and meta["written"] == len(pd.read_parquet(run / "answers.parquet"))
+    assert json.loads((run / "run.json").read_text())["activations_while_generating"] == "resid"

@@ -391,13 +391,14 @@ IMPORT_COLUMNS = ("question_column", "answer_column", "gold_column", "id_column"
 @reports_errors
 # Answers made elsewhere have no registered dataset by default: 'custom' labels them by their gold aliases.
 @takes("model", "dataset", "split", "runs_dir", "seed", *IMPORT_COLUMNS, "strict", "batch_size", "device", "dtype",
-       "prompt_style", *LOCATING_OPTIONS, defaults={"dataset": "custom"})
+       "prompt_style", *LOCATING_OPTIONS, "site", defaults={"dataset": "custom"})
 def import_(
     answers_file: Annotated[str, typer.Argument(help="A .csv, .jsonl or .parquet file of answers, one per row.")],
     **options,
 ):
     """Import answers generated elsewhere (vLLM, an API, another run) as a normal run: tokens, log-probabilities,
-    labels and exact answers. Then extract, probe, run, table, fit-detector and report work on it unchanged.
+    labels, exact answers, and --site's activations from the same pass as the log-probabilities. Then extract,
+    probe, run, table, fit-detector and report work on it unchanged.
 
     Example: truthmap import answers.jsonl --dataset triviaqa --split test
     """
