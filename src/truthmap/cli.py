@@ -288,7 +288,7 @@ def probe(
         model=model, dataset=dataset, split=split, runs_dir=runs_dir, site=site, seeds=parse_seeds(seeds), device=device
     )
     run = pipeline.probe(config)
-    summary = pipeline.read_json(run.probes(site) / "probes.json")
+    summary = pipeline.read_json(run.probe_files(site).summary)
     typer.echo(json.dumps(summary["best"], indent=2))
     if summary.get("verdict"):
         typer.echo(f"Verdict: {summary['verdict']}")

@@ -247,21 +247,18 @@ def markdown_table(mean, std) -> str:
 
 def write_detection_table(results: list[dict], directory, title: str) -> dict:
     """detection_table.csv (mean and std per dataset), .md (best per column in bold), .png, results.json."""
-    from pathlib import Path
-
     from truthmap.heatmap import plot_matrix
-    from truthmap.rundir import write_atomic, write_json
+    from truthmap.rundir import TableFiles, write_atomic, write_json
 
-    directory = Path(directory)
+    out = TableFiles(directory)
     mean, std = detection_frames(results)
     wide = mean.join(std, rsuffix="_std")
-    write_atomic(directory / "detection_table.csv", lambda tmp: wide.to_csv(tmp, float_format="%.4f"))
+    write_atomic(out.csv, lambda tmp: wide.to_csv(tmp, float_format="%.4f"))
     text = f"{title}\n\n" + markdown_table(mean, std) + verdicts(results)
-    write_atomic(directory / "detection_table.md", lambda tmp: tmp.write_text(text))
-    plot_matrix(mean, title, directory / "detection_table.png", 0.5, 1.0, bold=best_per_column(mean))
-    write_json(directory / "detection_results.json", results)
-    return {"csv": str(directory / "detection_table.csv"), "md": str(directory / "detection_table.md"),
-            "png": str(directory / "detection_table.png")}
+    write_atomic(out.md, lambda tmp: tmp.write_text(text))
+    plot_matrix(mean, title, out.png, 0.5, 1.0, bold=best_per_column(mean))
+    write_json(out.results, results)
+    return {"csv": str(out.csv), "md": str(out.md), "png": str(out.png)}
 
 
 def verdicts(results: list[dict]) -> str:
