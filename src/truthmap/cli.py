@@ -590,11 +590,11 @@ def resample(
         seeds=parse_seeds(seeds),
     )
     summary = pipeline.resample(config, n_resamples, temperature, seed, layer, token, n_questions=n_samples)
-    out = pipeline.run_dir(config).resamples
+    out = pipeline.run_dir(config).resample_files
     typer.echo(json.dumps({k: summary[k] for k in ("questions", "resampled_answers", "error_types", "selection")}, indent=2))
     cell = summary["cell"]
     typer.echo(f"Cell: {cell['site']} layer {cell['layer']}, token {cell['token']}")
-    typer.echo(f"Selection: {out / 'selection.csv'}, {out / 'selection.png'}")
+    typer.echo(f"Selection: {out.selection_csv}, {out.selection_png}")
 
 
 def main():

@@ -53,29 +53,30 @@ def check_token(token) -> None:
     """A probed token is one of POSITIONS, by name ('exact_answer_last', '-1'); else a ConfigError listing them."""
     check_name("token", token, POSITIONS)
 
-# answers.parquet: column -> (dtype as pandas reads it back, meaning). Positions are absolute indices into
-# prompt_ids + answer_ids. "object" columns hold str, or the list named in the meaning.
+# answers.parquet: column -> (type, meaning). Types are logical, as parquet stores them whatever pandas writes or
+# reads them as: str, bool, int64, float64, list[int] ...; "str | None": null allowed. Positions are absolute
+# indices into prompt_ids + answer_ids.
 ANSWER_COLUMNS = {
-    "id": ("object", "str, stable record id from the dataset loader"),
-    "question": ("object", "str, the question as in the dataset"),
-    "prompt": ("object", "str, the user message (instruct) or plain prompt (base) given to the model"),
-    "gold": ("object", "list[str], gold answers / aliases, or the gold label"),
-    "group": ("object", "str, linked-rows group (WinoBias pairs), None when unlinked"),
-    "answer": ("object", "str, generated text, decoded from answer_ids"),
+    "id": ("str", "stable record id from the dataset loader"),
+    "question": ("str", "the question as in the dataset"),
+    "prompt": ("str", "the user message (instruct) or plain prompt (base) given to the model"),
+    "gold": ("list[str]", "gold answers / aliases, or the gold label"),
+    "group": ("str | None", "linked-rows group (WinoBias pairs), None when unlinked"),
+    "answer": ("str", "generated text, decoded from answer_ids"),
     "correct": ("bool", "the dataset's correctness rule"),
-    "exact_answer": ("object", "str, the span of `answer` that carries the answer ('' when none)"),
+    "exact_answer": ("str", "the span of `answer` that carries the answer ('' when none)"),
     "exact_answer_valid": ("bool", "the exact answer was found in the answer and mapped to tokens"),
-    "exact_answer_source": ("object", "extracted | gold_match | label | given (imported) | no_answer | not_found | "
-                                      "token_mismatch"),
+    "exact_answer_source": ("str", "extracted | gold_match | label | given (imported) | no_answer | not_found | "
+                                   "token_mismatch"),
     "exact_start": ("int64", "character start of the exact answer in `answer` (-1 when invalid)"),
     "exact_end": ("int64", "character end (exclusive), -1 when invalid"),
     "gold_start": ("int64", "character start of the earliest gold alias in a correct answer (-1: incorrect, or none)"),
     "gold_end": ("int64", "character end (exclusive) of that alias, -1 when none"),
     "gold_first_token": ("int64", "index into prompt_ids + answer_ids of the gold alias's first token, -1 when none"),
     "gold_last_token": ("int64", "index of the gold alias's last token, -1 when none"),
-    "prompt_ids": ("object", "list[int], prompt token ids (chat template applied)"),
-    "answer_ids": ("object", "list[int], generated token ids without the stop token"),
-    "answer_logprobs": ("object", "list[float], log-probability of each generated token"),
+    "prompt_ids": ("list[int]", "prompt token ids (chat template applied)"),
+    "answer_ids": ("list[int]", "generated token ids without the stop token"),
+    "answer_logprobs": ("list[float]", "log-probability of each generated token"),
     "stopped": ("bool", "the answer ended (stop token, or line break after a base prompt) before max_new_tokens"),
     "prompt_len": ("int64", "len(prompt_ids)"),
     "answer_len": ("int64", "len(answer_ids)"),
@@ -91,14 +92,14 @@ RESAMPLE_COLUMNS = {
 
 # detector_scores.parquet: a saved detector applied to this run's rows (`truthmap fit-detector`).
 DETECTOR_SCORE_COLUMNS = {
-    "id": ("object", "str, the row's id in answers.parquet"),
+    "id": ("str", "the row's id in answers.parquet"),
     "error_probability": ("float64", "the detector's P(error); NaN without the detector's position (exact answer)"),
     "in_train": ("bool", "the row was one the detector was fitted on"),
 }
 
 # baselines.parquet: id, then one error score (float64, higher: more likely wrong) per baseline, named as in
 # baselines.BASELINE_NAMES: logits_mean ... probas_max_exact, p_true, p_true_exact.
-BASELINE_ID_COLUMN = {"id": ("object", "str, the row's id in answers.parquet")}
+BASELINE_ID_COLUMN = {"id": ("str", "the row's id in answers.parquet")}
 BASELINE_SCORE_DTYPE = "float64"
 
 # run.json: key -> meaning. Written once per run by the answers stage (pipeline.write_answers); "import" only for
