@@ -1,26 +1,33 @@
 """The run directory: the one contract between stages. Every path, column and store shape is defined here.
 
-    runs/<model-slug>/<dataset>/<split>/
-        run.json                    config, seed, package versions, model identity of the answers stage; for an
-                                    imported run, "import": the answers file (path, sha256, rows) and what was skipped
+    runs/<model-slug>/<dataset>/<split>/                       RunDir
+        run.json                    RUN_JSON's keys: settings, config, model identity of the answers stage, ...;
+                                    for an imported run, "import": the answers file (path, sha256, rows), skips
         resolved_config.json        site -> the configuration `truthmap run` last used (defaults < study file < flags)
+        .lock                       held by the one process writing this run (run_lock), removed on release
         report.html                 the self-contained report (`truthmap report`, and the end of `truthmap run`)
-        answers.parquet             one row per sample (ANSWER_COLUMNS)
-        work/generations/part-*.parquet   checkpoints of the generation stage, one per finished batch
-        work/extractions/part-*.parquet   checkpoints of the exact-answer extraction, one per finished batch
-        work/imports/part-*.parquet       `truthmap import`: the answer tokens' log-probabilities, one part per batch
+        answers.parquet             one row per sample (ANSWER_COLUMNS: column -> type, meaning)
+        work/generations/           Checkpoint: settings.json, part-<n>.parquet per finished batch of generation
+        work/extractions/           the same for the exact-answer extraction
+        work/imports/               `truthmap import`: the answer tokens' log-probabilities
         work/shards/<k>-of-<n>/     `--executor ray`: shard k's generations/, extractions/, activations/<site>/
-        activations/<site>/acts.f16       float16, cell-major [layers, positions, samples, hidden]
-        activations/<site>/embed.f16      float16, [1, positions, samples, hidden]: the input embedding (embed row)
-        activations/<site>/meta.json      shape, embed_shape, dtype, what made it, and how many samples are written
-        probes/<site>/heatmap.png|svg|csv, top_cells.json, probes.json (text-only controls, verdict)
-        probes/<site>/selectivity.png|svg|csv   AUC minus the best text-only control, per cell
+        activations/<site>/         Store: acts.f16 (STORE_DTYPE, cell-major [layers, positions, samples, hidden]),
+                                    embed.f16 ([1, positions, samples, hidden]: the input embedding row),
+                                    meta.json (shape, embed_shape, dtype, what made it, samples written)
+        probes/<site>/              ProbeFiles: heatmap.png|svg|csv, selectivity.png|svg|csv (AUC minus the best
+                                    text-only control), top_cells.json, probes.json (counts, controls, verdict)
         baselines.parquet           per-row error scores of the logit baselines and p(True) (`truthmap table`)
-        detector_<site>.json        a saved detector fitted on this run (`truthmap fit-detector`)
-        detector_scores.parquet     id, error_probability, in_train: that detector applied to this run's rows
-        resamples/                  K sampled answers per question, error types, answer selection (`truthmap resample`)
-    runs/<model-slug>/tables/detection_table.csv|md|png      Table 1 over datasets (`truthmap table`)
-    runs/<model-slug>/generalization/auc*.csv|png, text_controls.csv  train on one, test on another (`generalize`)
+        detector_<site>.json|.npz   a saved detector fitted on this run (`truthmap fit-detector`)
+        detector_scores.parquet     DETECTOR_SCORE_COLUMNS: that detector applied to this run's rows
+        resamples/                  ResampleFiles (`truthmap resample`): resamples.json (the steps done),
+                                    answers.parquet (RESAMPLE_COLUMNS), cell_acts.npy, greedy_cell_acts.npy,
+                                    error_types.csv, error_type_counts.json, type_probes.csv, selection.csv|png,
+                                    selection_choices.csv; work/generations/, work/extractions/, work/cell-*/
+    runs/<model-slug>/tables/       TableFiles: detection_table.csv|md|png, detection_results.json (`truthmap table`)
+    runs/<model-slug>/generalization/   GeneralizationFiles: auc*.csv|png, text_controls.csv, generalization.json
+
+ARTIFACTS and MODEL_ARTIFACTS list every file above as patterns; tests/test_rundir_contract.py walks a whole study
+against them, and checks that no other module builds a path from a string.
 
 Stages never import each other: each reads what the previous one wrote here, and writes atomically (temp file
 + os.replace), so a killed run never leaves a half-written artifact and a rerun resumes where it stopped.

@@ -102,7 +102,7 @@ class Answering:
     records: list  # datasets.Record, in record order
     prompts: list[str]  # one per record
     settings: dict  # answers_settings, stop_text included: run.json's settings
-    generation: dict  # what keys the generation checkpoints (pipeline.generation_settings), without dtype, device
+    generation: dict  # what keys the generation checkpoints (generate.generation_settings), without dtype, device
     run: RunDir
     site: str | None  # the site whose activations are recorded while generating; None: none
 
