@@ -11,6 +11,7 @@ import pytest
 
 from truthmap import pipeline, rundir
 from truthmap.config import RunConfig
+from truthmap.errors import StoreError
 from truthmap.generalize import generalization
 from truthmap.report import write_report
 from truthmap.rundir import (ANSWER_COLUMNS, ARTIFACTS, DETECTOR_SCORE_COLUMNS, MODEL_ARTIFACTS, RESAMPLE_COLUMNS,
@@ -196,3 +197,10 @@ def test_no_module_but_rundir_builds_a_path_from_a_string():
         found += [f"{module}:{line}: {text}" for line, text in path_literals(path.read_text(encoding="utf-8"))
                   if (module, text) not in ALLOWED and (module, text) not in ALLOWED_FSTRINGS]
     assert found == []
+
+
+def test_run_json_refuses_a_key_rundir_does_not_declare(tmp_path):
+    run = rundir.RunDir(tmp_path, "m", "d", "train")
+    with pytest.raises(StoreError, match="run.json key 'extra' is not declared in rundir.RUN_JSON"):
+        rundir.write_run_json(run, {"settings": {}, "extra": 1})
+    assert not run.run_json.exists()

@@ -15,7 +15,6 @@ from truthmap.rundir import (
     ANSWER_COLUMNS,
     ANSWERS_FIX,
     POSITIONS,
-    Checkpoints,
     ProbeFiles,
     RunDir,
     check_checkpoints,
@@ -31,6 +30,7 @@ from truthmap.rundir import (
     tables_dir,
     write_json,
     write_parquet,
+    write_run_json,
 )
 
 
@@ -192,8 +192,8 @@ def write_answers(run: RunDir, config: RunConfig, settings: dict, records, promp
         }
     ).merge(frame, on="id")
     write_parquet(run.answers, table[list(ANSWER_COLUMNS)])
-    write_json(
-        run.run_json,
+    write_run_json(
+        run,
         {
             "settings": settings,
             "config": config.to_dict(),
@@ -560,7 +560,7 @@ def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | No
     """Fit a detector on a run, save it, and score that run's rows (and its test split's, when extracted)."""
     import numpy as np
 
-    from truthmap.detection import probe_data
+    from truthmap.detection import probe_data, write_detector_scores
     from truthmap.detector import Detector, weights_path
 
     check_token(token)
@@ -594,30 +594,6 @@ def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | No
     if config.split == "train" and extraction_done(test_run, config.site):
         scored[str(test_run.path)] = write_detector_scores(detector, test_run, in_train=False)
     return {"detector": str(path), "layer": detector.layer_, "token": token, "scored": scored}
-
-
-def write_detector_scores(detector, run: RunDir, in_train: bool) -> dict:
-    """detector_scores.parquet: the detector's error probability for each row (NaN without a valid exact answer)."""
-    import numpy as np
-    import pandas as pd
-
-    from truthmap.activations import open_store
-    from truthmap.probes import auc
-    from truthmap.rundir import EXACT_POSITIONS
-
-    table = pd.read_parquet(run.answers, columns=["id", "correct", "exact_answer_valid"])
-    acts, _ = open_store(run.activations(detector.site))
-    cell = acts[:, detector.layer_, POSITIONS.index(detector.token), :]  # [rows, hidden]: the detector's layer alone
-    probability = detector.predict_proba(cell)[:, 1]
-    usable = table["exact_answer_valid"].to_numpy() if detector.token in EXACT_POSITIONS else np.ones(len(table), bool)
-    probability[~usable] = np.nan
-    scores = pd.DataFrame({"id": table["id"], "error_probability": probability, "in_train": in_train & usable})
-    write_parquet(run.detector_scores, scores)
-    errors = ~table["correct"].to_numpy()[usable]
-    summary = {"rows": int(usable.sum())}
-    if len(set(errors)) == 2:
-        summary["auc"] = round(auc(errors, probability[usable]), 4)
-    return summary
 
 
 def generalize(config: RunConfig, datasets: list[str], token: str, test_samples: int | None = None) -> dict:

@@ -400,6 +400,14 @@ def write_json(path: Path, data) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
 
 
+def write_run_json(run: RunDir, record: dict) -> None:
+    """run.json, holding only RUN_JSON's keys: a new key is declared (and described) there first."""
+    undeclared = sorted(set(record) - set(RUN_JSON))
+    if undeclared:
+        raise StoreError(f"run.json key {undeclared[0]!r} is not declared in rundir.RUN_JSON; declare it there.")
+    write_json(run.run_json, record)
+
+
 REBUILD = "delete it and rerun the command that wrote it"
 ANSWERS_FIX = ("delete it and rerun `truthmap generate` (or `truthmap run`) with the same options to rebuild it from "
                "the checkpoints in work/")
