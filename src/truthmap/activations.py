@@ -20,11 +20,9 @@ from pathlib import Path
 from truthmap.decoding import left_pad
 from truthmap.errors import StoreError
 from truthmap.progress import progress_bar
-from truthmap.rundir import POSITIONS, check_matches, position_column, read_json, write_json
+from truthmap.rundir import (POSITIONS, STORE_DTYPE, STORE_LAYOUT, Store, check_matches, position_column, read_json,
+                             write_json)
 
-STORE_FILE = "acts.f16"
-EMBED_FILE = "embed.f16"
-META_FILE = "meta.json"
 FLOAT16_MAX = 65504.0
 # Padded tokens per forward pass. On 2 CPU cores a pass of 64 x 155 tokens took 1.4 GB of transient memory and was
 # no faster than 8 x 155 (250 MB): beyond about a thousand tokens a bigger batch only costs memory.
@@ -49,10 +47,10 @@ def store_meta(run_settings: dict, site: str, n_samples: int, n_layers: int, hid
         "answers": run_settings,  # what made the answers these activations belong to
         "site": site,
         "positions": list(POSITIONS),
-        "layout": "layers x positions x samples x hidden",
+        "layout": STORE_LAYOUT,
         "shape": [n_layers, len(POSITIONS), n_samples, hidden],
         **({"embed_shape": [1, len(POSITIONS), n_samples, embed_width]} if embed_width else {}),
-        "dtype": "float16",
+        "dtype": STORE_DTYPE,
         "model_dtype": model_dtype,
         "device": device_kind(device),
         "written": 0,  # samples done, counted in the (deterministic) processing order
@@ -84,7 +82,7 @@ def extract_activations(lm, table, directory: Path, site: str, batch_size: int, 
     import numpy as np
 
     directory = Path(directory)
-    meta_path = directory / META_FILE
+    meta_path = Store(directory).meta
     if meta_path.exists() and "rows_written" in read_json(meta_path, META_FIX):
         # A store begun while generating, left unfinished when that run went on with another site: its rows are
         # not a run of this stage's batches, so it starts over.
@@ -119,14 +117,15 @@ def create_or_resume(directory: Path, meta: dict) -> dict:
     naming the first that differs), or meta, with new zeroed files."""
     import numpy as np
 
-    meta_path, store_path = directory / META_FILE, directory / STORE_FILE
+    store = Store(directory)
+    meta_path, store_path = store.meta, store.acts
     if meta_path.exists() and store_path.exists():
         saved = read_json(meta_path, META_FIX)
         check_matches(saved, {k: meta[k] for k in (*RESUME_KEYS, "shape")}, directory)
         return saved
     directory.mkdir(parents=True, exist_ok=True)
     np.memmap(store_path, dtype=np.float16, mode="w+", shape=tuple(meta["shape"])).flush()
-    np.memmap(directory / EMBED_FILE, dtype=np.float16, mode="w+", shape=tuple(meta["embed_shape"])).flush()
+    np.memmap(store.embed, dtype=np.float16, mode="w+", shape=tuple(meta["embed_shape"])).flush()
     write_json(meta_path, meta)
     return meta
 
@@ -137,12 +136,12 @@ def write_rows(directory: Path, meta: dict, rows: list[int], values, embedded) -
     import numpy as np
 
     meta["clipped"] += int((np.abs(values) > FLOAT16_MAX).sum())
-    store = np.memmap(directory / STORE_FILE, dtype=np.float16, mode="r+", shape=tuple(meta["shape"]))  # see the top
+    store = np.memmap(Store(directory).acts, dtype=np.float16, mode="r+", shape=tuple(meta["shape"]))  # see the top
     store[:, :, rows, :] = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).transpose(1, 2, 0, 3)
     store.flush()
     del store
     if "embed_shape" in meta:  # absent when resuming a store begun before the embedding row existed
-        embed = np.memmap(directory / EMBED_FILE, dtype=np.float16, mode="r+", shape=tuple(meta["embed_shape"]))
+        embed = np.memmap(Store(directory).embed, dtype=np.float16, mode="r+", shape=tuple(meta["embed_shape"]))
         embed[0][:, rows, :] = np.clip(embedded, -FLOAT16_MAX, FLOAT16_MAX).transpose(1, 0, 2)
         embed.flush()
         del embed
@@ -187,17 +186,17 @@ def mark_written(directory: Path, meta: dict, rows: list[int]) -> None:
     meta["written"] = len(meta["rows_written"])
     if meta["written"] == meta["shape"][2]:
         del meta["rows_written"]
-    write_json(Path(directory) / META_FILE, meta)
+    write_json(Store(directory).meta, meta)
 
 
 def check_resume(directory: Path, run_settings: dict | None, site: str, model_dtype: str, device: str) -> None:
     """Refuse, before the model loads, to finish a store begun with other settings (a mixed store looks fine).
     run_settings None: not known yet (generation adds stop_text once the model is loaded); not compared."""
-    directory = Path(directory)
-    if (directory / META_FILE).exists() and (directory / STORE_FILE).exists():
+    store = Store(directory)
+    if store.meta.exists() and store.acts.exists():
         wanted = store_meta(run_settings, site, 0, 0, 0, model_dtype, device)
         keys = [k for k in RESUME_KEYS if run_settings is not None or k != "answers"]
-        check_matches(read_json(directory / META_FILE, META_FIX), {k: wanted[k] for k in keys}, directory)
+        check_matches(read_json(store.meta, META_FIX), {k: wanted[k] for k in keys}, directory)
 
 
 def read_positions(lm, sequences: list[list[int]], positions, site: str):
@@ -235,13 +234,13 @@ def open_embedding(directory: Path, meta: dict):
     it existed."""
     if "embed_shape" not in meta:
         return None
-    return CellStore(Path(directory) / EMBED_FILE, meta["embed_shape"])
+    return CellStore(Store(directory).embed, meta["embed_shape"])
 
 
 def open_store(directory: Path):
     """The finished store as a CellStore ([samples, layers, positions, hidden] float16), and its meta."""
     directory = Path(directory)
-    meta_path = directory / META_FILE
+    meta_path = Store(directory).meta
     if not meta_path.exists():
         raise StoreError(f"No activations in {directory}. Run `truthmap extract` first.")
     meta = read_json(meta_path, META_FIX)
@@ -250,7 +249,7 @@ def open_store(directory: Path):
             f"Activations in {directory} are incomplete ({meta['written']} of {meta['shape'][2]} samples). "
             "Rerun `truthmap extract` to finish them."
         )
-    return CellStore(directory / STORE_FILE, meta["shape"]), meta
+    return CellStore(Store(directory).acts, meta["shape"]), meta
 
 
 class CellStore:
@@ -314,25 +313,26 @@ def merge_stores(parts: list[tuple[list[int], Path]], directory: Path, n_samples
     never leaves a store that looks finished."""
     import numpy as np
 
-    metas = [read_json(Path(d) / META_FILE) for _, d in parts]
+    metas = [read_json(Store(d).meta) for _, d in parts]
     n_layers, n_positions, _, hidden = metas[0]["shape"]
     meta = metas[0] | {"shape": [n_layers, n_positions, n_samples, hidden], "written": n_samples,
                        "clipped": sum(m["clipped"] for m in metas)}
-    files = [(STORE_FILE, "shape")]
+    files = [("acts", "shape")]  # Store attribute, meta key of its shape
     if all("embed_shape" in m for m in metas):  # the input embedding, beside the store (see activations.py)
         meta["embed_shape"] = metas[0]["embed_shape"][:2] + [n_samples, metas[0]["embed_shape"][3]]
-        files.append((EMBED_FILE, "embed_shape"))
+        files.append(("embed", "embed_shape"))
     else:
         meta.pop("embed_shape", None)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / META_FILE).unlink(missing_ok=True)
+    store_files = Store(directory)
+    store_files.meta.unlink(missing_ok=True)
     for name, key in files:
-        np.memmap(directory / name, dtype=np.float16, mode="w+", shape=tuple(meta[key])).flush()
+        np.memmap(getattr(store_files, name), dtype=np.float16, mode="w+", shape=tuple(meta[key])).flush()
         for (rows, part_dir), part_meta in zip(parts, metas):
             for layer in range(meta[key][0]):  # one layer of one shard mapped at a time (see activations.py)
-                store = np.memmap(directory / name, dtype=np.float16, mode="r+", shape=tuple(meta[key]))
-                part = np.memmap(Path(part_dir) / name, dtype=np.float16, mode="r", shape=tuple(part_meta[key]))
+                store = np.memmap(getattr(store_files, name), dtype=np.float16, mode="r+", shape=tuple(meta[key]))
+                part = np.memmap(getattr(Store(part_dir), name), dtype=np.float16, mode="r", shape=tuple(part_meta[key]))
                 store[layer][:, rows, :] = part[layer]  # [positions, shard samples, hidden]
                 store.flush()
                 del store, part
-    write_json(directory / META_FILE, meta)
+    write_json(store_files.meta, meta)

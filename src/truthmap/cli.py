@@ -436,7 +436,7 @@ def probe(ctx: typer.Context, **options):
     from truthmap import pipeline
 
     run = pipeline.probe(run_config(addressed(ctx, options)))
-    summary = pipeline.read_json(run.probes(options["site"]) / "probes.json")
+    summary = pipeline.read_json(run.probe_files(options["site"]).summary)
     typer.echo(json.dumps(summary["best"], indent=2))
     if summary.get("verdict"):
         typer.echo(f"Verdict: {summary['verdict']}")
@@ -648,11 +648,11 @@ def resample(ctx: typer.Context, **options):
     config = run_config(addressed(ctx, options))
     summary = pipeline.resample(config, asked["n_resamples"], asked["temperature"], config.seed, asked["layer"],
                                 asked["token"], n_questions=asked["n_questions"])
-    out = pipeline.run_dir(config).resamples
+    out = pipeline.run_dir(config).resample_files
     typer.echo(json.dumps({k: summary[k] for k in ("questions", "resampled_answers", "error_types", "selection")}, indent=2))
     cell = summary["cell"]
     typer.echo(f"Cell: {cell['site']} layer {cell['layer']}, token {cell['token']}")
-    typer.echo(f"Selection: {out / 'selection.csv'}, {out / 'selection.png'}")
+    typer.echo(f"Selection: {out.selection_csv}, {out.selection_png}")
 
 
 def main():

@@ -247,21 +247,18 @@ def markdown_table(mean, std) -> str:
 
 def write_detection_table(results: list[dict], directory, title: str) -> dict:
     """detection_table.csv (mean and std per dataset), .md (best per column in bold), .png, results.json."""
-    from pathlib import Path
-
     from truthmap.heatmap import plot_matrix
-    from truthmap.rundir import write_atomic, write_json
+    from truthmap.rundir import TableFiles, write_atomic, write_json
 
-    directory = Path(directory)
+    out = TableFiles(directory)
     mean, std = detection_frames(results)
     wide = mean.join(std, rsuffix="_std")
-    write_atomic(directory / "detection_table.csv", lambda tmp: wide.to_csv(tmp, float_format="%.4f"))
+    write_atomic(out.csv, lambda tmp: wide.to_csv(tmp, float_format="%.4f"))
     text = f"{title}\n\n" + markdown_table(mean, std) + verdicts(results)
-    write_atomic(directory / "detection_table.md", lambda tmp: tmp.write_text(text))
-    plot_matrix(mean, title, directory / "detection_table.png", 0.5, 1.0, bold=best_per_column(mean))
-    write_json(directory / "detection_results.json", results)
-    return {"csv": str(directory / "detection_table.csv"), "md": str(directory / "detection_table.md"),
-            "png": str(directory / "detection_table.png")}
+    write_atomic(out.md, lambda tmp: tmp.write_text(text))
+    plot_matrix(mean, title, out.png, 0.5, 1.0, bold=best_per_column(mean))
+    write_json(out.results, results)
+    return {"csv": str(out.csv), "md": str(out.md), "png": str(out.png)}
 
 
 def verdicts(results: list[dict]) -> str:
@@ -281,3 +278,26 @@ def verdicts(results: list[dict]) -> str:
         control = max(controls, key=lambda r: r["auc_mean"]) if controls else None
         lines.append(f"- {dataset}: " + compare(f"best probe {probe['method']}", probe, control))
     return "\nVerdict (95 % intervals over the test rows):\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
+def write_detector_scores(detector, run: RunDir, in_train: bool) -> dict:
+    """detector_scores.parquet: the detector's error probability for each row (NaN without a valid exact answer)."""
+    import numpy as np
+    import pandas as pd
+
+    from truthmap.activations import open_store
+    from truthmap.rundir import DETECTOR_SCORE_COLUMNS, EXACT_POSITIONS, write_parquet
+
+    table = pd.read_parquet(run.answers, columns=["id", "correct", "exact_answer_valid"])
+    acts, _ = open_store(run.activations(detector.site))
+    cell = acts[:, detector.layer_, POSITIONS.index(detector.token), :]  # [rows, hidden]: the detector's layer alone
+    probability = detector.predict_proba(cell)[:, 1]
+    usable = table["exact_answer_valid"].to_numpy() if detector.token in EXACT_POSITIONS else np.ones(len(table), bool)
+    probability[~usable] = np.nan
+    scores = pd.DataFrame({"id": table["id"], "error_probability": probability, "in_train": in_train & usable})
+    write_parquet(run.detector_scores, scores[list(DETECTOR_SCORE_COLUMNS)])
+    errors = ~table["correct"].to_numpy()[usable]
+    summary = {"rows": int(usable.sum())}
+    if len(set(errors)) == 2:
+        summary["auc"] = round(auc(errors, probability[usable]), 4)
+    return summary

@@ -26,7 +26,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from truthmap.config import DEFAULT_SEEDS
 from truthmap.errors import ConfigError, DataError, ModelError, StoreError, check_name
-from truthmap.rundir import EXACT_POSITIONS, POSITIONS, check_token, file_sha256, write_atomic, write_json
+from truthmap.rundir import (EXACT_POSITIONS, POSITIONS, check_token, detector_weights, file_sha256, write_atomic,
+                             write_json)
 from truthmap.sites import SITES
 
 FORMAT = "truthmap-detector"
@@ -274,7 +275,7 @@ def weights_path(path) -> Path:
     if path.suffix.lower() != ".json":
         raise ConfigError(f"A detector is saved as a .json file (with a .npz beside it); got {path}. Name it "
                           f"{path.with_suffix('.json').name}.")
-    return path.with_suffix(".npz")
+    return detector_weights(path)
 
 
 def read_detector_json(path: Path) -> dict:

@@ -93,8 +93,9 @@ def generalization(runs: dict[str, tuple[RunDir, RunDir]], site: str, token: str
     import pandas as pd
 
     from truthmap.heatmap import plot_matrix
-    from truthmap.rundir import write_atomic
+    from truthmap.rundir import GeneralizationFiles, write_atomic
 
+    out = GeneralizationFiles(directory)
     sources = {name: probe_data(train, site, f"{name} (train)") for name, (train, _) in runs.items()}
     targets = {name: probe_data(test, site, f"{name} (test)") for name, (_, test) in runs.items()}
     values, layers, blank = transfer_aucs(sources, targets, token, seeds)
@@ -114,17 +115,17 @@ def generalization(runs: dict[str, tuple[RunDir, RunDir]], site: str, token: str
         ("auc_minus_control", minus_control, (-0.3, 0.3, "RdBu_r"),
          "AUC minus the best text-only control trained and tested on the same datasets"),
     ):
-        path = directory / f"{stem}.csv"
+        path, figure = out.matrix(stem)
         write_atomic(path, lambda tmp, frame=frame: frame.to_csv(tmp, float_format="%.4f"))
-        plot_matrix(frame, title, directory / f"{stem}.png", vmin, vmax, cmap)
+        plot_matrix(frame, title, figure, vmin, vmax, cmap)
         files[stem] = str(path)
     long = pd.DataFrame([
         {"train_on": s, "test_on": t, "control": name, "auc": values[i, j]}
         for name, values in controls.items() for i, s in enumerate(names) for j, t in enumerate(names)
     ])
-    write_atomic(directory / "text_controls.csv", lambda tmp: long.to_csv(tmp, index=False, float_format="%.4f"))
-    files["text_controls"] = str(directory / "text_controls.csv")
-    write_json(directory / "generalization.json", {
+    write_atomic(out.text_controls, lambda tmp: long.to_csv(tmp, index=False, float_format="%.4f"))
+    files["text_controls"] = str(out.text_controls)
+    write_json(out.summary, {
         "token": token, "site": site, "seeds": list(seeds), "layers": layers, "baseline": REFERENCE_BASELINE,
         "baseline_auc": baseline.to_dict(), "blank": blank,
         "text_controls": {k: v.tolist() for k, v in controls.items()},  # control -> [sources, targets]

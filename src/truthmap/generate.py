@@ -14,11 +14,52 @@ handed, with its recording, to the caller's after_batch before its checkpoint: t
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 
+from truthmap.config import RunConfig
 from truthmap.decoding import batches, generate_batch
 from truthmap.models import encode_prompt, stop_token_ids
 from truthmap.progress import progress_bar
-from truthmap.rundir import Checkpoints
+from truthmap.rundir import Checkpoints, file_sha256
+
+
+# ------------------------------------------------------------------------------ what decides the answers
+
+
+def answers_settings(config: RunConfig, spec) -> dict:
+    """What decides the content of answers.parquet; resuming with any of it changed is refused.
+
+    generate adds stop_text (generate.answer_stop) once the model, and so the prompt style, is known."""
+    return {
+        "model": config.model,
+        "dataset": config.dataset,
+        "dataset_version": spec.version,
+        "split": config.split,
+        "n_samples": config.n_samples,
+        "seed": config.seed,
+        "prompt_style": config.prompt_style,
+        "max_new_tokens": config.max_new_tokens or spec.max_new_tokens,
+        # The file's content, not its path: a file edited in place is another dataset, and the same file given
+        # by an absolute or a relative path is the same one. (Runs made before this recorded custom_path.)
+        **({"custom_sha256": file_sha256(Path(config.custom_path).expanduser()),
+            "custom_columns": [config.question_column, config.answer_column]} if config.dataset == "custom" else {}),
+    } | locating_settings(config)
+
+
+LOCATING_KEYS = ("locate", "extractor", "extraction_model", "extraction_tries")
+
+
+def locating_settings(config: RunConfig) -> dict:
+    """What decides the exact answers of answers.parquet (not the generations: another locating reuses those)."""
+    tries = config.extraction_tries if config.extractor == "free" else None
+    return dict(zip(LOCATING_KEYS, (config.locate, config.extractor, config.extraction_model, tries)))
+
+
+def generation_settings(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in LOCATING_KEYS}
+
+
+# ------------------------------------------------------------------------------------------ the answers
 
 
 def generate_answers(lm, ids: list[str], prompts: list[str], max_new_tokens: int, batch_size: int,

@@ -10,11 +10,12 @@ from pathlib import Path
 
 from truthmap.config import RunConfig
 from truthmap.errors import ConfigError, DataError, StoreError
+from truthmap.generate import answers_settings, generation_settings, locating_settings
 from truthmap.rundir import (
     ANSWER_COLUMNS,
     ANSWERS_FIX,
     POSITIONS,
-    Checkpoints,
+    ProbeFiles,
     RunDir,
     check_checkpoints,
     check_matches,
@@ -29,6 +30,7 @@ from truthmap.rundir import (
     tables_dir,
     write_json,
     write_parquet,
+    write_run_json,
 )
 
 
@@ -61,39 +63,6 @@ def load_config_records(config: RunConfig):
         custom = CustomSource(config.custom_path, config.question_column, config.answer_column)
     records = load_records(config.dataset, config.split, config.data_dir, config.n_samples, config.seed, custom)
     return spec, records
-
-
-def answers_settings(config: RunConfig, spec) -> dict:
-    """What decides the content of answers.parquet; resuming with any of it changed is refused.
-
-    generate adds stop_text (generate.answer_stop) once the model, and so the prompt style, is known."""
-    return {
-        "model": config.model,
-        "dataset": config.dataset,
-        "dataset_version": spec.version,
-        "split": config.split,
-        "n_samples": config.n_samples,
-        "seed": config.seed,
-        "prompt_style": config.prompt_style,
-        "max_new_tokens": config.max_new_tokens or spec.max_new_tokens,
-        # The file's content, not its path: a file edited in place is another dataset, and the same file given
-        # by an absolute or a relative path is the same one. (Runs made before this recorded custom_path.)
-        **({"custom_sha256": file_sha256(Path(config.custom_path).expanduser()),
-            "custom_columns": [config.question_column, config.answer_column]} if config.dataset == "custom" else {}),
-    } | locating_settings(config)
-
-
-LOCATING_KEYS = ("locate", "extractor", "extraction_model", "extraction_tries")
-
-
-def locating_settings(config: RunConfig) -> dict:
-    """What decides the exact answers of answers.parquet (not the generations: another locating reuses those)."""
-    tries = config.extraction_tries if config.extractor == "free" else None
-    return dict(zip(LOCATING_KEYS, (config.locate, config.extractor, config.extraction_model, tries)))
-
-
-def generation_settings(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if k not in LOCATING_KEYS}
 
 
 def check_resume(config: RunConfig) -> None:
@@ -176,7 +145,7 @@ def generate(config: RunConfig, lm=None, activations: bool = True) -> RunDir:
     with runner(config, model_state(config, lm), -(-len(records) // config.batch_size)) as workers:
         lm = workers.one(describe)  # the tokenizer and chat template as the workers have them
         settings["stop_text"] = answer_stop(spec, lm.is_chat)
-        made_parts = run.generation_parts / "settings.json"
+        made_parts = run.work.generations.settings
         if made_parts.exists():  # batches of a killed run from before the stop rule: as on resume above
             check_matches({"stop_text": read_json(made_parts).get("stop_text")}, settings, run.generation_parts)
         prompts = [build_prompt(spec, r, "instruct" if lm.is_chat else "base") for r in records]
@@ -223,8 +192,8 @@ def write_answers(run: RunDir, config: RunConfig, settings: dict, records, promp
         }
     ).merge(frame, on="id")
     write_parquet(run.answers, table[list(ANSWER_COLUMNS)])
-    write_json(
-        run.run_json,
+    write_run_json(
+        run,
         {
             "settings": settings,
             "config": config.to_dict(),
@@ -365,7 +334,7 @@ def _answers_table(run: RunDir):
 def extraction_done(run: RunDir, site: str) -> bool:
     from truthmap.activations import META_FIX
 
-    meta_path = run.activations(site) / "meta.json"
+    meta_path = run.store(site).meta
     return meta_path.exists() and (meta := read_json(meta_path, META_FIX))["written"] == meta["shape"][2]
 
 
@@ -408,11 +377,11 @@ def probe(config: RunConfig) -> RunDir:
     from truthmap.probes import probe_grid
 
     run = run_dir(config)
-    out = run.probes(config.site)
+    out = run.probe_files(config.site)
     table = _answers_table(run)
     acts, meta = open_store(run.activations(config.site))
     made_by = {"answers": meta["answers"], "site": config.site, "seeds": list(config.seeds), "outputs": PROBE_OUTPUTS}
-    if (out / "probes.json").exists() and all(read_json(out / "probes.json").get(k) == v for k, v in made_by.items()):
+    if out.summary.exists() and all(read_json(out.summary).get(k) == v for k, v in made_by.items()):
         return run
     rows = np.flatnonzero(table["exact_answer_valid"].to_numpy())
     is_error = ~table["correct"].to_numpy()[rows]
@@ -429,7 +398,7 @@ def probe(config: RunConfig) -> RunDir:
     title = f"{model_slug(config.model)} · {config.dataset} ({config.split}) · {config.site} · n={len(rows)}"
     summary = write_probe_outputs(out, grid, embed_grid, controls, title, config.dataset)
     write_json(
-        out / "probes.json",
+        out.summary,
         made_by
         | {
             "rows_with_valid_exact_answer": int(len(rows)),
@@ -454,9 +423,10 @@ def text_controls(table, rows, is_error, groups, config: RunConfig) -> dict:
     return control_grid(texts, is_error, train, bootstrap_weights(is_error))
 
 
-def write_probe_outputs(out: Path, grid, embed_grid, controls: dict, title: str, dataset: str) -> dict:
+def write_probe_outputs(out: ProbeFiles | Path, grid, embed_grid, controls: dict, title: str, dataset: str) -> dict:
     """heatmap.png|svg|csv (embedding row below layer 0, grey dots where a cell's interval does not clear the best
     control), selectivity.png|svg|csv, top_cells.json; returns the summary entries of probes.json."""
+    out = ProbeFiles(out.path if isinstance(out, ProbeFiles) else out)
     from truthmap.controls import best_control, public, selectivity, verdict
     from truthmap.heatmap import EMBED_ROW, plot_heatmap, top_cells, with_embedding, write_heatmap_csv
     from truthmap.heatmap import write_selectivity_csv, write_top_cells
@@ -468,15 +438,15 @@ def write_probe_outputs(out: Path, grid, embed_grid, controls: dict, title: str,
     note = ""
     if "clears" in sel:
         note = f"· : 95% interval does not clear {controls[best_name]['label']} (AUC {control_auc:.3f})"
-    plot_heatmap(rows.mean, POSITIONS, title, out / "heatmap.png", out / "heatmap.svg", labels,
+    plot_heatmap(rows.mean, POSITIONS, title, out.heatmap_png, out.heatmap_svg, labels,
                  marked=~sel["clears"] if "clears" in sel else None, note=note)
-    write_heatmap_csv(rows, POSITIONS, out / "heatmap.csv", labels)
+    write_heatmap_csv(rows, POSITIONS, out.heatmap_csv, labels)
     if best_name:
         plot_heatmap(sel["mean"], POSITIONS, f"Selectivity: AUC minus {controls[best_name]['label']}\n{title}",
-                     out / "selectivity.png", out / "selectivity.svg", labels, marked=~sel["clears"] if "clears" in sel
+                     out.selectivity_png, out.selectivity_svg, labels, marked=~sel["clears"] if "clears" in sel
                      else None, diverging=True, note=note)
-        write_selectivity_csv(sel, POSITIONS, out / "selectivity.csv", labels)
-    write_top_cells(grid, POSITIONS, out / "top_cells.json", control_auc=control_auc)
+        write_selectivity_csv(sel, POSITIONS, out.selectivity_csv, labels)
+    write_top_cells(grid, POSITIONS, out.top_cells, control_auc=control_auc)
     best = top_cells(grid, POSITIONS, k=1, control_auc=control_auc)[0]
     return {
         "best": best,
@@ -505,9 +475,9 @@ def run_all(config: RunConfig) -> dict:
     from truthmap.report import red_flags, write_report
 
     report = write_report(run.path)
-    summary = read_json(run.probes(config.site) / "probes.json")
+    summary = read_json(run.probe_files(config.site).summary)
     return {
-        "heatmap": str(run.probes(config.site) / "heatmap.png"),
+        "heatmap": str(run.probe_files(config.site).heatmap_png),
         "best": summary["best"],
         "verdict": summary.get("verdict"),
         **summarize_answers(run),
@@ -597,7 +567,7 @@ def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | No
     """Fit a detector on a run, save it, and score that run's rows (and its test split's, when extracted)."""
     import numpy as np
 
-    from truthmap.detection import probe_data
+    from truthmap.detection import probe_data, write_detector_scores
     from truthmap.detector import Detector, weights_path
 
     check_token(token)
@@ -633,30 +603,6 @@ def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | No
     return {"detector": str(path), "layer": detector.layer_, "token": token, "scored": scored}
 
 
-def write_detector_scores(detector, run: RunDir, in_train: bool) -> dict:
-    """detector_scores.parquet: the detector's error probability for each row (NaN without a valid exact answer)."""
-    import numpy as np
-    import pandas as pd
-
-    from truthmap.activations import open_store
-    from truthmap.probes import auc
-    from truthmap.rundir import EXACT_POSITIONS
-
-    table = pd.read_parquet(run.answers, columns=["id", "correct", "exact_answer_valid"])
-    acts, _ = open_store(run.activations(detector.site))
-    cell = acts[:, detector.layer_, POSITIONS.index(detector.token), :]  # [rows, hidden]: the detector's layer alone
-    probability = detector.predict_proba(cell)[:, 1]
-    usable = table["exact_answer_valid"].to_numpy() if detector.token in EXACT_POSITIONS else np.ones(len(table), bool)
-    probability[~usable] = np.nan
-    scores = pd.DataFrame({"id": table["id"], "error_probability": probability, "in_train": in_train & usable})
-    write_parquet(run.detector_scores, scores)
-    errors = ~table["correct"].to_numpy()[usable]
-    summary = {"rows": int(usable.sum())}
-    if len(set(errors)) == 2:
-        summary["auc"] = round(auc(errors, probability[usable]), 4)
-    return summary
-
-
 def generalize(config: RunConfig, datasets: list[str], token: str, test_samples: int | None = None) -> dict:
     """Train on each dataset, test on every dataset: the matrix of AUCs and of AUCs over the target's baseline."""
     from truthmap.generalize import generalization
@@ -679,7 +625,6 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
     token are given); writes run.resamples/ and returns its resamples.json. Finished steps are not redone, and
     the model is loaded only when answers or activations are missing.
     """
-    import numpy as np
     import pandas as pd
 
     from truthmap import resample as resampling
@@ -701,18 +646,14 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
     rows = resampling.choose_questions(len(every), n_questions, seed)
     greedy = every.iloc[rows].reset_index(drop=True)
     store, meta = open_store(run.activations(config.site))
-    probes_json = run_dir(dataclasses.replace(config, split="train")).probes(config.site) / "probes.json"
+    probes_json = run_dir(dataclasses.replace(config, split="train")).probe_files(config.site).summary
     cell = resampling.resolve_cell(probes_json, config.site, layer, token, meta["shape"][0])
-    greedy_acts = resampling.greedy_cell(store, cell)[rows]  # [questions, width]
-
-    out = run.resamples
     settings = made["settings"] | {"n_resamples": n_resamples, "temperature": temperature, "resample_seed": seed}
     # Resamples are located as the greedy answers were (runs made before "locate" existed: these flags).
     extraction = {k: made["settings"].get(k, v) for k, v in locating_settings(config).items()}
-    answers_made_by = settings | extraction | {"n_questions": len(greedy)}
-    state = read_json(out / "resamples.json") if (out / "resamples.json").exists() else {}
     get_lm = model_loader(config) if lm is None else (lambda: lm)
-    if state.get("settings") != json.loads(json.dumps(answers_made_by)) or not (out / "answers.parquet").exists():
+
+    def load_records():
         greedy_config = _greedy_records_config(config, made["config"])
         spec, records = load_config_records(greedy_config)
         if "custom_sha256" in made["settings"]:  # the questions must be those the greedy answers answered
@@ -722,39 +663,23 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
         missing = [i for i in greedy["id"] if i not in records]
         if missing:
             raise StoreError(f"The dataset no longer has question {missing[0]!r} of {run.answers}; check --data-dir.")
-        model = dataclasses.replace(get_lm(), is_chat=made["chat_template"])
-        extractor = model
-        if extraction["extraction_model"]:
-            from truthmap.models import load_model
+        return spec, records
 
-            extractor = load_model(extraction["extraction_model"], config.device, config.dtype)
-        answers = resampling.resample_answers(
-            model, extractor, spec, records, greedy, generation_settings(settings), out / "work", config.batch_size,
-            extraction,
-        )
-        write_parquet(out / "answers.parquet", answers)
-        state = {"settings": answers_made_by}
-        write_json(out / "resamples.json", state)
-    answers = pd.read_parquet(out / "answers.parquet")
-    if state.get("cell") != cell or not (out / "cell_acts.npy").exists():
-        cell_dir = out / "work" / f"cell-{config.site}-{cell['layer']}-{cell['token']}"
-        keyed = answers.assign(key=[resampling.row_key(i, k) for i, k in zip(answers["id"], answers["sample"])])
-        acts = resampling.cell_activations(
-            get_lm(), keyed, config.site, cell["layer"], cell["token"], config.batch_size,
-            Checkpoints(cell_dir, settings | extraction | cell),  # extraction moves exact-answer positions
-        )
-        resampling.save_npy(out / "cell_acts.npy", acts)
-        resampling.save_npy(out / "greedy_cell_acts.npy", greedy_acts)
-        state = {"settings": state["settings"], "cell": cell}
-        write_json(out / "resamples.json", state)
+    def answer_models():
+        model = dataclasses.replace(get_lm(), is_chat=made["chat_template"])
+        if not extraction["extraction_model"]:
+            return model, model
+        from truthmap.models import load_model
+
+        return model, load_model(extraction["extraction_model"], config.device, config.dtype)
+
     title = (f"{model_slug(config.model)} · {config.dataset} ({config.split}) · K={n_resamples}, T={temperature}\n"
              f"cell: {config.site} layer {cell['layer']}, {cell['token']}")
-    summary = resampling.analyse(
-        greedy, answers, greedy_acts, np.load(out / "cell_acts.npy"), cell["token"], config.seeds, out, title
+    job = resampling.Resampling(
+        run.resample_files, greedy, resampling.greedy_cell(store, cell)[rows], cell, settings, extraction,
+        generation_settings(settings), config.batch_size, config.seeds, title,
     )
-    state = state | summary
-    write_json(out / "resamples.json", state)
-    return state
+    return resampling.resample_stage(job, load_records, answer_models, get_lm)
 
 
 def _greedy_records_config(config: RunConfig, saved: dict) -> RunConfig:

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from truthmap.errors import StoreError
-from truthmap.rundir import RunDir, read_json, read_parquet, write_atomic
+from truthmap.rundir import (ProbeFiles, RunDir, TableFiles, begun_runs, read_json, read_parquet, runs_below,
+                             write_atomic)
 
 EXAMPLES_CAP = 500  # rows of answers.parquet shown; the page stays light in a browser
 # Red flags: numbers too good to be true. A best cell at or above this AUC with a spread over the seeds below
@@ -57,7 +58,7 @@ def write_report(run_path) -> Path:
 
 
 def _runs_below(path: Path) -> str:
-    found = sorted(p.parent for p in path.glob("**/answers.parquet"))[:3]
+    found = runs_below(path)[:3]
     if not found:
         return " Expected runs/<model>/<dataset>/<split>."
     return f" Did you mean: {', '.join(str(p) for p in found)}?"
@@ -89,8 +90,8 @@ def red_flags(run: RunDir, answers=None) -> list[str]:
             "labels and exact answers may be read from text written after the answer (a base model that does not "
             "stop at the line break?); check the examples, or raise --max-new-tokens."
         )
-    for site in _sites_with(run, "probes.json"):
-        probes = read_json(run.probes(site) / "probes.json")
+    for site in _sites_with(run, "summary"):
+        probes = read_json(run.probe_files(site).summary)
         best = probes.get("best")
         if not best or best["auc_mean"] < TOO_GOOD_AUC or best["auc_std"] >= TOO_STEADY:
             continue
@@ -146,8 +147,8 @@ def summary_section(run: RunDir, info: dict, answers) -> str:
         **_locating_rows(info, answers),
         "run directory": str(run.path),
     }
-    for site in _sites_with(run, "probes.json"):
-        probes = read_json(run.probes(site) / "probes.json")
+    for site in _sites_with(run, "summary"):
+        probes = read_json(run.probe_files(site).summary)
         best = probes.get("best")
         if best:
             rows[f"best cell, {site}"] = (
@@ -180,22 +181,22 @@ def _locating_rows(info: dict, answers) -> dict:
 
 def heatmap_sections(run: RunDir) -> list[tuple[str, str, str]]:
     sections = []
-    for site in sorted(set(_sites_with(run, "heatmap.svg")) | set(_sites_with(run, "heatmap.png"))):
-        folder = run.probes(site)
-        figure = folder / "heatmap.svg" if (folder / "heatmap.svg").exists() else folder / "heatmap.png"
+    for site in sorted(set(_sites_with(run, "heatmap_svg")) | set(_sites_with(run, "heatmap_png"))):
+        folder = run.probe_files(site)
+        figure = folder.heatmap_svg if folder.heatmap_svg.exists() else folder.heatmap_png
         parts = [_figure(figure, f"Layer x token AUC of the error probes, {site}")]
-        if (folder / "probes.json").exists():
-            parts.append(_probe_facts(read_json(folder / "probes.json")))
-        if (folder / "top_cells.json").exists():
-            parts.append("<h3>Best cells</h3>" + _records_table(read_json(folder / "top_cells.json")))
+        if folder.summary.exists():
+            parts.append(_probe_facts(read_json(folder.summary)))
+        if folder.top_cells.exists():
+            parts.append("<h3>Best cells</h3>" + _records_table(read_json(folder.top_cells)))
         parts.append(controls_parts(folder))
         sections.append((f"heatmap-{site}", f"Heatmap: {site}", "\n".join(parts)))
     return sections
 
 
-def controls_parts(folder: Path) -> str:
+def controls_parts(folder: ProbeFiles) -> str:
     """The text-only controls of a probe folder, the verdict and the selectivity map; '' for a run made before."""
-    probes = read_json(folder / "probes.json") if (folder / "probes.json").exists() else {}
+    probes = read_json(folder.summary) if folder.summary.exists() else {}
     parts = []
     if probes.get("verdict"):
         parts.append(f"<h3>Verdict</h3><p>{html.escape(probes['verdict'])}</p>")
@@ -209,7 +210,7 @@ def controls_parts(folder: Path) -> str:
         token = html.escape(cell["token"])
         parts.append(f'<p class="note">Input embedding row (the token-identity floor): best {token},'
                      f" AUC {cell['auc_mean']:.3f}.</p>")
-    figure = folder / "selectivity.svg" if (folder / "selectivity.svg").exists() else folder / "selectivity.png"
+    figure = folder.selectivity_svg if folder.selectivity_svg.exists() else folder.selectivity_png
     if figure.exists():
         parts.append("<h3>Selectivity: AUC minus the best text-only control</h3>" + _figure(figure, "Selectivity"))
     return "\n".join(parts)
@@ -226,12 +227,13 @@ def _probe_facts(probes: dict) -> str:
 
 
 def detection_section(run: RunDir) -> str:
-    return _files_section(run.tables, ["detection_table.png", "detection_table.csv"]) + _table_verdicts(run.tables)
+    tables = run.table_files
+    return _files_section([tables.png, tables.csv]) + _table_verdicts(tables)
 
 
-def _table_verdicts(folder: Path) -> str:
+def _table_verdicts(tables: TableFiles) -> str:
     """The verdict lines that close detection_table.md (best probe against best text-only control, per dataset)."""
-    path = folder / "detection_table.md"
+    path = tables.md
     if not path.exists() or "\nVerdict" not in path.read_text():
         return ""
     head, _, lines = path.read_text().partition("\nVerdict")
@@ -241,20 +243,21 @@ def _table_verdicts(folder: Path) -> str:
 
 
 def generalization_section(run: RunDir) -> str:
-    names = ["auc_minus_baseline.png", "auc_minus_control.png", "auc.png", "auc.csv", "auc_minus_baseline.csv",
-             "auc_minus_control.csv", "text_controls.csv"]
-    return _files_section(run.generalization, names)
+    files = run.generalization_files
+    return _files_section([files.auc_minus_baseline_png, files.auc_minus_control_png, files.auc_png, files.auc_csv,
+                           files.auc_minus_baseline_csv, files.auc_minus_control_csv, files.text_controls])
 
 
 def resample_section(run: RunDir) -> str:
-    return _files_section(run.resamples, ["error_types.csv", "type_probes.csv", "selection.png", "selection.csv"])
+    files = run.resample_files
+    return _files_section([files.error_types, files.type_probes, files.selection_png, files.selection_csv])
 
 
-def _files_section(folder: Path, names: list[str]) -> str:
+def _files_section(paths: list[Path]) -> str:
     """Each file present, in order: a PNG as a figure, a CSV as a table under its name."""
     parts = []
-    for name in names:
-        path = folder / name
+    for path in paths:
+        name = path.name
         if path.exists():
             body = _figure(path, name) if path.suffix == ".png" else _csv_table(path)
             parts.append(f"<h3>{html.escape(name)}</h3>\n{body}")
@@ -375,8 +378,9 @@ def _gold_text(gold) -> str:
 # ---------------------------------------------------------------- HTML pieces
 
 
-def _sites_with(run: RunDir, name: str) -> list[str]:
-    return sorted(p.parent.name for p in (run.path / "probes").glob(f"*/{name}"))
+def _sites_with(run: RunDir, file: str) -> list[str]:
+    """Sites whose probes/<site>/ holds that file (a ProbeFiles attribute: "summary", "heatmap_png")."""
+    return [site for site in run.probe_sites() if getattr(run.probe_files(site), file).exists()]
 
 
 def _figure(path: Path, caption: str) -> str:
@@ -489,10 +493,7 @@ def render_page(title: str, sections: list[tuple[str, str, str]]) -> str:
 
 def find_runs(runs_dir) -> list[RunDir]:
     """Every runs/<model-slug>/<dataset>/<split> that has begun (answers, run.json or generation checkpoints)."""
-    root = Path(runs_dir)
-    marks = ("answers.parquet", "run.json", "work")
-    found = {p.parent for mark in marks for p in root.glob(f"*/*/*/{mark}")}
-    return [RunDir.from_path(p) for p in sorted(found)]
+    return [RunDir.from_path(p) for p in begun_runs(runs_dir)]
 
 
 def run_status(run: RunDir, damaged: list[str] | None = None) -> dict:
@@ -509,7 +510,7 @@ def run_status(run: RunDir, damaged: list[str] | None = None) -> dict:
         except StoreError as err:
             damaged.append(str(err))
             answers = "DAMAGED"
-    parts = len(list(run.generation_parts.glob("part-*.parquet")))
+    parts = len(run.work.generations.parts())
     answers = answers or ("done" if samples is not None else (f"{parts} batches" if parts else "started"))
     return {
         "model": run.path.parent.parent.name,
@@ -519,7 +520,7 @@ def run_status(run: RunDir, damaged: list[str] | None = None) -> dict:
         "correct": correct,
         "answers": answers,
         "activations": ",".join(_activation_status(run, damaged)) or "-",
-        "probes": ",".join(_sites_with(run, "probes.json")) or "-",
+        "probes": ",".join(_sites_with(run, "summary")) or "-",
         "detector": _detector_status(run),
         "report": "yes" if run.report.exists() else "-",
     }
@@ -527,7 +528,7 @@ def run_status(run: RunDir, damaged: list[str] | None = None) -> dict:
 
 def _detector_status(run: RunDir) -> str:
     """Sites of the detectors fitted on this run; 'scored' when a detector was applied to its rows."""
-    sites = ",".join(sorted(p.stem.removeprefix("detector_") for p in run.path.glob("detector_*.json")))
+    sites = ",".join(run.detector_sites())
     scored = "scored" if run.detector_scores.exists() else ""
     return " ".join(filter(None, [sites, scored])) or "-"
 
@@ -537,8 +538,8 @@ def _activation_status(run: RunDir, damaged: list[str]) -> list[str]:
     from truthmap.activations import META_FIX
 
     found = []
-    for meta_path in sorted((run.path / "activations").glob("*/meta.json")):
-        site = meta_path.parent.name
+    for site in run.store_sites():
+        meta_path = run.store(site).meta
         try:
             meta = read_json(meta_path, META_FIX)
         except StoreError as err:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
 
 from truthmap.decoding import batches, generate_batch
@@ -16,9 +17,10 @@ from truthmap.error_types import ERROR_TYPES, NO_ANSWER
 from truthmap.generate import answer_stop, generation_columns, stop_at_text
 from truthmap.errors import ConfigError, ProbeError, StoreError
 from truthmap.progress import progress_bar
+from truthmap import rundir
 from truthmap.rundir import (
-    ANSWER_COLUMNS, EXACT_POSITIONS, POSITIONS, Checkpoints, check_token, position_column, read_json, write_atomic,
-    write_json,
+    EXACT_POSITIONS, POSITIONS, Checkpoints, ResampleFiles, Work, check_token, position_column, read_json,
+    write_atomic, write_json, write_parquet,
 )
 
 FLOAT16_MAX = 65504.0  # as the greedy store: values beyond the float16 range are clipped
@@ -82,7 +84,7 @@ def label_and_locate(extractor, tokenizer, spec, records: dict, frame, batch_siz
     (label.label_and_locate, keyed by row_key: each sample is its own row).
 
     records: question id -> Record. locating: the greedy run's "locate", "extractor" and "extraction_tries"
-    (pipeline.locating_settings), so that resamples are located as the greedy answers were.
+    (generate.locating_settings), so that resamples are located as the greedy answers were.
     """
     from truthmap.label import label_and_locate as locate_rows
     from truthmap.locate import extract_spans
@@ -141,10 +143,7 @@ def cell_activations(lm, frame, site: str, layer: int, token: str, batch_size: i
 
 # --------------------------------------------------------------------------------------------- a whole resampling
 
-# The columns of resamples/answers.parquet: the greedy answers' per-answer columns, plus `sample` (0..K-1).
-RESAMPLE_COLUMNS = ["id", "sample"] + [
-    c for c in ANSWER_COLUMNS if c not in ("id", "question", "prompt", "gold", "group")
-]
+RESAMPLE_COLUMNS = list(rundir.RESAMPLE_COLUMNS)  # resamples/answers.parquet, in order
 
 
 def choose_questions(n: int, n_questions: int | None, seed: int):
@@ -182,7 +181,7 @@ def greedy_cell(acts, cell: dict):
     return np.asarray(acts[:, cell["layer"], POSITIONS.index(cell["token"]), :], dtype=np.float16)
 
 
-def resample_answers(lm, extractor, spec, records: dict, greedy, settings: dict, work: Path, batch_size: int,
+def resample_answers(lm, extractor, spec, records: dict, greedy, settings: dict, work: Work, batch_size: int,
                      locating: dict):
     """Sample, label and locate: the frame of resamples/answers.parquet (RESAMPLE_COLUMNS).
 
@@ -193,12 +192,12 @@ def resample_answers(lm, extractor, spec, records: dict, greedy, settings: dict,
 
     generated = sample_answers(
         lm, greedy, settings["n_resamples"], settings["temperature"], settings["resample_seed"],
-        settings["max_new_tokens"], batch_size, Checkpoints(work / "generations", settings),
+        settings["max_new_tokens"], batch_size, Checkpoints(work.generations.path, settings),
         stop_token_ids(lm.tokenizer, lm.model), answer_stop(spec, lm.is_chat),
     )
     frame = label_and_locate(
         extractor, lm.tokenizer, spec, records, generated, batch_size,
-        Checkpoints(work / "extractions", settings | locating), locating, settings["resample_seed"],
+        Checkpoints(work.extractions.path, settings | locating), locating, settings["resample_seed"],
     )
     return frame[RESAMPLE_COLUMNS]
 
@@ -300,7 +299,7 @@ def selection_candidates(greedy, answers, greedy_acts, cell_acts, token: str, n_
     return rows, note
 
 
-def analyse(greedy, answers, greedy_acts, cell_acts, token: str, seeds, out: Path, title: str, n_folds: int = 5,
+def analyse(greedy, answers, greedy_acts, cell_acts, token: str, seeds, out: ResampleFiles, title: str, n_folds: int = 5,
             fold_seed: int = 0) -> dict:
     """Error types, type probes and answer selection; writes their files in `out`, returns a summary."""
     from truthmap.error_types import type_counts, type_table
@@ -316,18 +315,18 @@ def analyse(greedy, answers, greedy_acts, cell_acts, token: str, seeds, out: Pat
     types = type_table(questions)
     types.insert(1, "greedy_correct", types["id"].map(dict(zip(greedy["id"], greedy["correct"]))))
     counts = type_counts(types)
-    save_csv(out / "error_types.csv", types)
-    write_json(out / "error_type_counts.json", counts)
+    save_csv(out.error_types, types)
+    write_json(out.error_type_counts, counts)
 
     probes = type_probes(types, greedy, greedy_acts, seeds)
-    save_csv(out / "type_probes.csv", probes)
+    save_csv(out.type_probes, probes)
 
     candidates, probe_note = selection_candidates(greedy, answers, greedy_acts, cell_acts, token, n_folds, fold_seed)
     chosen = select_answers(candidates)
     report = selection_report(chosen, types)
-    save_csv(out / "selection.csv", report)
-    save_csv(out / "selection_choices.csv", chosen)
-    plot_selection(report, title, out / "selection.png")
+    save_csv(out.selection_csv, report)
+    save_csv(out.selection_choices, chosen)
+    plot_selection(report, title, out.selection_png)
     overall = report.iloc[0]
     return {
         "questions": len(types),
@@ -343,3 +342,66 @@ def analyse(greedy, answers, greedy_acts, cell_acts, token: str, seeds, out: Pat
         "selection": {m: round(float(overall[m]), 4) for m in (*METHODS, "oracle")},
         "selection_probe": probe_note or f"ErrorProbe cross-fitted over {n_folds} folds of the greedy answers",
     }
+
+
+# ------------------------------------------------------------------------------------------ the stage's steps
+
+
+@dataclasses.dataclass
+class Resampling:
+    """What one resampling of a greedy run needs (pipeline.resample gathers it from the run directory)."""
+
+    files: ResampleFiles  # where it writes: the run's resamples/
+    greedy: object  # frame: the chosen questions' rows of the greedy answers.parquet
+    greedy_acts: object  # float16 [questions, width]: the greedy store at the cell
+    cell: dict  # site, layer, token (resolve_cell)
+    settings: dict  # the greedy run's settings, plus n_resamples, temperature and resample_seed
+    extraction: dict  # how the greedy answers were located (generate.LOCATING_KEYS), as resamples are
+    generation: dict  # what keys the sampling checkpoints (generate.generation_settings(settings))
+    batch_size: int
+    seeds: tuple
+    title: str
+
+
+def resample_stage(job: Resampling, load_records, answer_models, get_lm) -> dict:
+    """The three steps, each skipped when resamples.json says it is done with these settings: sample, label and
+    locate the answers; read their activations at the cell; analyse. resamples.json is written once per step, so
+    a killed run resumes at the first step not done. Returns resamples.json's content.
+
+    load_records() -> (spec, question id -> Record); answer_models() -> (model, extractor), loaded on first use;
+    get_lm(): the model for the cell's activations.
+    """
+    import numpy as np
+    import pandas as pd
+
+    files = job.files
+    made_by = job.settings | job.extraction | {"n_questions": len(job.greedy)}
+    state = read_json(files.state) if files.state.exists() else {}
+    if state.get("settings") != json.loads(json.dumps(made_by)) or not files.answers.exists():
+        spec, records = load_records()
+        model, extractor = answer_models()
+        answers = resample_answers(model, extractor, spec, records, job.greedy, job.generation, files.work,
+                                   job.batch_size, job.extraction)
+        write_parquet(files.answers, answers)
+        state = save_state(files, {"settings": made_by})
+    answers = pd.read_parquet(files.answers)
+    cell = job.cell
+    if state.get("cell") != cell or not files.cell_acts.exists():
+        keyed = answers.assign(key=[row_key(i, k) for i, k in zip(answers["id"], answers["sample"])])
+        acts = cell_activations(
+            get_lm(), keyed, cell["site"], cell["layer"], cell["token"], job.batch_size,
+            # extraction moves exact-answer positions
+            Checkpoints(files.work.cell(cell["site"], cell["layer"], cell["token"]).path,
+                        job.settings | job.extraction | cell),
+        )
+        save_npy(files.cell_acts, acts)
+        save_npy(files.greedy_cell_acts, job.greedy_acts)
+        state = save_state(files, {"settings": state["settings"], "cell": cell})
+    summary = analyse(job.greedy, answers, job.greedy_acts, np.load(files.cell_acts), cell["token"], job.seeds, files,
+                      job.title)
+    return save_state(files, state | summary)
+
+
+def save_state(files: ResampleFiles, state: dict) -> dict:
+    write_json(files.state, state)
+    return state

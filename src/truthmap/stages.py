@@ -17,7 +17,7 @@ from pathlib import Path
 
 from truthmap.config import RunConfig
 from truthmap.errors import ConfigError
-from truthmap.rundir import Checkpoints, RunDir
+from truthmap.rundir import Checkpoints, RunDir, Work
 
 
 @dataclass
@@ -80,14 +80,14 @@ def compute_settings(config: RunConfig, lm=None) -> dict:
     return {"dtype": dtype, "device": device_kind(device)}
 
 
-def work_dir(run: RunDir, shard: tuple[int, int] | None) -> Path:
+def work_dir(run: RunDir, shard: tuple[int, int] | None) -> Work:
     """Where a shard checkpoints: the run's own work/, or work/shards/<k>-of-<n>/ (absolute: workers may run
     in another directory)."""
-    return run.path / "work" if shard is None else run.shard(*shard).absolute()
+    return run.work if shard is None else Work(run.work.shard(*shard).path.absolute())
 
 
 def store_dir(run: RunDir, shard: tuple[int, int] | None, site: str) -> Path:
-    return run.activations(site) if shard is None else work_dir(run, shard) / "activations" / site
+    return run.activations(site) if shard is None else work_dir(run, shard).store(site).path
 
 
 # ------------------------------------------------------------------------------------------------- answers
@@ -102,7 +102,7 @@ class Answering:
     records: list  # datasets.Record, in record order
     prompts: list[str]  # one per record
     settings: dict  # answers_settings, stop_text included: run.json's settings
-    generation: dict  # what keys the generation checkpoints (pipeline.generation_settings), without dtype, device
+    generation: dict  # what keys the generation checkpoints (generate.generation_settings), without dtype, device
     run: RunDir
     site: str | None  # the site whose activations are recorded while generating; None: none
 
@@ -129,7 +129,7 @@ def answer_shard(models: Models, batches: list[list[int]], shard, job: Answering
 
     def extract(pending):
         if "extractions" not in opened:  # on first use: answers that need no extractor leave no checkpoints of it
-            opened["extractions"] = Checkpoints(work / "extractions", job.settings)
+            opened["extractions"] = Checkpoints(work.extractions.path, job.settings)
         return extract_spans(models.extractor(), pending, config.batch_size, opened["extractions"], config.extractor,
                              config.extraction_tries, config.seed, models.extraction_prefix(), progress=False)
 
@@ -144,7 +144,7 @@ def answer_shard(models: Models, batches: list[list[int]], shard, job: Answering
 
     generate_answers(
         lm, [job.records[i].id for i in rows], [job.prompts[i] for i in rows], job.settings["max_new_tokens"],
-        config.batch_size, Checkpoints(work / "generations", job.generation | compute_settings(config, lm)),
+        config.batch_size, Checkpoints(work.generations.path, job.generation | compute_settings(config, lm)),
         job.settings["stop_text"], job.site, after_batch,
     )
     return pd.concat(located, ignore_index=True).drop_duplicates("id", keep="last"), rows, store
