@@ -77,6 +77,25 @@ class Row:
     ids_given: bool = False  # answer_ids came from the file, not from encoding the text
 
 
+def import_settings(config, spec, source, sha256: str, rows: int) -> dict:
+    """What decides the content of an imported answers.parquet; continuing with any of it changed is refused."""
+    from dataclasses import asdict
+
+    from truthmap.generate import locating_settings
+
+    return {
+        "model": config.model,
+        "dataset": config.dataset,
+        "dataset_version": spec.version,
+        "split": config.split,
+        "prompt_style": config.prompt_style,
+        "max_new_tokens": config.max_new_tokens or spec.max_new_tokens,
+        "import_sha256": sha256,  # the file's content, not its path (as custom_sha256)
+        "import_rows": rows,
+        "import_columns": asdict(source) | {"path": None},
+    } | locating_settings(config)
+
+
 # ------------------------------------------------------------------------------------------------- reading
 
 

@@ -226,8 +226,8 @@ def import_answers(config: RunConfig, source, lm=None, strict: bool = False, act
     A finished import of the same file returns at once; checkpoints of a killed one are resumed."""
     from truthmap.datasets import get_spec
     from truthmap.activations import create_or_resume, new_meta
-    from truthmap.importer import (SHOWN_ROWS, check_rows, describe_skips, generation_frame, label_rows, locate_rows,
-                                   prepare_rows, read_rows, score_answers)
+    from truthmap.importer import (SHOWN_ROWS, check_rows, describe_skips, generation_frame, import_settings,
+                                   label_rows, locate_rows, prepare_rows, read_rows, score_answers)
     from truthmap.label import located_frame
     from truthmap.rundir import Checkpoints, check_checkpoints, check_matches, file_sha256, read_json
 
@@ -285,23 +285,6 @@ def import_answers(config: RunConfig, source, lm=None, strict: bool = False, act
     write_answers(run, config, settings, records, list(located["prompt"]), located.drop(columns=["prompt"]), lm,
                   started, site, extra={"import": summary})
     return summary | summarize_answers(run)
-
-
-def import_settings(config: RunConfig, spec, source, sha256: str, rows: int) -> dict:
-    """What decides the content of an imported answers.parquet; continuing with any of it changed is refused."""
-    from dataclasses import asdict
-
-    return {
-        "model": config.model,
-        "dataset": config.dataset,
-        "dataset_version": spec.version,
-        "split": config.split,
-        "prompt_style": config.prompt_style,
-        "max_new_tokens": config.max_new_tokens or spec.max_new_tokens,
-        "import_sha256": sha256,  # the file's content, not its path (as custom_sha256)
-        "import_rows": rows,
-        "import_columns": asdict(source) | {"path": None},
-    } | locating_settings(config)
 
 
 def summarize_answers(run: RunDir) -> dict:
