@@ -409,12 +409,19 @@ def test_fit_cells_batches_by_the_memory_budget(monkeypatch):
 
     cells = [(layer, pos) for layer in range(3) for pos in range(4)]
     rng = np.random.default_rng(0)
-    data = {cell: rng.standard_normal((50, 8)).astype(np.float16) for cell in cells}
-    y = rng.random(50) < 0.4
-    train = probes.split_masks(50, None, (0,), y)
-    monkeypatch.setattr(probes, "CELL_BUDGET_BYTES", 5 * 4 * 50 * 8)  # 5 float32 cells
+    data = {cell: rng.standard_normal((200, 8)).astype(np.float16) for cell in cells}
+    y = rng.random(200) < 0.4
+    train = probes.split_masks(200, None, (0,), y)
+    monkeypatch.setattr(probes, "CELL_BUDGET_BYTES", 5 * 4 * 200 * 8)  # 5 float32 cells (more than 5 fits' state)
     batches = [batch for batch, _ in probes.fit_cells(data.__getitem__, cells, y, train, device="cpu")]
     assert batches == [cells[:5], cells[5:10], cells[10:]]
+    # 10 rows: a cell's activations are 320 bytes, its fits' state 8 x STATE_VECTORS x 1 split x 9: that decides
+    few = {cell: values[:10] for cell, values in data.items()}
+    monkeypatch.setattr(probes, "CELL_BUDGET_BYTES", 4 * 8 * probes.STATE_VECTORS * 9)
+    y = np.arange(10) % 2 == 0
+    train = probes.split_masks(10, None, (0,), y)
+    batches = [batch for batch, _ in probes.fit_cells(few.__getitem__, cells, y, train, device="cpu")]
+    assert batches == [cells[:4], cells[4:8], cells[8:]]
 
 
 def test_fit_cells_names_the_cell_with_nan():

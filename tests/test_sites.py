@@ -371,3 +371,35 @@ def test_recorded_decoding_equals_a_full_forward_pass(tiny, site):
     before = len(prompts[0]) - 9  # before the window
     with pytest.raises(ModelError, match=rf"^Position {before} of row 0 was not recorded"):
         recording.cells(0, len(prompts[0]), [before])
+
+
+@pytest.mark.parametrize("site", ["mlp", "resid"])
+def test_recording_after_a_shared_prefix_equals_a_full_forward_pass(tiny, site):
+    """With the chat template's shared first tokens encoded once (generate.batch_prefix), the decoding writes the
+    same tokens, and the recording holds the same values at every position it is asked for, token 0 included
+    (from the prefix's own pass); a position inside the prefix other than 0 was never recorded."""
+    from truthmap.activations import read_positions
+    from truthmap.decoding import generate_batch
+    from truthmap.generate import MIN_PREFIX, batch_prefix
+    from truthmap.models import encode_prompt
+    from truthmap.sites import record
+
+    preamble = "Question: Long answer: Exact answer: "  # as a system turn would be: the same first tokens for all
+    questions = ["What is the capital of France?", "Zürich and Tromsø, cities of the north?", "What? 0123"]
+    prompts = [encode_prompt(tiny.tokenizer, preamble + q, True) for q in questions]
+    prefix, first = batch_prefix(tiny, prompts, site)
+    assert prefix is not None and len(prefix.ids) >= MIN_PREFIX and first.shape[0] == len(tiny.model.model.layers)
+    assert all(len(p) - len(prefix.ids) >= 9 for p in prompts)
+    whole = generate_batch(tiny.model, tiny.tokenizer, prompts, 6, [10**9])
+    with record(tiny.model, site, prompts, prefix_len=len(prefix.ids), first=first) as recording:
+        made = generate_batch(tiny.model, tiny.tokenizer, prompts, 6, [10**9], recording=recording, prefix=prefix)
+    assert [g.token_ids for g in made] == [g.token_ids for g in whole]
+    for row, (prompt, generation) in enumerate(zip(prompts, made)):
+        sequence = prompt + generation.token_ids
+        positions = [0, *range(len(prompt) - 8, len(sequence))]
+        got = recording.cells(row, len(prompt), positions).float().numpy()
+        expected = read_positions(tiny, [sequence], [positions], site)[0]
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    inside = len(prefix.ids) - 1
+    with pytest.raises(ModelError, match=rf"^Position {inside} of row 0 was not recorded .*{len(prefix.ids)} of them a shared prefix"):
+        recording.cells(0, len(prompts[0]), [inside])

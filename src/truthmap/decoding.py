@@ -46,6 +46,13 @@ def encode_prefix(model, ids: list[int]) -> Prefix | None:
     return Prefix(list(ids), cache) if hasattr(cache, "batch_repeat_interleave") else None
 
 
+def shared_prefix_length(prompts: list[list[int]], keep: int = 1) -> int:
+    """How many first tokens every prompt shares, leaving each at least `keep` tokens of its own."""
+    shortest = min(len(p) for p in prompts)
+    same = next((i for i in range(shortest) if any(p[i] != prompts[0][i] for p in prompts)), shortest)
+    return max(0, min(same, shortest - keep))
+
+
 def _greedy(logits, rows):
     return logits.argmax(-1)
 

@@ -21,7 +21,8 @@ from truthmap.errors import ProbeError
 from truthmap.progress import progress_bar
 
 MIN_PER_CLASS = 5  # fewer errors (or correct answers) than this and the AUC is noise
-CELL_BUDGET_BYTES = 128 * 2**20  # float32 activations fitted at once by fit_cells (one layout of each cell)
+CELL_BUDGET_BYTES = 128 * 2**20  # what fit_cells fits at once: float32 activations, or the fits' float64 state
+STATE_VECTORS = 45  # [splits, hidden + 1] float64 vectors that fit_logistic keeps per cell (3 per L-BFGS pair)
 
 
 class ProbeInputError(ProbeError, ValueError):
@@ -109,9 +110,11 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
     else:  # the Cholesky factor of P, from a strided sample of GRAM_ROWS rows beyond that (enough to estimate it)
         sample = Xn[:, :: -(-n // GRAM_ROWS)]
         c /= sample.shape[1]
-        P = torch.eye(d, dtype=dtype, device=device) + c * (sample.mT @ sample).to(dtype)
-        factor = torch.linalg.cholesky(P).to(data)  # [B, d, d], lower
-        del sample, P
+        factor = torch.empty(B, d, d, dtype=data, device=device)  # [B, d, d], lower
+        eye = torch.eye(d, dtype=dtype, device=device)
+        for i in range(B):  # a cell at a time: float64 d x d temporaries of one cell, not of the batch (5x its X)
+            factor[i] = torch.linalg.cholesky(eye + c * (sample[i].mT @ sample[i]).to(dtype))
+        del sample, eye
     p_b = 0.25 * C * n_train  # [S] intercept curvature at w = 0
 
     def precondition(g, factor):  # P^-1 g for g [B, S, d + 1] (row vectors)
@@ -648,7 +651,8 @@ def fit_cells(read, cells, y, train, C=1.0, max_iter=1000, device=None, threads=
 
     read(cell) -> [n, hidden] activations of one cell; y [n] bool; train [S, n] bool (the splits' train rows).
     Yields (the batch's cells, fit_logistic's result as numpy arrays), the batches holding at most
-    CELL_BUDGET_BYTES of float32 activations. where(cell) names a cell in the error about NaN or inf values.
+    CELL_BUDGET_BYTES of float32 activations, or of the fits' state where that is larger (few rows).
+    where(cell) names a cell in the error about NaN or inf values.
     device: where the fits run (None: cuda when available, else cpu); cells are read on the CPU and moved there.
     threads: torch threads on the CPU (None: torch's setting, less what other processes keep busy, measured before
     each batch: on a shared CPU, threads that wait for a descheduled peer made the grid 20x slower).
@@ -660,7 +664,10 @@ def fit_cells(read, cells, y, train, C=1.0, max_iter=1000, device=None, threads=
         device = torch.device("cpu")
     first = read(cells[0]) if cells else None
     n, hidden = np.shape(first) if cells else (0, 0)
-    per_batch = max(1, CELL_BUDGET_BYTES // (4 * n * hidden)) if cells else 1
+    # Few rows make a cell's activations small, not its L-BFGS state: that bounds the batch then (at 24 rows, 450
+    # cells at once held 0.8 GB of state).
+    per_cell = max(4 * n * hidden, 8 * STATE_VECTORS * len(train) * (hidden + 1))
+    per_batch = max(1, CELL_BUDGET_BYTES // per_cell) if cells else 1
     y = np.asarray(y, dtype=np.float64)
     ceiling = threads or torch.get_num_threads()
     sample = cpu_sample() if threads is None and device.type == "cpu" else None

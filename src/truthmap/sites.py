@@ -363,10 +363,17 @@ class Recording:
     decoding.generate_batch), and the values go to the CPU: one copy per call rather than one per layer. Answer
     token j is fed at call j + 1, so `cells` finds the first token and any position from the prompt's last
     `window` tokens on: all that the probed positions (locate.token_positions) can be.
+
+    A decoding that reuses the cache of a shared prefix (decoding.Prefix) feeds only the tokens after it:
+    prefix_len says how many, and `first` holds the values at the prefix's first token, [layers, width] (the same
+    for every row: a causal model's first position sees nothing else).
     """
 
-    def __init__(self, model_name: str, n_layers: int, prompt_lengths: list[int], window: int):
-        self.model_name, self.prompt_lengths, self.window = model_name, list(prompt_lengths), window
+    def __init__(self, model_name: str, n_layers: int, prompt_lengths: list[int], window: int, prefix_len: int = 0,
+                 first=None):
+        self.model_name, self.window = model_name, window
+        self.prompt_lengths = [n - prefix_len for n in prompt_lengths]  # what the prefill is fed
+        self.prefix_len, self.first = prefix_len, first
         self.pending: list = [None] * n_layers  # this call's [rows, k, width] per layer, on the model's device
         self.calls: list[tuple[list[int], "torch.Tensor"]] = []  # (rows, [rows, layers, k, width] on the CPU)
 
@@ -398,7 +405,12 @@ class Recording:
         prefill_rows, prefill = self.calls[0]  # [rows, layers, 1 + window, width]
         window = prefill.shape[2] - 1
         columns = []
+        prompt_len -= self.prefix_len
         for position in positions:
+            if self.prefix_len and position == 0:
+                columns.append(self.first)
+                continue
+            position -= self.prefix_len
             step = position - prompt_len + 1  # the call that fed it; 0: the prefill
             if position == 0:
                 columns.append(prefill[prefill_rows.index(row), :, 0])
@@ -408,19 +420,25 @@ class Recording:
                 rows, values = self.calls[step]
                 columns.append(values[rows.index(row), :, 0])
             else:
-                raise ModelError(f"Position {position} of row {row} was not recorded (prompt of {prompt_len} tokens, "
+                raise ModelError(f"Position {position + self.prefix_len} of row {row} was not recorded (prompt of "
+                                 f"{prompt_len + self.prefix_len} tokens, {self.prefix_len} of them a shared prefix, "
                                  f"{len(self.calls)} calls, a window of {window}).")
         return torch.stack(columns, dim=1)
 
 
+RECORD_WINDOW = 8  # the last eight tokens of prompt + answer are probed positions
+
+
 @contextmanager
-def record(model: "torch.nn.Module", site: str, prompts: list[list[int]], window: int = 8) -> Iterator[Recording]:
+def record(model: "torch.nn.Module", site: str, prompts: list[list[int]], window: int = RECORD_WINDOW,
+           prefix_len: int = 0, first=None) -> Iterator[Recording]:
     """Hook every layer at `site` for one decoding of `prompts` (decoding.generate_batch(..., recording=...)).
 
     Only each prompt's first token and last `window` tokens, then one column per later step, are kept (see
-    Recording): never a whole sequence. 8: the last eight tokens of prompt + answer are probed positions."""
+    Recording): never a whole sequence. prefix_len, first: the decoding reuses the cache of the prompts' first
+    prefix_len tokens, and first [layers, width] is the site's output at token 0 (see Recording)."""
     name = type(model).__name__
-    recording = Recording(name, len(site_hooks(model, site)), [len(p) for p in prompts], window)
+    recording = Recording(name, len(site_hooks(model, site)), [len(p) for p in prompts], window, prefix_len, first)
     with _hooked(model, site, lambda layer, value: recording._keep(layer, _first_tensor(name, value))):
         yield recording
 
