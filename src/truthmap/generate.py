@@ -20,7 +20,7 @@ from truthmap.config import RunConfig
 from truthmap.decoding import batches, generate_batch
 from truthmap.models import encode_prompt, stop_token_ids
 from truthmap.progress import progress_bar
-from truthmap.rundir import Checkpoints, file_sha256
+from truthmap.rundir import STORE_DTYPE, Checkpoints, file_sha256
 
 
 # ------------------------------------------------------------------------------ what decides the answers
@@ -74,6 +74,7 @@ def generate_answers(lm, ids: list[str], prompts: list[str], max_new_tokens: int
     recording is the decoding's sites.Recording at `site` (None without a site).
     """
     import pandas as pd
+    import torch
 
     from truthmap.sites import record
 
@@ -91,7 +92,8 @@ def generate_answers(lm, ids: list[str], prompts: list[str], max_new_tokens: int
         for batch in batches(todo, batch_size):
             prompt_ids = [p for _, p in batch]
             prefix, first = batch_prefix(lm, prompt_ids, site)
-            recorder = record(lm.model, site, prompt_ids, prefix_len=len(prefix.ids) if prefix else 0, first=first)
+            recorder = record(lm.model, site, prompt_ids, prefix_len=len(prefix.ids) if prefix else 0, first=first,
+                              dtype=getattr(torch, STORE_DTYPE))  # cast now as the store would: the same bytes
             with recorder if site else nullcontext() as recording:
                 generations = generate_batch(lm.model, lm.tokenizer, prompt_ids, max_new_tokens, stop_ids,
                                              stop_check=stop_check, recording=recording, prefix=prefix)

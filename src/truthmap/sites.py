@@ -370,10 +370,11 @@ class Recording:
     """
 
     def __init__(self, model_name: str, n_layers: int, prompt_lengths: list[int], window: int, prefix_len: int = 0,
-                 first=None):
-        self.model_name, self.window = model_name, window
+                 first=None, dtype=None):
+        self.model_name, self.window, self.dtype = model_name, window, dtype
         self.prompt_lengths = [n - prefix_len for n in prompt_lengths]  # what the prefill is fed
-        self.prefix_len, self.first = prefix_len, first
+        self.prefix_len = prefix_len
+        self.first = first if first is None or dtype is None else first.to(dtype)
         self.pending: list = [None] * n_layers  # this call's [rows, k, width] per layer, on the model's device
         self.calls: list[tuple[list[int], "torch.Tensor"]] = []  # (rows, [rows, layers, k, width] on the CPU)
 
@@ -394,7 +395,8 @@ class Recording:
 
         if any(value is None for value in self.pending):
             raise ModelError(f"Nothing recorded from {self.model_name} at some layer: run a forward pass inside record()")
-        self.calls.append((list(rows), torch.stack(self.pending, dim=1).to("cpu")))  # [rows, layers, k, width]
+        values = torch.stack(self.pending, dim=1).to("cpu", self.dtype)  # [rows, layers, k, width]
+        self.calls.append((list(rows), values))
         self.pending = [None] * len(self.pending)
 
     def cells(self, row: int, prompt_len: int, positions) -> "torch.Tensor":
@@ -431,14 +433,16 @@ RECORD_WINDOW = 8  # the last eight tokens of prompt + answer are probed positio
 
 @contextmanager
 def record(model: "torch.nn.Module", site: str, prompts: list[list[int]], window: int = RECORD_WINDOW,
-           prefix_len: int = 0, first=None) -> Iterator[Recording]:
+           prefix_len: int = 0, first=None, dtype=None) -> Iterator[Recording]:
     """Hook every layer at `site` for one decoding of `prompts` (decoding.generate_batch(..., recording=...)).
 
     Only each prompt's first token and last `window` tokens, then one column per later step, are kept (see
     Recording): never a whole sequence. prefix_len, first: the decoding reuses the cache of the prompts' first
-    prefix_len tokens, and first [layers, width] is the site's output at token 0 (see Recording)."""
+    prefix_len tokens, and first [layers, width] is the site's output at token 0 (see Recording). dtype: what the
+    values are kept in (None: the model's); the store's float16 halves what a batch holds, for the same bytes."""
     name = type(model).__name__
-    recording = Recording(name, len(site_hooks(model, site)), [len(p) for p in prompts], window, prefix_len, first)
+    recording = Recording(name, len(site_hooks(model, site)), [len(p) for p in prompts], window, prefix_len, first,
+                          dtype)
     with _hooked(model, site, lambda layer, value: recording._keep(layer, _first_tensor(name, value))):
         yield recording
 
