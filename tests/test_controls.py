@@ -7,8 +7,10 @@ import pytest
 
 from truthmap.controls import (
     CONTROLS,
+    CONTROL_C,
     best_control,
     control_grid,
+    control_scores,
     selectivity,
     transfer_control_aucs,
     verdict,
@@ -107,6 +109,30 @@ def test_a_control_that_cannot_be_fitted_is_blank_with_a_note():
     empty = controls["text_exact_answer"]
     assert np.isnan(empty["auc_mean"]) and "empty vocabulary" in empty["note"]
     assert best_control(controls) == "text_answer"
+
+
+def test_control_scores_equal_the_scikit_learn_pipeline_fitted_on_each_split():
+    """Counting each text's n-grams once must give what a TfidfVectorizer union fitted per split gives: the split's
+    own vocabulary and idf, n-grams seen only in other rows or in the scored texts ignored."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline, make_union
+
+    rng = np.random.default_rng(0)
+    words = WORDS + ["Zürich", "São Paulo", "N'Djamena", "x-ray", "42"]
+    texts = [" ".join(rng.choice(words, size=rng.integers(1, 6))) for _ in range(120)]
+    is_error = rng.random(120) < 0.4
+    others = ["Quito and Accra", "Paris, Lima", "", "ünïcode 7"]  # n-grams that no fitted row has
+    masks = split_masks(120, None, SEEDS, is_error)
+    ours = control_scores(texts, is_error, masks, score_texts=others + texts)
+    for s, mask in enumerate(masks):
+        reference = make_pipeline(
+            make_union(TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True),
+                       TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True,
+                                       token_pattern=r"(?u)\b\w+\b")),
+            LogisticRegression(C=CONTROL_C, max_iter=1000),
+        ).fit([t for t, m in zip(texts, mask) if m], is_error[mask])
+        np.testing.assert_allclose(ours[s], reference.decision_function(others + texts), rtol=1e-6, atol=1e-6)
 
 
 def test_transfer_control_trains_on_one_set_and_scores_another():

@@ -28,36 +28,68 @@ CONTROLS = {
 CONTROL_C = 1.0  # sklearn's default; on TF-IDF rows (unit length) it ranks as well as 10x weaker or stronger
 
 
-def text_classifier(C: float = CONTROL_C):
-    """TF-IDF of character 1-4-grams (within words) and word 1-2-grams, then an L2 logistic regression."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline, make_union
+# The classifier's features: TF-IDF (sublinear tf, smoothed idf, each part of unit length) of character 1-4-grams
+# within words and of word 1-2-grams, then an L2 logistic regression. The same as a scikit-learn pipeline of
+# make_union(TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True), TfidfVectorizer(
+# analyzer="word", ngram_range=(1, 2), sublinear_tf=True, token_pattern=...)) and LogisticRegression(C) fitted on
+# each split's rows; the n-grams of each text are counted once for all splits instead of once per split (5 seeds:
+# 5x fewer passes of the analyzers, which took most of the controls' time).
+NGRAMS = (
+    {"analyzer": "char_wb", "ngram_range": (1, 4)},
+    {"analyzer": "word", "ngram_range": (1, 2), "token_pattern": r"(?u)\b\w+\b"},
+)
 
-    return make_pipeline(
-        make_union(
-            TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True),
-            TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, token_pattern=r"(?u)\b\w+\b"),
-        ),
-        LogisticRegression(C=C, max_iter=1000),
-    )
+
+def ngram_counts(texts) -> list:
+    """For each of NGRAMS, the [texts, n-grams] sparse counts, columns in the sorted order of a vectorizer's
+    vocabulary. Raises ValueError when a kind finds no n-gram at all."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    return [CountVectorizer(**params).fit_transform(texts).tocsr() for params in NGRAMS]
+
+
+def tfidf_features(counts: list, fit_rows, rows) -> tuple:
+    """TF-IDF features of `fit_rows` and of `rows`, with the vocabulary and idf of `fit_rows` alone, as a
+    TfidfVectorizer fitted on those texts would give them."""
+    from scipy.sparse import diags, hstack
+    from sklearn.preprocessing import normalize
+
+    fit_parts, parts = [], []
+    for kind in counts:
+        fitted = kind[fit_rows]
+        df = np.bincount(fitted.indices, minlength=kind.shape[1])
+        vocabulary = np.flatnonzero(df)
+        if not len(vocabulary):
+            raise ValueError("empty vocabulary; the fitted texts hold no n-gram")
+        idf = diags(np.log((1 + fitted.shape[0]) / (1 + df[vocabulary])) + 1)
+        for source, out in ((fitted, fit_parts), (kind[rows], parts)):
+            tf = source[:, vocabulary].astype(np.float64)
+            tf.data = np.log(tf.data) + 1
+            out.append(normalize(tf @ idf))
+    return hstack(fit_parts).tocsr(), hstack(parts).tocsr()
 
 
 def control_scores(texts, is_error, fit_masks, score_texts=None) -> np.ndarray:
     """[seeds, n] error log-odds: for each mask [seeds, rows], a classifier fitted on texts[mask] scores every
     text of score_texts (default: texts itself, so the rows outside the mask are the held-out ones)."""
-    texts = np.asarray([str(t) for t in texts], dtype=object)
+    from sklearn.linear_model import LogisticRegression
+
+    texts = [str(t) for t in texts]
     y = np.asarray(is_error, dtype=bool)
-    score_texts = texts if score_texts is None else np.asarray([str(t) for t in score_texts], dtype=object)
-    out = np.empty((len(fit_masks), len(score_texts)))
-    for s, mask in enumerate(fit_masks):
-        try:
+    scored = np.arange(len(texts)) if score_texts is None else len(texts) + np.arange(len(score_texts))
+    every = texts if score_texts is None else texts + [str(t) for t in score_texts]
+    out = np.empty((len(fit_masks), len(scored)))
+    try:
+        counts = ngram_counts(every)
+        for s, mask in enumerate(fit_masks):
+            fit_rows = np.flatnonzero(mask)
+            X_fit, X = tfidf_features(counts, fit_rows, scored)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a convergence warning on a few hundred rows changes no ranking
-                model = text_classifier().fit(list(texts[mask]), y[mask])
-        except ValueError as err:  # e.g. every text empty: "empty vocabulary"
-            raise ProbeError(f"A text-only control cannot be fitted: {err}") from None
-        out[s] = model.decision_function(list(score_texts))
+                model = LogisticRegression(C=CONTROL_C, max_iter=1000).fit(X_fit, y[fit_rows])
+            out[s] = model.decision_function(X)
+    except ValueError as err:  # e.g. every text empty: "empty vocabulary"
+        raise ProbeError(f"A text-only control cannot be fitted: {err}") from None
     return out
 
 
