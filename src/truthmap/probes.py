@@ -113,9 +113,12 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
     c = DATA_CURVATURE * C * float(n_train.mean())
     if woodbury:  # P^-1 = I - c R^T R, R = L^-1 X, L L^T = I + c X X^T: n x d numbers and O(n^2 d) work, not d^3
         c /= n
-        L = torch.linalg.cholesky(torch.eye(n, dtype=dtype, device=device) + c * (Xn @ Xn.mT).to(dtype))
-        factor = torch.linalg.solve_triangular(L, Xn.to(dtype), upper=False).to(data)  # R [B, n, d]
-        del L
+        factor = torch.empty(B, n, d, dtype=data, device=device)  # R [B, n, d]
+        eye = torch.eye(n, dtype=dtype, device=device)
+        for i in range(B):  # a cell at a time: the float64 copy of X and L of one cell, not of the batch
+            L = torch.linalg.cholesky(eye + c * (Xn[i] @ Xn[i].mT).to(dtype))
+            factor[i] = torch.linalg.solve_triangular(L, Xn[i].to(dtype), upper=False)
+        del eye
     else:  # the Cholesky factor of P, from a strided sample of GRAM_ROWS rows beyond that (enough to estimate it)
         sample = Xn[:, :: -(-n // GRAM_ROWS)]
         c /= sample.shape[1]
