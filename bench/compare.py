@@ -327,7 +327,7 @@ def run_per_sample(config, lm, table, sampler, max_new_tokens: int, probe: bool)
 
 
 # Greedy decoding is a float computation: where two tokens' logits are this close, batched and single-sequence
-# kernels round differently and may pick either (the largest gap seen to flip in bench runs: 4e-6).
+# kernels round differently and may pick either (the gap where an answer flipped in a bench run: 3e-6).
 TIE = 1e-3
 
 
