@@ -1,13 +1,14 @@
-"""The probe stage of a finished run, part by part, with the preconditioner's two data weights.
+"""The probe stage of a finished run, part by part, with this checkout's fit and an earlier revision's.
 
-    python bench/probe_stage.py RUN_DIR [--site mlp] [--curvatures 0.25,DEFAULT]
+    python bench/probe_stage.py RUN_DIR [--site mlp] [--against REV] [--rounds 2]
 
-RUN_DIR is a run directory (runs/<model>/<dataset>/<split>) whose activations are stored. For each weight of the
-data in the probes' preconditioner (0.25: p(1 - p) at w = 0, as before issue 17's last change; DEFAULT:
-probes.DATA_CURVATURE), in this one process, it times what `pipeline.probe` does: the probe grid on the rows with
-a valid exact answer, the input-embedding row, the text-only controls, and the figures and tables (written to a
-temporary directory; the run is not changed). It prints the seconds of each part, the L-BFGS iterations summed
-over cells, and the largest AUC difference between the two grids. Compare numbers of one run, on a quiet machine.
+RUN_DIR is a run directory (runs/<model>/<dataset>/<split>) whose activations are stored. In this one process it
+times what `pipeline.probe` does: the probe grid on the rows with a valid exact answer, the input-embedding row,
+the text-only controls, and the figures and tables (written to a temporary directory; the run is not changed).
+With --against, the probe grids (fits, batches, threads) alternate between `probes` of this checkout and
+src/truthmap/probes.py at git revision REV (the controls and outputs are this checkout's), for --rounds rounds. It prints
+the seconds of each part, the L-BFGS iterations summed over cells, and the largest AUC difference between the
+versions' grids. Compare numbers of one run, on a quiet machine.
 """
 
 from __future__ import annotations
@@ -16,8 +17,27 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+
+def load_revision(rev: str):
+    """src/truthmap/probes.py as it was at git revision rev, imported as a module of its own."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    text = subprocess.run(["git", "show", f"{rev}:src/truthmap/probes.py"], cwd=root, check=True,
+                          capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"probes_{rev.replace('/', '_')}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:
@@ -25,7 +45,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="a run directory with stored activations")
     parser.add_argument("--site", default="mlp")
-    parser.add_argument("--curvatures", default="0.25,DEFAULT")
+    parser.add_argument("--against", help="a git revision whose probes module to time as well")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the versions (with --against)")
     args = parser.parse_args()
     os.environ.setdefault("TRUTHMAP_PROGRESS", "0")
 
@@ -50,44 +71,49 @@ def main() -> None:
     print(f"{run}: {len(rows)} rows, {int(is_error.sum())} errors, store {tuple(acts.shape)}; torch threads "
           f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
 
-    iterations = [0]
-    fit = probes.fit_logistic
+    versions = {"this checkout": probes}
+    if args.against:
+        versions = {args.against: load_revision(args.against), **versions}
+    iterations, counting = [0], threading.Lock()  # fits run in several threads at once
 
-    def counted(X, *a, **k):  # sums each cell's iterations: n_iter is the batch's, the slowest cell's
-        result = fit(X, *a, **k)
-        iterations[0] += result["cell_iterations"]
-        return result
+    def counted(fit):  # sums each cell's iterations: n_iter is the batch's, the slowest cell's
+        def fit_and_count(X, *a, **k):
+            result = fit(X, *a, **k)
+            with counting:
+                iterations[0] += result["cell_iterations"]
+            return result
+        return fit_and_count
 
-    probes.fit_logistic = counted
+    for module in versions.values():
+        module.fit_logistic = counted(module.fit_logistic)
 
-    grids, default = {}, probes.DATA_CURVATURE
-    for name in args.curvatures.split(","):
-        probes.DATA_CURVATURE = weight = default if name == "DEFAULT" else float(name)
-        seconds, iterations[0] = {}, 0
-        started = time.perf_counter()
-        grid = probes.probe_grid(RowView(acts, rows), is_error, groups=groups, seeds=config.seeds, progress=False)
-        seconds["grid"] = time.perf_counter() - started
-        started = time.perf_counter()
-        embed = open_embedding(run / "activations" / args.site, meta)
-        embed_grid = probes.probe_grid(RowView(embed, rows), is_error, groups=groups, seeds=config.seeds,
-                                       progress=False) if embed is not None else None
-        seconds["embedding row"] = time.perf_counter() - started
-        started = time.perf_counter()
-        controls = text_controls(table, rows, is_error, groups, config)
-        seconds["controls"] = time.perf_counter() - started
-        started = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            write_probe_outputs(Path(tmp), grid, embed_grid, controls, "bench", config.dataset)
-        seconds["outputs"] = time.perf_counter() - started
-        grids[weight] = grid
-        parts = ", ".join(f"{part} {s:.1f}" for part, s in seconds.items())
-        print(f"data curvature {weight:g}: probe stage {sum(seconds.values()):.1f} s ({parts}); L-BFGS "
-              f"iterations of the grid and embedding row, summed over cells, {iterations[0]}; best cell "
-              f"{grid.mean.max():.4f}")
+    grids = {}
+    for _ in range(args.rounds if args.against else 1):
+        for name, module in versions.items():
+            seconds, iterations[0] = {}, 0
+            started = time.perf_counter()
+            grid = module.probe_grid(RowView(acts, rows), is_error, groups=groups, seeds=config.seeds, progress=False)
+            seconds["grid"] = time.perf_counter() - started
+            started = time.perf_counter()
+            embed = open_embedding(run / "activations" / args.site, meta)
+            embed_grid = module.probe_grid(RowView(embed, rows), is_error, groups=groups, seeds=config.seeds,
+                                           progress=False) if embed is not None else None
+            seconds["embedding row"] = time.perf_counter() - started
+            started = time.perf_counter()
+            controls = text_controls(table, rows, is_error, groups, config)
+            seconds["controls"] = time.perf_counter() - started
+            started = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                write_probe_outputs(Path(tmp), grid, embed_grid, controls, "bench", config.dataset)
+            seconds["outputs"] = time.perf_counter() - started
+            grids[name] = grid
+            parts = ", ".join(f"{part} {s:.1f}" for part, s in seconds.items())
+            print(f"{name}: probe stage {sum(seconds.values()):.1f} s ({parts}); L-BFGS iterations of the grid and "
+                  f"embedding row, summed over cells, {iterations[0]}; best cell {grid.mean.max():.4f}")
     if len(grids) == 2:
         a, b = grids.values()
-        print(f"largest |AUC difference| between the two grids: {np.abs(a.aucs - b.aucs).max():.4f} per seed, "
-              f"{np.abs(a.mean - b.mean).max():.4f} mean over seeds")
+        print(f"largest |AUC difference| between the two versions' grids: {np.abs(a.aucs - b.aucs).max():.4f} per "
+              f"seed, {np.abs(a.mean - b.mean).max():.4f} mean over seeds")
 
 
 if __name__ == "__main__":

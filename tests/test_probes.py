@@ -413,14 +413,20 @@ def test_fit_cells_batches_by_the_memory_budget(monkeypatch):
     y = rng.random(200) < 0.4
     train = probes.split_masks(200, None, (0,), y)
     monkeypatch.setattr(probes, "CELL_BUDGET_BYTES", 5 * 4 * 200 * 8)  # 5 float32 cells (more than 5 fits' state)
-    batches = [batch for batch, _ in probes.fit_cells(data.__getitem__, cells, y, train, device="cpu")]
-    assert batches == [cells[:5], cells[5:10], cells[10:]]
+    batches = [batch for batch, _ in probes.fit_cells(data.__getitem__, cells, y, train, device="cpu", threads=1)]
+    assert batches == [cells[:4], cells[4:8], cells[8:]]  # 3 batches of at most 5 cells, as equal as can be
+    # two fits at once share the budget, and come back in the order of the cells
+    batches = [batch for batch, _ in probes.fit_cells(data.__getitem__, cells, y, train, device="cpu", threads=2)]
+    assert batches == [cells[i : i + 2] for i in range(0, 12, 2)]
+    # fewer cells than a batch holds: still one batch per CPU
+    batches = [batch for batch, _ in probes.fit_cells(data.__getitem__, cells[:3], y, train, device="cpu", threads=2)]
+    assert batches == [cells[:2], cells[2:3]]
     # 10 rows: a cell's activations are 320 bytes, its fits' state 8 x STATE_VECTORS x 1 split x 9: that decides
     few = {cell: values[:10] for cell, values in data.items()}
     monkeypatch.setattr(probes, "CELL_BUDGET_BYTES", 4 * 8 * probes.STATE_VECTORS * 9)
     y = np.arange(10) % 2 == 0
     train = probes.split_masks(10, None, (0,), y)
-    batches = [batch for batch, _ in probes.fit_cells(few.__getitem__, cells, y, train, device="cpu")]
+    batches = [batch for batch, _ in probes.fit_cells(few.__getitem__, cells, y, train, device="cpu", threads=1)]
     assert batches == [cells[:4], cells[4:8], cells[8:]]
 
 
@@ -463,25 +469,50 @@ def test_busy_cpus_lower_the_threads(monkeypatch):
     assert probes.busy_elsewhere(None, end) == 0.0
 
 
-def test_grid_uses_fewer_threads_beside_a_busy_process(tmp_path, monkeypatch):
+def test_grid_fits_fewer_batches_at_once_beside_a_busy_process(tmp_path, monkeypatch):
+    """On 2 free CPUs two batches are fitted at once, each on one thread; with one CPU taken by another process,
+    one at a time. The results do not depend on it beyond float rounding, and the main thread keeps its setting."""
+    import threading
+    import time
+
     import torch
 
     from truthmap import probes
 
-    seen = []
+    running, most, threads_seen, lock = [0], [0], set(), threading.Lock()
     fit = probes.fit_logistic
-    monkeypatch.setattr(probes, "fit_logistic", lambda *a, **k: seen.append(torch.get_num_threads()) or fit(*a, **k))
-    monkeypatch.setattr(probes, "busy_elsewhere", lambda before, after: 1.0)  # one CPU taken by others
+
+    def watched(*a, **k):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            threads_seen.add(torch.get_num_threads())
+        time.sleep(0.05)  # long enough for a second batch to start beside it
+        try:
+            return fit(*a, **k)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(probes, "fit_logistic", watched)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(probes, "busy_elsewhere", lambda before, after: 0.0)  # whatever else runs beside the test
     store, is_error = make_store(tmp_path, 0, n=100)
+    monkeypatch.setattr(probes, "CELL_BUDGET_BYTES", 2 * 2 * 4 * 100 * HIDDEN)  # 2 cells a batch with 2 workers
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, device="cpu")
-        assert seen == [1]
+        free = probe_grid(sample_major(store), is_error, seeds=(0, 1), progress=False, device="cpu", n_boot=0)
+        assert (most[0], threads_seen) == (2, {1})
         assert torch.get_num_threads() == 2
-        seen.clear()
-        probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, device="cpu", threads=2)
-        assert seen == [2]  # threads given: kept
+        most[0] = 0
+        monkeypatch.setattr(probes, "busy_elsewhere", lambda before, after: 1.0)  # one CPU taken by others
+        busy = probe_grid(sample_major(store), is_error, seeds=(0, 1), progress=False, device="cpu", n_boot=0)
+        assert (most[0], threads_seen) == (1, {1})
+        np.testing.assert_allclose(busy.aucs, free.aucs, atol=1e-6)
+        threads_seen.clear()
+        probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, device="cpu", threads=1, n_boot=0)
+        assert threads_seen == {1}  # threads given: one fit at a time on that one
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -11,6 +11,8 @@ import math
 import numbers
 import time
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -93,22 +95,22 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
         u = theta[..., :d] / v  # [B, S, d] weights on Xn
         return (u.to(data) @ Xn.mT).to(dtype) + (theta[..., d] - (u * m).sum(-1))[..., None]
 
-    def loss_grad(theta, z):  # objective [B, S] and gradient [B, S, d + 1] at logits z
-        w = theta[..., :d]
-        loss = 0.5 * torch.linalg.vecdot(w, w) + C * (train * (torch.nn.functional.softplus(z) - y * z)).sum(-1)
+    def data_term(z, train):  # C * log-loss of the train rows at logits z [..., n], train [..., n]
+        return C * (train * (torch.nn.functional.softplus(z) - y * z)).sum(-1)
+
+    def gradient(theta, z):  # gradient [B, S, d + 1] of the objective at theta, whose logits are z
         r = train * (torch.sigmoid(z) - y)  # [B, S, n]
         r_sum = r.sum(-1, keepdim=True)  # [B, S, 1]
-        g_w = w + C * ((r.to(data) @ Xn).to(dtype) - m * r_sum) / v
-        return loss, torch.cat([g_w, C * r_sum], -1)
+        g_w = theta[..., :d] + C * ((r.to(data) @ Xn).to(dtype) - m * r_sum) / v
+        return torch.cat([g_w, C * r_sum], -1)
 
     # Preconditioner: the form of the Hessian, P = I + a * C * X^T X on the train rows, shared by the splits (all
     # rows, rescaled to the mean train size). Standardized features are centred, so the intercept block is
     # separate. At w = 0 every probability is 1/2 and a = 1/4; near the optimum the rows are fitted with
     # confidence and the data's curvature is far smaller, so a = DATA_CURVATURE (see there). With it L-BFGS needs
     # tens of steps, not hundreds. It needs every direction of the data: a low-rank one from 256 of 1,000 rows of
-    # real activations took 215 iterations instead of 33. Its factors are float32: applied by triangular solves
-    # (backward stable) a float32 Cholesky factor stays positive definite; the Woodbury form needs the check for
-    # uphill directions below.
+    # real activations took 215 iterations instead of 33. Its factors are float32; rounding can make them
+    # slightly indefinite, which the check for uphill directions below catches.
     woodbury = n < d
     c = DATA_CURVATURE * C * float(n_train.mean())
     if woodbury:  # P^-1 = I - c R^T R, R = L^-1 X, L L^T = I + c X X^T: n x d numbers and O(n^2 d) work, not d^3
@@ -119,13 +121,16 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
             L = torch.linalg.cholesky(eye + c * (Xn[i] @ Xn[i].mT).to(dtype))
             factor[i] = torch.linalg.solve_triangular(L, Xn[i].to(dtype), upper=False)
         del eye
-    else:  # the Cholesky factor of P, from a strided sample of GRAM_ROWS rows beyond that (enough to estimate it)
+    else:  # P^-1 itself, from a strided sample of GRAM_ROWS rows beyond that (enough to estimate it)
+        # One dense product per application reads d x d numbers once; two triangular solves with its Cholesky
+        # factor read a triangle twice at half the speed (0.11 against 0.24 ms a cell on 2 cores). Inverting in
+        # float32 costs 3 ms a cell (float64: 8 ms), less than 30 iterations save.
         sample = Xn[:, :: -(-n // GRAM_ROWS)]
         c /= sample.shape[1]
-        factor = torch.empty(B, d, d, dtype=data, device=device)  # [B, d, d], lower
-        eye = torch.eye(d, dtype=dtype, device=device)
-        for i in range(B):  # a cell at a time: float64 d x d temporaries of one cell, not of the batch (5x its X)
-            factor[i] = torch.linalg.cholesky(eye + c * (sample[i].mT @ sample[i]).to(dtype))
+        factor = torch.empty(B, d, d, dtype=data, device=device)  # [B, d, d], symmetric
+        eye = torch.eye(d, dtype=data, device=device)
+        for i in range(B):  # a cell at a time: d x d temporaries of one cell, not of the batch
+            factor[i] = _spd_inverse(eye + c * (sample[i].mT @ sample[i]))
         del sample, eye
     p_b = 0.25 * C * n_train  # [S] intercept curvature at w = 0
 
@@ -134,13 +139,12 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
         if woodbury:
             h_w = g[..., :d] - c * ((q @ factor.mT) @ factor).to(dtype)
         else:
-            h_w = torch.linalg.solve_triangular(factor.mT, torch.linalg.solve_triangular(factor, q.mT, upper=False),
-                                                upper=True).mT.to(dtype)
+            h_w = (q @ factor).to(dtype)
         return torch.cat([h_w, g[..., d:] / p_b[:, None]], -1)
 
     theta = torch.zeros(B, S, d + 1, dtype=dtype, device=device)  # weights and intercept of every (cell, split)
     z = torch.zeros(B, S, n, dtype=dtype, device=device)
-    loss, g = loss_grad(theta, z)
+    loss, g = data_term(z, train), gradient(theta, z)  # [B, S] objective (no penalty at 0), gradient
     h = precondition(g, factor)  # P^-1 g: the one preconditioner application of each iteration
     threshold = tol * C * n_train  # [S] sklearn's tol on the objective divided by C * n_train
     memory = []  # (s, y, P^-1 y, rho), newest last
@@ -172,8 +176,9 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
             # cell that finishes, as dropping cells copies the rest of the batch.
             if int(finished.sum()) * COMPACT_SHARE >= len(cells):
                 keep = ~finished
-                cells, Xn, factor, m, v, theta, z, loss, g, h, stuck, active, finished = (
-                    t[keep] for t in (cells, Xn, factor, m, v, theta, z, loss, g, h, stuck, active, finished))
+                Xn, factor = _keep_in_place(Xn, keep), _keep_in_place(factor, keep)
+                cells, m, v, theta, z, loss, g, h, stuck, active, finished = (
+                    t[keep] for t in (cells, m, v, theta, z, loss, g, h, stuck, active, finished))
                 memory = [tuple(t[keep] for t in pair) for pair in memory]
         # Two-loop recursion, elementwise over the batch (a pair with rho = 0 is a no-op). The initial matrix is
         # gamma * P^-1, applied as P^-1 g minus the stored P^-1 y of each pair: no pass over P here.
@@ -197,27 +202,30 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
             direction = torch.where(uphill[..., None], -g, direction)
             slope = torch.linalg.vecdot(g, direction)
         # Backtracking (Armijo) line search. Logits move linearly along the direction, so one pass over X gives
-        # dz, the penalty is a quadratic in the step, and every trial step costs only O(n).
+        # dz, the penalty is a quadratic in the step, and every trial step costs only O(n). The full step is
+        # tried on the whole batch; shorter ones only for the fits that need them.
         dz = logits_at(direction, v, m, Xn)  # [B, S, n]
         w, d_w = theta[..., :d], direction[..., :d]
         ww, wd, dd = torch.linalg.vecdot(w, w), torch.linalg.vecdot(w, d_w), torch.linalg.vecdot(d_w, d_w)
         step = active.to(dtype)
-        for _ in range(30):
-            trial_z = z + step[..., None] * dz
-            trial = 0.5 * (ww + step * (2 * wd + step * dd)) + C * (
-                train * (torch.nn.functional.softplus(trial_z) - y * trial_z)
-            ).sum(-1)
-            bad = trial > loss + 1e-4 * step * slope
+        z_new = z + step[..., None] * dz
+        fit_new = data_term(z_new, train)  # [B, S]
+        bad = 0.5 * (ww + step * (2 * wd + step * dd)) + fit_new > loss + 1e-4 * step * slope
+        for _ in range(29):
             if not bad.any():
                 break
-            step = torch.where(bad, step * 0.5, step)
-        else:
-            stuck |= bad
-            step = torch.where(bad, torch.zeros_like(step), step)
+            at = bad.nonzero(as_tuple=True)  # (cell, split) of each fit still without a step
+            step[at] *= 0.5
+            trial_z = z[at] + step[at][:, None] * dz[at]
+            z_new[at], fit_new[at] = trial_z, data_term(trial_z, train[at[1]])
+            bad[at] = 0.5 * (ww[at] + step[at] * (2 * wd[at] + step[at] * dd[at])) + fit_new[at] > (
+                loss[at] + 1e-4 * step[at] * slope[at])
+        stuck |= bad
+        step[bad], z_new[bad] = 0, z[bad]
         s_k = step[..., None] * direction
-        theta = theta + s_k
-        z = z + step[..., None] * dz
-        loss_new, g_new = loss_grad(theta, z)
+        theta, z = theta + s_k, z_new
+        loss_new = torch.where(bad, loss, 0.5 * torch.linalg.vecdot(theta[..., :d], theta[..., :d]) + fit_new)
+        g_new = gradient(theta, z)
         h_new = precondition(g_new, factor)
         y_k = g_new - g
         # scipy's L-BFGS-B test (as sklearn runs it): an accepted step that barely lowers the objective means the
@@ -233,6 +241,27 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
         retire(~finished)
     result["n_iter"], result["cell_iterations"] = n_iter, cell_iterations
     return result
+
+
+def _spd_inverse(A):
+    """The inverse of a symmetric positive definite matrix, in A's dtype; in float64 where A's rounding leaves it
+    short of positive definite (a large C makes X^T X dwarf the identity)."""
+    import torch
+
+    L, info = torch.linalg.cholesky_ex(A)
+    if info:
+        L = torch.linalg.cholesky(A.to(torch.float64))
+    return torch.cholesky_inverse(L).to(A.dtype)
+
+
+def _keep_in_place(t, keep):
+    """t[keep] for a large tensor, moved to the front of its own memory: indexing allocates a new tensor, and
+    touching fresh pages made dropping cells from the batch cost as much as a tenth of the fit."""
+    kept = keep.nonzero().flatten().tolist()
+    for j, i in enumerate(kept):
+        if i != j:
+            t[j] = t[i]
+    return t[: len(kept)]
 
 
 def _standardize(X, train, standardize: bool):
@@ -663,46 +692,76 @@ def fit_cells(read, cells, y, train, C=1.0, max_iter=1000, device=None, threads=
     table, generalization and detectors.
 
     read(cell) -> [n, hidden] activations of one cell; y [n] bool; train [S, n] bool (the splits' train rows).
-    Yields (the batch's cells, fit_logistic's result as numpy arrays), the batches holding at most
-    CELL_BUDGET_BYTES of float32 activations, or of the fits' state where that is larger (few rows).
-    where(cell) names a cell in the error about NaN or inf values.
+    Yields (the batch's cells, fit_logistic's result as numpy arrays) in the order of cells, the batches in flight
+    holding at most CELL_BUDGET_BYTES of float32 activations together, or of the fits' state where that is larger
+    (few rows). where(cell) names a cell in the error about NaN or inf values.
     device: where the fits run (None: cuda when available, else cpu); cells are read on the CPU and moved there.
-    threads: torch threads on the CPU (None: torch's setting, less what other processes keep busy, measured before
-    each batch: on a shared CPU, threads that wait for a descheduled peer made the grid 20x slower).
+    threads: CPUs for the fits (None: torch's setting, less what other processes keep busy, measured before each
+    batch: on a shared CPU, threads that wait for a descheduled peer made the grid 20x slower). On the CPU that
+    many batches are fitted at once, each on one thread: a fit is thousands of small operations, and on 2 cores two
+    single-threaded fits side by side finished the grid 15-20 % sooner than one fit on both threads (torch
+    releases the GIL in its operations).
     """
     import torch
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "mps":  # Apple GPUs have no float64
         device = torch.device("cpu")
+    ceiling = threads or torch.get_num_threads()
+    workers = ceiling if device.type == "cpu" else 1
     first = read(cells[0]) if cells else None
     n, hidden = np.shape(first) if cells else (0, 0)
     # Few rows make a cell's activations small, not its L-BFGS state: that bounds the batch then (at 24 rows, 450
     # cells at once held 0.8 GB of state).
     per_cell = max(4 * n * hidden, 8 * STATE_VECTORS * len(train) * (hidden + 1))
-    per_batch = max(1, CELL_BUDGET_BYTES // per_cell) if cells else 1
+    per_batch = max(1, CELL_BUDGET_BYTES // workers // per_cell)
+    # batches of equal size, and at least one per worker (the 15 cells of the input-embedding row on both CPUs)
+    n_batches = max(-(-len(cells) // per_batch), min(workers, len(cells)), 1)
+    per_batch = -(-len(cells) // n_batches) if cells else 1
     y = np.asarray(y, dtype=np.float64)
-    ceiling = threads or torch.get_num_threads()
     sample = cpu_sample() if threads is None and device.type == "cpu" else None
+    free = ceiling  # CPUs for the next fits
     if sample is not None:  # the load before the first batch: a short look while this process is idle
         time.sleep(0.1)
-    for start in range(0, len(cells), per_batch):
-        batch = cells[start : start + per_batch]
+        sample, before = cpu_sample(), sample
+        free = threads_to_use(ceiling, busy_elsewhere(before, sample))
+
+    def load(start, batch):
         X = torch.empty(len(batch), n, hidden, dtype=torch.float32)  # [cells, n, hidden]
         for i, cell in enumerate(batch):
             X[i].numpy()[:] = first if start == i == 0 else read(cell)  # one cell, cast to float32 (exact from float16)
-            if not torch.isfinite(X[i]).all():
+            if not torch.isfinite(X[i].sum()) and not torch.isfinite(X[i]).all():  # the sum: a tenth of the time
                 raise ProbeError(
                     f"{where(cell)} hold {int((~torch.isfinite(X[i])).sum())} NaN or inf values; extract the "
                     "activations again."
                 )
-        if sample is not None:
-            now = cpu_sample()
-            ceiling = threads_to_use(torch.get_num_threads(), busy_elsewhere(sample, now))
-            sample = now
-        with _torch_threads(ceiling):
-            fit = fit_logistic(X.to(device), y, train, float(C), max_iter=max_iter)
-        yield batch, {k: (t.cpu().numpy() if torch.is_tensor(t) else t) for k, t in fit.items()}
+        return X
+
+    def fit(X, n_threads):
+        with _torch_threads(n_threads):
+            result = fit_logistic(X.to(device), y, train, float(C), max_iter=max_iter)
+        return {k: (t.cpu().numpy() if torch.is_tensor(t) else t) for k, t in result.items()}
+
+    starts = deque(range(0, len(cells), per_batch))
+    in_flight = deque()  # (cells, future), oldest first
+    with _torch_threads(ceiling), ThreadPoolExecutor(workers) as pool:  # restores the main thread's setting
+
+        def refill():
+            while starts and len(in_flight) < (free if workers > 1 else 1):
+                start = starts.popleft()
+                batch = cells[start : start + per_batch]
+                in_flight.append((batch, pool.submit(fit, load(start, batch), 1 if workers > 1 else free)))
+
+        while starts or in_flight:
+            refill()
+            batch, future = in_flight.popleft()
+            result = future.result()
+            if sample is not None:
+                now = cpu_sample()
+                free = threads_to_use(ceiling, busy_elsewhere(sample, now))
+                sample = now
+            refill()  # before handing the result over: the caller's work on it (AUCs, bootstrap) overlaps the fits
+            yield batch, result
 
 
 # ------------------------------------------------------------------------------------- threads on a shared CPU
