@@ -1,14 +1,15 @@
-"""The probe stage of a finished run, part by part, with this checkout's fit and an earlier revision's.
+"""The probe stage of a finished run, with this checkout's probe grid and an earlier revision's.
 
     python bench/probe_stage.py RUN_DIR [--site mlp] [--against REV] [--rounds 2]
 
 RUN_DIR is a run directory (runs/<model>/<dataset>/<split>) whose activations are stored. In this one process it
-times what `pipeline.probe` does: the probe grid on the rows with a valid exact answer, the input-embedding row,
-the text-only controls, and the figures and tables (written to a temporary directory; the run is not changed).
-With --against, the probe grids (fits, batches, threads) alternate between `probes` of this checkout and
-src/truthmap/probes.py at git revision REV (the controls and outputs are this checkout's), for --rounds rounds. It prints
-the seconds of each part, the L-BFGS iterations summed over cells, and the largest AUC difference between the
-versions' grids. Compare numbers of one run, on a quiet machine.
+times what `pipeline.probe` does: `pipeline.probe_cells` (the probe grid on the rows with a valid exact answer,
+the input-embedding row, and beside them the text-only controls), then the figures and tables (written to a
+temporary directory; the run is not changed). With --against, the probe grids (fits, batches, threads) alternate
+between `probes` of this checkout and src/truthmap/probes.py at git revision REV (the rest of the stage is this
+checkout's), for --rounds rounds. It prints the seconds of the two parts, the L-BFGS iterations summed over
+cells, and the largest AUC difference between the versions' grids. Compare numbers of one run, on a quiet
+machine.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ def main() -> None:
     import torch  # imported before the clock starts, as in a run
 
     from truthmap import probes
-    from truthmap.activations import RowView, open_embedding, open_store
+    from truthmap.activations import open_embedding, open_store
     from truthmap.config import RunConfig
-    from truthmap.pipeline import text_controls, write_probe_outputs
+    from truthmap.pipeline import probe_cells, write_probe_outputs
     from truthmap.rundir import read_json
 
     run = Path(args.run)
@@ -67,7 +68,6 @@ def main() -> None:
     acts, meta = open_store(run / "activations" / args.site)
     rows = np.flatnonzero(table["exact_answer_valid"].to_numpy())
     is_error = ~table["correct"].to_numpy()[rows]
-    groups = [table["group"].iloc[i] for i in rows]
     print(f"{run}: {len(rows)} rows, {int(is_error.sum())} errors, store {tuple(acts.shape)}; torch threads "
           f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
 
@@ -87,29 +87,26 @@ def main() -> None:
     for module in versions.values():
         module.fit_logistic = counted(module.fit_logistic)
 
+    checkout_grid = probes.probe_grid
+    grid_functions = {name: module.probe_grid for name, module in versions.items()}
     grids = {}
     for _ in range(args.rounds if args.against else 1):
-        for name, module in versions.items():
-            seconds, iterations[0] = {}, 0
+        for name, probe_grid in grid_functions.items():
+            probes.probe_grid = probe_grid  # what pipeline.probe_cells calls
+            iterations[0] = 0
             started = time.perf_counter()
-            grid = module.probe_grid(RowView(acts, rows), is_error, groups=groups, seeds=config.seeds, progress=False)
-            seconds["grid"] = time.perf_counter() - started
-            started = time.perf_counter()
-            embed = open_embedding(run / "activations" / args.site, meta)
-            embed_grid = module.probe_grid(RowView(embed, rows), is_error, groups=groups, seeds=config.seeds,
-                                           progress=False) if embed is not None else None
-            seconds["embedding row"] = time.perf_counter() - started
-            started = time.perf_counter()
-            controls = text_controls(table, rows, is_error, groups, config)
-            seconds["controls"] = time.perf_counter() - started
+            grid, embed_grid, controls = probe_cells(table, rows, acts, open_embedding(run / "activations" / args.site,
+                                                                                       meta), config, progress=False)
+            cells = time.perf_counter() - started
             started = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 write_probe_outputs(Path(tmp), grid, embed_grid, controls, "bench", config.dataset)
-            seconds["outputs"] = time.perf_counter() - started
+            outputs = time.perf_counter() - started
             grids[name] = grid
-            parts = ", ".join(f"{part} {s:.1f}" for part, s in seconds.items())
-            print(f"{name}: probe stage {sum(seconds.values()):.1f} s ({parts}); L-BFGS iterations of the grid and "
-                  f"embedding row, summed over cells, {iterations[0]}; best cell {grid.mean.max():.4f}")
+            print(f"{name}: probe stage {cells + outputs:.1f} s (grid, input-embedding row and text controls "
+                  f"{cells:.1f}, figures and tables {outputs:.1f}); L-BFGS iterations of the grid and embedding row, "
+                  f"summed over cells, {iterations[0]}; best cell {grid.mean.max():.4f}")
+    probes.probe_grid = checkout_grid
     if len(grids) == 2:
         a, b = grids.values()
         print(f"largest |AUC difference| between the two versions' grids: {np.abs(a.aucs - b.aucs).max():.4f} per "

@@ -355,9 +355,8 @@ def probe(config: RunConfig) -> RunDir:
     """Probe every (layer, position) cell on the rows with a valid exact answer; write the heatmap and tables."""
     import numpy as np
 
-    from truthmap.activations import RowView, open_embedding, open_store
+    from truthmap.activations import open_embedding, open_store
     from truthmap.models import model_slug
-    from truthmap.probes import probe_grid
 
     run = run_dir(config)
     out = run.probe_files(config.site)
@@ -368,16 +367,8 @@ def probe(config: RunConfig) -> RunDir:
         return run
     rows = np.flatnonzero(table["exact_answer_valid"].to_numpy())
     is_error = ~table["correct"].to_numpy()[rows]
-    groups = [table["group"].iloc[i] for i in rows]
-    grid = probe_grid(
-        RowView(acts, rows), is_error, groups=groups, seeds=config.seeds, name=config.dataset, device=config.device
-    )
-    embed = open_embedding(run.activations(config.site), meta)
-    embed_grid = None
-    if embed is not None:  # the token-identity floor: one more "layer", probed on the same rows and splits
-        embed_grid = probe_grid(RowView(embed, rows), is_error, groups=groups, seeds=config.seeds,
-                                name=f"{config.dataset} (input embedding)", device=config.device, progress=False)
-    controls = text_controls(table, rows, is_error, groups, config)
+    grid, embed_grid, controls = probe_cells(table, rows, acts, open_embedding(run.activations(config.site), meta),
+                                             config)
     title = f"{model_slug(config.model)} · {config.dataset} ({config.split}) · {config.site} · n={len(rows)}"
     summary = write_probe_outputs(out, grid, embed_grid, controls, title, config.dataset)
     write_json(
@@ -394,6 +385,24 @@ def probe(config: RunConfig) -> RunDir:
         },
     )
     return run
+
+
+def probe_cells(table, rows, acts, embed, config: RunConfig, progress=True) -> tuple:
+    """(probe grid, input-embedding row or None, text controls) on the answers table's rows (with a valid exact
+    answer), of the store acts [answers, layers, positions, hidden] and embed [answers, 1, positions, hidden]."""
+    from truthmap.activations import RowView
+    from truthmap.probes import probe_grid
+
+    is_error = ~table["correct"].to_numpy()[rows]
+    groups = [table["group"].iloc[i] for i in rows]
+    grid = probe_grid(RowView(acts, rows), is_error, groups=groups, seeds=config.seeds, name=config.dataset,
+                      device=config.device, progress=progress)
+    embed_grid = None
+    if embed is not None:  # the token-identity floor: one more "layer", probed on the same rows and splits
+        embed_grid = probe_grid(RowView(embed, rows), is_error, groups=groups, seeds=config.seeds,
+                                name=f"{config.dataset} (input embedding)", device=config.device, progress=False)
+    # Not in a thread beside the grid: with the grid's two fits on the 2 CPUs that made the stage slower.
+    return grid, embed_grid, text_controls(table, rows, is_error, groups, config)
 
 
 def text_controls(table, rows, is_error, groups, config: RunConfig) -> dict:
