@@ -516,3 +516,19 @@ def test_grid_fits_fewer_batches_at_once_beside_a_busy_process(tmp_path, monkeyp
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_preconditioner_inverse_falls_back_to_float64_when_float32_loses_the_identity():
+    import torch
+
+    from truthmap.probes import _inverse_of_identity_plus
+
+    v = torch.tensor([[1.0], [2.0], [-1.0], [0.5]])
+    gram, c = v @ v.T, 1e12  # in float32, I + c * gram rounds to the singular c * gram
+    assert torch.linalg.cholesky_ex(torch.eye(4) + c * gram).info > 0
+    inverse = _inverse_of_identity_plus(c, gram)
+    exact = torch.eye(4, dtype=torch.float64) - c * (v @ v.T).double() / (1 + c * float(v.square().sum()))
+    assert inverse.dtype == torch.float32
+    torch.testing.assert_close(inverse.double(), exact, atol=1e-4, rtol=0)  # condition number 6e12: 1e-16 x that
+    small = torch.tensor([[2.0, 1.0], [1.0, 2.0]])  # the usual case: float32 throughout
+    torch.testing.assert_close(_inverse_of_identity_plus(0.5, small) @ (torch.eye(2) + 0.5 * small), torch.eye(2))

@@ -128,10 +128,9 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
         sample = Xn[:, :: -(-n // GRAM_ROWS)]
         c /= sample.shape[1]
         factor = torch.empty(B, d, d, dtype=data, device=device)  # [B, d, d], symmetric
-        eye = torch.eye(d, dtype=data, device=device)
         for i in range(B):  # a cell at a time: d x d temporaries of one cell, not of the batch
-            factor[i] = _spd_inverse(eye + c * (sample[i].mT @ sample[i]))
-        del sample, eye
+            factor[i] = _inverse_of_identity_plus(c, sample[i].mT @ sample[i])
+        del sample
     p_b = 0.25 * C * n_train  # [S] intercept curvature at w = 0
 
     def precondition(g, factor):  # P^-1 g for g [B, S, d + 1] (row vectors)
@@ -243,15 +242,17 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
     return result
 
 
-def _spd_inverse(A):
-    """The inverse of a symmetric positive definite matrix, in A's dtype; in float64 where A's rounding leaves it
-    short of positive definite (a large C makes X^T X dwarf the identity)."""
+def _inverse_of_identity_plus(c: float, gram):
+    """(I + c * gram)^-1 for a positive semidefinite gram [d, d], in gram's dtype. The sum is formed and inverted in
+    that dtype, and again in float64 where its rounding leaves it short of positive definite (a large C: c * gram
+    swamps the identity in float32)."""
     import torch
 
-    L, info = torch.linalg.cholesky_ex(A)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    L, info = torch.linalg.cholesky_ex(eye + c * gram)
     if info:
-        L = torch.linalg.cholesky(A.to(torch.float64))
-    return torch.cholesky_inverse(L).to(A.dtype)
+        L = torch.linalg.cholesky(eye.to(torch.float64) + c * gram.to(torch.float64))
+    return torch.cholesky_inverse(L).to(gram.dtype)
 
 
 def _keep_in_place(t, keep):
