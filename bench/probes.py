@@ -10,8 +10,9 @@ SmolLM2-135M's; see `synthetic_store`), in this one process:
   per-sample pipeline of bench/compare.py fits them; timed on --sklearn-cells cells spread over the grid and
   scaled to all 450;
 - the largest AUC difference between truthmap and converged scikit-learn fits (tol 1e-8) on --check-cells cells;
-- the probe stage again beside one busy process (a Python loop; one of the 2 cores taken), with truthmap's
-  threads chosen as by default (fewer while other processes keep CPUs busy) and with torch's thread count forced,
+- the probe stage again beside one busy process (a Python loop; one of the 2 cores taken), with the CPUs for the
+  fits chosen as by default (fewer fits at once while other processes keep CPUs busy) and with torch's thread
+  count forced (as many single-threaded fits at once),
   and the slowdown against the quiet run. OpenMP's wait policy is read when torch starts: to compare it, run the
   bench again with OMP_WAIT_POLICY=passive set.
 Then truthmap alone at --big rows (on 2 layers: memory depends on the cells fitted at once, not on their number):
