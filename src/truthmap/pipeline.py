@@ -366,7 +366,6 @@ def probe(config: RunConfig) -> RunDir:
     if out.summary.exists() and all(read_json(out.summary).get(k) == v for k, v in made_by.items()):
         return run
     rows = np.flatnonzero(table["exact_answer_valid"].to_numpy())
-    is_error = ~table["correct"].to_numpy()[rows]
     grid, embed_grid, controls = probe_cells(table, rows, acts, open_embedding(run.activations(config.site), meta),
                                              config)
     title = f"{model_slug(config.model)} · {config.dataset} ({config.split}) · {config.site} · n={len(rows)}"
@@ -376,8 +375,8 @@ def probe(config: RunConfig) -> RunDir:
         made_by
         | {
             "rows_with_valid_exact_answer": int(len(rows)),
-            "errors": int(is_error.sum()),
-            "correct": int((~is_error).sum()),
+            "errors": grid.n_errors,
+            "correct": grid.n_correct,
             "n_train": grid.n_train,
             "n_test": grid.n_test,
             **summary,

@@ -745,7 +745,8 @@ def fit_cells(read, cells, y, train, C=1.0, max_iter=1000, device=None, threads=
 
     starts = deque(range(0, len(cells), per_batch))
     in_flight = deque()  # (cells, future), oldest first
-    with _torch_threads(ceiling), ThreadPoolExecutor(workers) as pool:  # restores the main thread's setting
+    # Each worker sets its own thread count, which also moves torch's process-wide default: restored on the way out.
+    with _torch_threads(ceiling), ThreadPoolExecutor(workers) as pool:
 
         def refill():
             while starts and len(in_flight) < (free if workers > 1 else 1):
