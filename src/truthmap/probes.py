@@ -60,7 +60,6 @@ GRAM_ROWS = 2048  # rows that estimate the preconditioner beyond them
 # iterations than 1/4 at every size (1/4, 1/8, 1/16, 1/20, 1/40, 1/80, 1/200, 1/400 tried; 1/40 to 1/16 best), with
 # AUCs as close to converged scikit-learn fits. The optimum is the same; only the path to it changes.
 DATA_CURVATURE = 0.025
-COMPACT_SHARE = 4  # drop finished cells from the batch once a quarter of it is done (each drop copies the rest)
 
 
 def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, history=10):
@@ -171,14 +170,14 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
             if finished.all():
                 n_iter -= 1
                 break
-            # Hard cells take several times the iterations of most: stop paying for the others, but not at every
-            # cell that finishes, as dropping cells copies the rest of the batch.
-            if int(finished.sum()) * COMPACT_SHARE >= len(cells):
-                keep = ~finished
-                Xn, factor = _keep_in_place(Xn, keep), _keep_in_place(factor, keep)
-                cells, m, v, theta, z, loss, g, h, stuck, active, finished = (
-                    t[keep] for t in (cells, m, v, theta, z, loss, g, h, stuck, active, finished))
-                memory = [tuple(t[keep] for t in pair) for pair in memory]
+            # Hard cells take several times the iterations of most: stop paying for the others at once. The last
+            # cells still in the batch move into the finished ones' places, so a drop copies only as many cells as
+            # finished (moving every later cell up, or indexing into new tensors, copied the whole batch).
+            keep = ~finished
+            moves = _refill_moves(keep)
+            Xn, factor, cells, m, v, theta, z, loss, g, h, stuck, active, finished = (
+                _refill(t, moves) for t in (Xn, factor, cells, m, v, theta, z, loss, g, h, stuck, active, finished))
+            memory = [tuple(_refill(t, moves) for t in pair) for pair in memory]
         # Two-loop recursion, elementwise over the batch (a pair with rho = 0 is a no-op). The initial matrix is
         # gamma * P^-1, applied as P^-1 g minus the stored P^-1 y of each pair: no pass over P here.
         q, r = g.clone(), h.clone()
@@ -255,14 +254,21 @@ def _inverse_of_identity_plus(c: float, gram):
     return torch.cholesky_inverse(L).to(gram.dtype)
 
 
-def _keep_in_place(t, keep):
-    """t[keep] for a large tensor, moved to the front of its own memory: indexing allocates a new tensor, and
-    touching fresh pages made dropping cells from the batch cost as much as a tenth of the fit."""
-    kept = keep.nonzero().flatten().tolist()
-    for j, i in enumerate(kept):
-        if i != j:
-            t[j] = t[i]
-    return t[: len(kept)]
+def _refill_moves(keep):
+    """(holes, movers, kept) for dropping the cells where keep [B] is False: the kept cells among the last ones
+    (movers) go to the places of the dropped ones among the first `kept` (holes)."""
+    kept = int(keep.sum())
+    holes = (~keep[:kept]).nonzero().flatten()
+    movers = keep[kept:].nonzero().flatten() + kept
+    return holes, movers, kept
+
+
+def _refill(t, moves):
+    """t [B, ...] without the dropped cells, in its own memory: t[holes] = t[movers], then its first `kept`."""
+    holes, movers, kept = moves
+    if len(holes):
+        t[holes] = t[movers]
+    return t[:kept]
 
 
 def _standardize(X, train, standardize: bool):
