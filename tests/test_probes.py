@@ -532,3 +532,17 @@ def test_preconditioner_inverse_falls_back_to_float64_when_float32_loses_the_ide
     torch.testing.assert_close(inverse.double(), exact, atol=1e-4, rtol=0)  # condition number 6e12: 1e-16 x that
     small = torch.tensor([[2.0, 1.0], [1.0, 2.0]])  # the usual case: float32 throughout
     torch.testing.assert_close(_inverse_of_identity_plus(0.5, small) @ (torch.eye(2) + 0.5 * small), torch.eye(2))
+
+
+def test_finished_cells_leave_the_batch_for_the_last_ones_in_place():
+    import torch
+
+    from truthmap.probes import _refill, _refill_moves
+
+    batch = torch.arange(6.0)[:, None].repeat(1, 3)  # cell i holds i
+    memory = batch.data_ptr()
+    keep = torch.tensor([False, True, False, True, False, True])  # cells 0, 2 and 4 finished
+    left = _refill(batch, _refill_moves(keep))
+    assert left[:, 0].tolist() == [3.0, 1.0, 5.0]  # the kept cells beyond the first 3 (3, 5) fill its holes (0, 2)
+    assert left.data_ptr() == memory  # no new tensor
+    assert _refill(torch.arange(3), _refill_moves(torch.tensor([True, True, True]))).tolist() == [0, 1, 2]
