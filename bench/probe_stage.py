@@ -4,7 +4,7 @@
 
 RUN_DIR is a run directory (runs/<model>/<dataset>/<split>) whose activations are stored. In this one process it
 times what `pipeline.probe` does: `pipeline.probe_cells` (the probe grid on the rows with a valid exact answer,
-the input-embedding row, and beside them the text-only controls), then the figures and tables (written to a
+the input-embedding row and the text-only controls), then the figures and tables (written to a
 temporary directory; the run is not changed). With --against, the probe grids (fits, batches, threads) alternate
 between `probes` of this checkout and src/truthmap/probes.py at git revision REV (the rest of the stage is this
 checkout's), for --rounds rounds. It prints the seconds of the two parts, the L-BFGS iterations summed over
@@ -27,7 +27,6 @@ def load_revision(rev: str):
     """src/truthmap/probes.py as it was at git revision rev, imported as a module of its own."""
     import importlib.util
     import subprocess
-    import tempfile
 
     root = Path(__file__).resolve().parent.parent
     text = subprocess.run(["git", "show", f"{rev}:src/truthmap/probes.py"], cwd=root, check=True,
