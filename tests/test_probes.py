@@ -518,6 +518,50 @@ def test_grid_fits_fewer_batches_at_once_beside_a_busy_process(tmp_path, monkeyp
         torch.set_num_threads(before)
 
 
+def test_a_worker_that_finishes_starts_the_batch_loaded_ahead_while_an_older_batch_still_runs(tmp_path, monkeypatch):
+    """Two workers, the first batch slow: the second worker goes on to the third batch without waiting for the
+    first, never more than two fits run at once, and the batches are still yielded in the order of the cells."""
+    import threading
+    import time
+
+    import torch
+
+    from truthmap import probes
+
+    events, lock = [], threading.Lock()
+    fit = probes.fit_logistic
+
+    def watched(X, *a, **k):
+        with lock:
+            call = sum(kind == "start" for kind, _ in events)
+            events.append(("start", call))
+        time.sleep(0.6 if call == 0 else 0.02)
+        try:
+            return fit(X, *a, **k)
+        finally:
+            with lock:
+                events.append(("end", call))
+
+    monkeypatch.setattr(probes, "fit_logistic", watched)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(probes, "busy_elsewhere", lambda before, after: 0.0)
+    store, is_error = make_store(tmp_path, 0, n=60)
+    monkeypatch.setattr(probes, "CELL_BUDGET_BYTES", 2 * 2 * 4 * 60 * HIDDEN)  # 2 cells a batch with 2 workers
+    X = sample_major(store)
+    cells = [(layer, pos) for layer in range(X.shape[1]) for pos in range(X.shape[2])]
+    train = probes.split_masks(len(is_error), None, (0,), is_error)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yielded = [batch for batch, _ in probes.fit_cells(lambda c: X[:, c[0], c[1], :], cells, is_error, train)]
+    finally:
+        torch.set_num_threads(before)
+    assert [cell for batch in yielded for cell in batch] == cells and len(yielded) >= 4
+    assert events.index(("start", 2)) < events.index(("end", 0))
+    running = np.cumsum([1 if kind == "start" else -1 for kind, _ in events])
+    assert running.max() == 2
+
+
 def test_preconditioner_inverse_falls_back_to_float64_when_float32_loses_the_identity():
     import torch
 
