@@ -1,15 +1,16 @@
 """The probe stage of a finished run, with this checkout's probe grid and an earlier revision's.
 
-    python bench/probe_stage.py RUN_DIR [--site mlp] [--against REV] [--rounds 2]
+    python bench/probe_stage.py RUN_DIR [--site mlp] [--against REV] [--rounds N]
 
 RUN_DIR is a run directory (runs/<model>/<dataset>/<split>) whose activations are stored. In this one process it
 times what `pipeline.probe` does: `pipeline.probe_cells` (the probe grid on the rows with a valid exact answer,
 the input-embedding row and the text-only controls), then the figures and tables (written to a
 temporary directory; the run is not changed). With --against, the probe grids (fits, batches, threads) alternate
 between `probes` of this checkout and src/truthmap/probes.py at git revision REV (the rest of the stage is this
-checkout's), for --rounds rounds. It prints the seconds of the two parts, the L-BFGS iterations summed over
-cells, and the largest AUC difference between the versions' grids. Compare numbers of one run, on a quiet
-machine.
+checkout's), for --rounds rounds (default 2; without --against, 1). It prints the seconds of the two parts and the
+L-BFGS iterations summed over cells for each run, each version's median stage time over several rounds, and the
+largest AUC difference between the versions' grids. Compare numbers of one run, on a quiet machine: this machine's
+speed drifts by a fifth within an hour, so one run of the stage says little against a target.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def main() -> None:
     parser.add_argument("run", help="a run directory with stored activations")
     parser.add_argument("--site", default="mlp")
     parser.add_argument("--against", help="a git revision whose probes module to time as well")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of the versions (with --against)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="alternations of the versions (default 2), or runs of this checkout alone (default 1)")
     args = parser.parse_args()
     os.environ.setdefault("TRUTHMAP_PROGRESS", "0")
 
@@ -89,7 +91,9 @@ def main() -> None:
     checkout_grid = probes.probe_grid
     grid_functions = {name: module.probe_grid for name, module in versions.items()}
     grids = {}
-    for _ in range(args.rounds if args.against else 1):
+    rounds = args.rounds or (2 if args.against else 1)
+    stage_seconds = {name: [] for name in grid_functions}
+    for _ in range(rounds):
         for name, probe_grid in grid_functions.items():
             probes.probe_grid = probe_grid  # what pipeline.probe_cells calls
             iterations[0] = 0
@@ -102,10 +106,15 @@ def main() -> None:
                 write_probe_outputs(Path(tmp), grid, embed_grid, controls, "bench", config.dataset)
             outputs = time.perf_counter() - started
             grids[name] = grid
+            stage_seconds[name].append(cells + outputs)
             print(f"{name}: probe stage {cells + outputs:.1f} s (grid, input-embedding row and text controls "
                   f"{cells:.1f}, figures and tables {outputs:.1f}); L-BFGS iterations of the grid and embedding row, "
                   f"summed over cells, {iterations[0]}; best cell {grid.mean.max():.4f}")
     probes.probe_grid = checkout_grid
+    if rounds > 1:
+        for name, seconds in stage_seconds.items():
+            print(f"{name}: median probe stage {np.median(seconds):.1f} s over {len(seconds)} runs "
+                  f"({min(seconds):.1f}-{max(seconds):.1f} s)")
     if len(grids) == 2:
         a, b = grids.values()
         print(f"largest |AUC difference| between the two versions' grids: {np.abs(a.aucs - b.aucs).max():.4f} per "
