@@ -740,7 +740,7 @@ def fit_cells(read, cells, y, train, C=1.0, max_iter=1000, device=None, threads=
             values = np.asarray(first if start == i == 0 else read(cell))
             if values.flags.writeable:  # torch casts float16 to float32 (exactly) 30x faster than numpy
                 X[i] = torch.from_numpy(values)
-            else:
+            else:  # torch.from_numpy warns on a read-only array (a memmap)
                 X[i].numpy()[:] = values
             if not torch.isfinite(X[i].sum()) and not torch.isfinite(X[i]).all():  # the sum: a tenth of the time
                 raise ProbeError(
