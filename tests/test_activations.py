@@ -149,3 +149,27 @@ def test_embedding_store_is_the_input_to_the_first_block(tiny, tmp_path):
     write_json(tmp_path / "meta.json", old)
     assert open_embedding(tmp_path, read_json(tmp_path / "meta.json")) is None
     assert open_store(tmp_path)[0].shape == acts.shape
+
+
+@pytest.mark.parametrize("recorded", [np.float32, np.float16])
+def test_rows_land_in_their_cells_clipped_to_float16(tmp_path, recorded):
+    from truthmap.activations import create_or_resume, store_meta, write_rows
+
+    meta = create_or_resume(tmp_path, store_meta({}, "mlp", 6, n_layers=2, hidden=4, model_dtype="float32",
+                                                 embed_width=3))
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((3, 2, len(POSITIONS), 4)).astype(np.float32)
+    values[0, 1, 2, 3], values[2, 0, 0, 0] = 1e6, -1e6  # beyond float16's range
+    embedded = rng.standard_normal((3, len(POSITIONS), 3)).astype(np.float32)
+    rows = [4, 0, 5]  # scattered, with a run of consecutive rows (4, 5) written out of order
+    with np.errstate(over="ignore"):  # float16 holds the two as inf, as a recording cast to float16 does
+        write_rows(tmp_path, meta, rows, values.astype(recorded), embedded)
+
+    assert meta["clipped"] == 2
+    acts = np.fromfile(tmp_path / "acts.f16", dtype=np.float16).reshape(meta["shape"])
+    expected = np.clip(values, -65504, 65504).astype(np.float16).transpose(1, 2, 0, 3)
+    np.testing.assert_array_equal(acts[:, :, rows], expected)
+    np.testing.assert_array_equal(acts[:, :, [1, 2, 3]], 0)  # rows not written stay zero
+    assert acts[1, 2, 4, 3] == 65504 and acts[0, 0, 5, 0] == -65504
+    embed = np.fromfile(tmp_path / "embed.f16", dtype=np.float16).reshape(meta["embed_shape"])
+    np.testing.assert_array_equal(embed[0][:, rows], embedded.astype(np.float16).transpose(1, 0, 2))

@@ -131,20 +131,48 @@ def create_or_resume(directory: Path, meta: dict) -> dict:
 
 
 def write_rows(directory: Path, meta: dict, rows: list[int], values, embedded) -> None:
-    """values [batch, layers, 15, hidden] and embedded [batch, 15, width] (float32) into the store's rows,
-    clipped to float16; meta["clipped"] counts the values clipped, and writing meta.json is the caller's."""
+    """values [batch, layers, 15, hidden] and embedded [batch, 15, width] (float32, or float16 as recorded) into the
+    store's rows, clipped to float16; meta["clipped"] counts the values clipped, and writing meta.json is the
+    caller's. Written by file writes, not a mapping (see the top). Not synced to disk: a killed process loses
+    nothing the kernel already holds, and meta.json, which says what is written, is not synced either (syncing
+    each batch cost twice the writes: 0.5 s for 64 rows of SmolLM2 on this machine's disk)."""
+    store = Store(directory)
+    meta["clipped"] += _write_cells(store.acts, meta["shape"], rows, values)
+    if "embed_shape" in meta:  # absent when resuming a store begun before the embedding row existed
+        _write_cells(store.embed, meta["embed_shape"], rows, embedded[:, None])
+
+
+def _write_cells(path: Path, shape, rows: list[int], values) -> int:
+    """values [batch, layers, positions, hidden] into rows of the [layers, positions, samples, hidden] float16
+    file at path, a float16 copy at a time; returns how many values were beyond float16's range (clipped).
+    Each cell's rows go by one write per run of consecutive rows: a batch's rows are scattered over the file."""
+    import os
+
     import numpy as np
 
-    meta["clipped"] += int((np.abs(values) > FLOAT16_MAX).sum())
-    store = np.memmap(Store(directory).acts, dtype=np.float16, mode="r+", shape=tuple(meta["shape"]))  # see the top
-    store[:, :, rows, :] = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).transpose(1, 2, 0, 3)
-    store.flush()
-    del store
-    if "embed_shape" in meta:  # absent when resuming a store begun before the embedding row existed
-        embed = np.memmap(Store(directory).embed, dtype=np.float16, mode="r+", shape=tuple(meta["embed_shape"]))
-        embed[0][:, rows, :] = np.clip(embedded, -FLOAT16_MAX, FLOAT16_MAX).transpose(1, 0, 2)
-        embed.flush()
-        del embed
+    if values.dtype == np.float16:  # recorded in float16: a value beyond its range became inf
+        clipped = int(np.isinf(values).sum())
+        values = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX) if clipped else values
+    else:
+        clipped = int((values > FLOAT16_MAX).sum() + (values < -FLOAT16_MAX).sum())
+        values = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX, out=np.empty(values.shape, np.float16),
+                         casting="same_kind")
+    layers, positions, samples, hidden = shape
+    order = np.argsort(rows, kind="stable")
+    rows = np.asarray(rows)[order]
+    runs = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1)  # consecutive rows
+    row_bytes = hidden * 2
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for layer in range(layers):
+            for position in range(positions):
+                cell = values[order, layer, position]  # [batch, hidden], in file order
+                start = (layer * positions + position) * samples
+                for run in runs:
+                    os.pwrite(fd, cell[run[0] : run[-1] + 1].tobytes(), (start + int(rows[run[0]])) * row_bytes)
+    finally:
+        os.close(fd)
+    return clipped
 
 
 def write_answer_cells(lm, directory: Path, meta: dict, frame, rows: list[int], recording=None) -> None:
@@ -168,8 +196,8 @@ def write_answer_cells(lm, directory: Path, meta: dict, frame, rows: list[int], 
     if recording is None:
         values = read_positions(lm, sequences, positions, meta["site"])
     else:  # -1 (no exact answer) reads the first token, as read_positions does
-        values = np.stack([recording.cells(k, len(p), np.maximum(at, 0).tolist()).float().numpy()
-                           for k, p, at in zip(keep, prompts, positions)])  # [batch, layers, 15, hidden]
+        values = np.stack([recording.cells(k, len(p), np.maximum(at, 0).tolist()).numpy()
+                           for k, p, at in zip(keep, prompts, positions)])  # [batch, layers, 15, hidden], as recorded
     write_rows(directory, meta, [rows[k] for k in keep], values, read_embeddings(lm, sequences, positions))
     mark_written(directory, meta, [rows[k] for k in keep])
 
