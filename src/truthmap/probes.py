@@ -75,7 +75,8 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
     sklearn's LogisticRegression(C) objective, and `tol` is its gradient tolerance.
     The passes over X (two per iteration: the logits along the search direction, and the gradient) run in X's
     dtype: float32 holds activations read from a float16 store exactly and halves the memory traffic, which is
-    what bounds these passes. Everything else (weights, logits, objective, L-BFGS memory) is float64.
+    what bounds these passes. The L-BFGS memory, which only proposes the search direction, is HISTORY_DTYPE;
+    everything else (weights, logits, objective, gradient, line search) is float64.
     Runs on X's device. Returns a dict of tensors there: coef [B, S, d], intercept [B, S] (standardized space),
     mean and scale [B, S, d] (raw space), logits [B, S, n] for every row, converged [B, S] bool, n_iter (int: the
     slowest cell's iterations) and cell_iterations (int: iterations summed over the cells, each until it left the
@@ -183,7 +184,7 @@ def fit_logistic(X, y, train, C, standardize=True, max_iter=1000, tol=GRID_TOL, 
             memory = [tuple(_refill(t, moves) for t in pair) for pair in memory]
         # Two-loop recursion, elementwise over the batch (a pair with rho = 0 is a no-op). The initial matrix is
         # gamma * P^-1, applied as P^-1 g minus the stored P^-1 y of each pair: no pass over P here.
-        q, r = g.to(history_dtype), h.to(history_dtype)
+        q, r = g.to(history_dtype, copy=True), h.to(history_dtype, copy=True)
         alphas = []
         for s_k, y_k, hy_k, rho in reversed(memory):
             a = rho * torch.linalg.vecdot(s_k, q)
