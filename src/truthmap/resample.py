@@ -12,6 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from truthmap.activations import FLOAT16_MAX  # as the greedy store: values beyond float16's range are clipped
 from truthmap.decoding import batches, generate_batch
 from truthmap.error_types import ERROR_TYPES, NO_ANSWER
 from truthmap.generate import answer_stop, generation_columns, stop_at_text
@@ -22,8 +23,6 @@ from truthmap.rundir import (
     EXACT_POSITIONS, POSITIONS, Checkpoints, ResampleFiles, Work, check_token, position_column, read_json,
     write_atomic, write_json, write_parquet,
 )
-
-FLOAT16_MAX = 65504.0  # as the greedy store: values beyond the float16 range are clipped
 
 
 def row_key(question_id: str, k: int) -> str:
