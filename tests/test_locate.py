@@ -132,6 +132,11 @@ def test_extraction_prompt_ends_with_assistant_header(tiny):
     text = tiny.tokenizer.decode(ids)
     assert text.endswith("<|im_start|>assistant\nExact answer:")
     assert text.count("Exact answer:") == len(locate.EXTRACTION_EXAMPLES) + 1
+    # The question is read last, right before the extraction: it says which of the answer's names is asked for.
+    assert text.endswith("Long answer: Paris, surely.\nQuestion: Capital of France?<|im_end|>\n"
+                         "<|im_start|>assistant\nExact answer:")
+    plain = tiny.tokenizer.decode(locate.extraction_prompt_ids(tiny.tokenizer, False, "Capital of France?", "Paris."))
+    assert plain.endswith("\n\nLong answer: Paris.\nQuestion: Capital of France?\nExact answer:")
 
 
 def contiguous_in(span_ids, answer_ids) -> bool:

@@ -168,6 +168,17 @@ def test_resume_with_other_settings_is_refused(tiny, tmp_path, custom_csv):
         pipeline.generate(config_for(tmp_path, custom_csv, max_new_tokens=7), lm=tiny)
 
 
+def test_resume_with_another_extraction_prompt_is_refused(tiny, tmp_path, custom_csv, monkeypatch):
+    from truthmap import generate
+
+    run = pipeline.generate(config_for(tmp_path, custom_csv), lm=tiny)
+    assert json.loads(run.run_json.read_text())["settings"]["extraction_prompt"] == generate.EXTRACTION_PROMPT_VERSION
+    monkeypatch.setattr(generate, "EXTRACTION_PROMPT_VERSION", generate.EXTRACTION_PROMPT_VERSION + 1)
+    with pytest.raises(StoreError, match=r"custom/train was made with extraction prompt 2, and this truthmap has "
+                                         r"prompt 3 \(the exact answers would mix two prompts\)\. Use another "):
+        pipeline.generate(config_for(tmp_path, custom_csv), lm=tiny)
+
+
 runner = CliRunner()
 
 

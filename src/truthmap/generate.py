@@ -18,6 +18,7 @@ from pathlib import Path
 
 from truthmap.config import RunConfig
 from truthmap.decoding import batches, generate_batch
+from truthmap.locate import EXTRACTION_PROMPT_VERSION
 from truthmap.models import encode_prompt, stop_token_ids
 from truthmap.progress import progress_bar
 from truthmap.rundir import STORE_DTYPE, Checkpoints, file_sha256
@@ -46,13 +47,14 @@ def answers_settings(config: RunConfig, spec) -> dict:
     } | locating_settings(config)
 
 
-LOCATING_KEYS = ("locate", "extractor", "extraction_model", "extraction_tries")
+LOCATING_KEYS = ("locate", "extractor", "extraction_model", "extraction_tries", "extraction_prompt")
 
 
 def locating_settings(config: RunConfig) -> dict:
     """What decides the exact answers of answers.parquet (not the generations: another locating reuses those)."""
     tries = config.extraction_tries if config.extractor == "free" else None
-    return dict(zip(LOCATING_KEYS, (config.locate, config.extractor, config.extraction_model, tries)))
+    values = (config.locate, config.extractor, config.extraction_model, tries, EXTRACTION_PROMPT_VERSION)
+    return dict(zip(LOCATING_KEYS, values))
 
 
 def generation_settings(settings: dict) -> dict:

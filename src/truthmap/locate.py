@@ -47,6 +47,9 @@ EXTRACTION_EXAMPLES = (
     ),
 )
 EXACT_ANSWER_LEAD = "Exact answer:"
+# Part of a run's settings: bump it when the extraction prompt changes, so that a rerun does not mix exact answers
+# located by two prompts.
+EXTRACTION_PROMPT_VERSION = 2
 EXTRACTION_MAX_NEW_TOKENS = 16
 # Small models sometimes copy a whole sentence back; that is no exact answer, so it counts as a failed try.
 EXTRACTION_MAX_WORDS = 10
@@ -57,9 +60,13 @@ def extraction_prompt_ids(tokenizer, chat: bool, question: str, answer: str) -> 
 
     Either way the prompt ends with "Exact answer:", so the extraction's first token is a word after a space,
     as it is inside the long answer: a model copying a span then starts with the answer's own token.
+    The question comes after the long answer, just before "Exact answer:": read last, it tells a small extractor
+    which of the answer's names is asked for (the country, not the state beside it). SmolLM2's blind spans
+    overlap the gold alias on 133 instead of 123 of 143 right answers with it (the built-in dataset's test
+    split, not used to choose: 105 instead of 99 of 118).
     """
     def question_and_answer(q, a):
-        return f"Question: {q}\nLong answer: {a}"
+        return f"Long answer: {a}\nQuestion: {q}"
 
     if chat:
         # The instruction goes in the first user turn: as a system turn, SmolLM2 answers NO ANSWER five times

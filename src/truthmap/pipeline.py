@@ -574,7 +574,7 @@ def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | No
         "dataset": config.dataset,
         "chat_template": made["chat_template"],
         "model_identity": made.get("model_identity"),  # score refuses other weights under the same name
-        **{k: made["settings"].get(k) for k in ("locate", "extractor", "extraction_tries")},
+        **{k: made["settings"].get(k) for k in ("locate", "extractor", "extraction_tries", "extraction_prompt")},
         "training": {
             "run": str(run.path),
             "rows": len(data.ids),

@@ -451,6 +451,8 @@ def file_sha256(path: str | Path) -> str:
 CHANGED = {
     "custom_sha256": "from another content of the custom file (sha256 {saved:.12}..., now {value:.12}...: edited since)",
     "import_sha256": "from another answers file (sha256 {saved:.12}..., this one {value:.12}...)",
+    "extraction_prompt": "with extraction prompt {saved}, and this truthmap has prompt {value} (the exact answers "
+                         "would mix two prompts)",
 }
 
 
