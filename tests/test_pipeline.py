@@ -171,11 +171,12 @@ def test_resume_with_other_settings_is_refused(tiny, tmp_path, custom_csv):
 def test_resume_with_another_extraction_prompt_is_refused(tiny, tmp_path, custom_csv, monkeypatch):
     from truthmap import generate
 
+    made = generate.EXTRACTION_PROMPT_VERSION
     run = pipeline.generate(config_for(tmp_path, custom_csv), lm=tiny)
-    assert json.loads(run.run_json.read_text())["settings"]["extraction_prompt"] == generate.EXTRACTION_PROMPT_VERSION
-    monkeypatch.setattr(generate, "EXTRACTION_PROMPT_VERSION", generate.EXTRACTION_PROMPT_VERSION + 1)
-    with pytest.raises(StoreError, match=r"custom/train was made with extraction prompt 2, and this truthmap has "
-                                         r"prompt 3 \(the exact answers would mix two prompts\)\. Use another "):
+    assert json.loads(run.run_json.read_text())["settings"]["extraction_prompt"] == made
+    monkeypatch.setattr(generate, "EXTRACTION_PROMPT_VERSION", made + 1)
+    with pytest.raises(StoreError, match=rf"custom/train was made with extraction prompt {made}, and this truthmap "
+                                         rf"has prompt {made + 1} \(the exact answers would mix two prompts\)\. Use "):
         pipeline.generate(config_for(tmp_path, custom_csv), lm=tiny)
 
 
