@@ -15,15 +15,15 @@ from truthmap.controls import (
     transfer_control_aucs,
     verdict,
 )
-from truthmap.probes import (
-    _auc_rows,
+from truthmap.evaluation import (
+    auc_rows,
     bootstrap_aucs,
     bootstrap_weights,
     interval,
-    probe_grid,
     split_masks,
     weighted_aucs,
 )
+from truthmap.probes import probe_grid
 
 SEEDS = (0, 5, 26)
 WORDS = ["Paris", "Oslo", "Lima", "Rome", "Bern", "Kyiv", "Riga", "Baku", "Doha", "Male"]
@@ -92,7 +92,7 @@ def test_label_in_a_hidden_direction_the_control_is_at_chance(seed):
 def test_controls_use_the_probe_splits_and_score_held_out_rows_only():
     acts, is_error, texts = constructed(0, n=120)
     train = split_masks(len(is_error), None, SEEDS, is_error)
-    from truthmap.probes import grouped_split
+    from truthmap.evaluation import grouped_split
 
     for s, seed in enumerate(SEEDS):  # the very splits of probe_grid
         expected = grouped_split(120, None, 0.2, seed, stratify=is_error)[0]
@@ -151,11 +151,11 @@ def test_weighted_auc_equals_the_auc_of_the_repeated_rows(seed):
     rng = np.random.default_rng(seed)
     y = rng.random(60) < 0.3
     scores = np.round(rng.normal(size=(4, 60)), 1)  # ties, within and across classes
-    np.testing.assert_allclose(weighted_aucs(scores, y, np.ones((1, 60)))[0], _auc_rows(scores, y), atol=1e-6)
+    np.testing.assert_allclose(weighted_aucs(scores, y, np.ones((1, 60)))[0], auc_rows(scores, y), atol=1e-6)
     counts = rng.integers(0, 3, size=60)
     repeated = np.repeat(np.arange(60), counts)
     np.testing.assert_allclose(
-        weighted_aucs(scores, y, counts[None].astype(float))[0], _auc_rows(scores[:, repeated], y[repeated]), atol=1e-6
+        weighted_aucs(scores, y, counts[None].astype(float))[0], auc_rows(scores[:, repeated], y[repeated]), atol=1e-6
     )
 
 
@@ -176,7 +176,7 @@ def test_intervals_cover_the_point_and_narrow_with_more_rows():
         train = split_masks(n, None, (0, 1), y)
         boot = bootstrap_aucs(scores, y, train, bootstrap_weights(y))
         low, high = interval(boot)
-        point = np.mean([_auc_rows(scores[:, s, ~m], y[~m])[0] for s, m in enumerate(train)])
+        point = np.mean([auc_rows(scores[:, s, ~m], y[~m])[0] for s, m in enumerate(train)])
         assert low[0] < point < high[0]
         widths.append(high[0] - low[0])
     assert widths[1] < widths[0] / 2.5  # 16x the rows: about a quarter of the width

@@ -6,7 +6,8 @@ import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from truthmap.errors import ProbeError
-from truthmap.probes import ErrorProbe, ProbeGrid, auc, grouped_split, probe_grid
+from truthmap.evaluation import auc, grouped_split, split_masks
+from truthmap.probes import ErrorProbe, ProbeGrid, probe_grid
 
 N, LAYERS, POSITIONS, HIDDEN = 2000, 4, 5, 16
 SIGNAL = (2, 3)  # the one cell whose activations decide the label
@@ -125,18 +126,18 @@ def test_grid_batches_do_not_change_results(tmp_path, monkeypatch):
     store, is_error = make_store(tmp_path, 0)
     acts = sample_major(store)
     whole = probe_grid(acts, is_error, seeds=(0,), progress=False)
-    monkeypatch.setattr("truthmap.probes.CELL_BUDGET_BYTES", 1)  # one cell per batch
+    monkeypatch.setattr("truthmap.scheduler.CELL_BUDGET_BYTES", 1)  # one cell per batch
     single = probe_grid(acts, is_error, seeds=(0,), progress=False)
     np.testing.assert_allclose(single.aucs, whole.aucs, atol=1e-3)
 
 
 def grid_on(device, tmp_path, monkeypatch):
     """The grid fitted on `device` (None: the default), and the device type each fit ran on."""
-    from truthmap import probes
+    from truthmap import scheduler
 
     seen = []
-    fit = probes.fit_logistic
-    monkeypatch.setattr(probes, "fit_logistic", lambda X, *a, **k: seen.append(X.device.type) or fit(X, *a, **k))
+    fit = scheduler.fit_logistic
+    monkeypatch.setattr(scheduler, "fit_logistic", lambda X, *a, **k: seen.append(X.device.type) or fit(X, *a, **k))
     tmp_path.mkdir(parents=True, exist_ok=True)
     store, is_error = make_store(tmp_path, 0, n=200)
     return probe_grid(sample_major(store), is_error, seeds=(0,), progress=False, device=device), set(seen)
@@ -351,7 +352,8 @@ def test_fit_matches_converged_sklearn_with_correlated_features(n, hidden):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from truthmap.probes import _auc_rows, fit_logistic, split_masks
+    from truthmap.evaluation import auc_rows, split_masks
+    from truthmap.solver import fit_logistic
 
     rng = np.random.default_rng(3)
     spectrum = 50 / (1 + np.arange(hidden) / 3) ** 2
@@ -362,11 +364,11 @@ def test_fit_matches_converged_sklearn_with_correlated_features(n, hidden):
     fit = fit_logistic(torch.tensor(X, dtype=torch.float32), y.astype(float), train, 1.0)
     assert fit["converged"].all()
     for s, mask in enumerate(train):
-        got = _auc_rows(fit["logits"][:, s, ~mask].numpy(), y[~mask])
+        got = auc_rows(fit["logits"][:, s, ~mask].numpy(), y[~mask])
         for cell in range(2):
             scaler = StandardScaler().fit(X[cell, mask])
             model = LogisticRegression(tol=1e-10, max_iter=100000).fit(scaler.transform(X[cell, mask]), y[mask])
-            expected = _auc_rows(model.decision_function(scaler.transform(X[cell, ~mask]))[None], y[~mask])[0]
+            expected = auc_rows(model.decision_function(scaler.transform(X[cell, ~mask]))[None], y[~mask])[0]
             assert abs(got[cell] - expected) < 0.003, (s, cell, got[cell], expected)
             np.testing.assert_allclose(fit["coef"][cell, s].numpy(), model.coef_[0], atol=0.02 * np.abs(model.coef_).max())
 
@@ -375,7 +377,8 @@ def test_float32_activations_fit_as_float64():
     """Only the passes over X are float32: the fit lands where the float64 one does."""
     import torch
 
-    from truthmap.probes import fit_logistic, split_masks
+    from truthmap.evaluation import split_masks
+    from truthmap.solver import fit_logistic
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((3, 300, 50)).astype(np.float16).astype(np.float32)  # a float16 store's values
@@ -392,7 +395,8 @@ def test_detection_fits_as_the_heatmap(tmp_path):
     import torch
 
     from truthmap.detection import fit_layers
-    from truthmap.probes import fit_logistic, split_masks
+    from truthmap.evaluation import split_masks
+    from truthmap.solver import fit_logistic
 
     store, is_error = make_store(tmp_path, 0, n=400)
     acts = sample_major(store)
@@ -405,33 +409,33 @@ def test_detection_fits_as_the_heatmap(tmp_path):
 
 
 def test_fit_cells_batches_by_the_memory_budget(monkeypatch):
-    from truthmap import probes
+    from truthmap import scheduler
 
     cells = [(layer, pos) for layer in range(3) for pos in range(4)]
     rng = np.random.default_rng(0)
     data = {cell: rng.standard_normal((200, 8)).astype(np.float16) for cell in cells}
     y = rng.random(200) < 0.4
-    train = probes.split_masks(200, None, (0,), y)
-    monkeypatch.setattr(probes, "CELL_BUDGET_BYTES", 5 * 4 * 200 * 8)  # 5 float32 cells (more than 5 fits' state)
-    batches = [batch for batch, _ in probes.fit_cells(data.__getitem__, cells, y, train, device="cpu", threads=1)]
+    train = split_masks(200, None, (0,), y)
+    monkeypatch.setattr(scheduler, "CELL_BUDGET_BYTES", 5 * 4 * 200 * 8)  # 5 float32 cells (more than 5 fits' state)
+    batches = [batch for batch, _ in scheduler.fit_cells(data.__getitem__, cells, y, train, device="cpu", threads=1)]
     assert batches == [cells[:4], cells[4:8], cells[8:]]  # 3 batches of at most 5 cells, as equal as can be
     # two fits at once share the budget, and come back in the order of the cells
-    batches = [batch for batch, _ in probes.fit_cells(data.__getitem__, cells, y, train, device="cpu", threads=2)]
+    batches = [batch for batch, _ in scheduler.fit_cells(data.__getitem__, cells, y, train, device="cpu", threads=2)]
     assert batches == [cells[i : i + 2] for i in range(0, 12, 2)]
     # fewer cells than a batch holds: still one batch per CPU
-    batches = [batch for batch, _ in probes.fit_cells(data.__getitem__, cells[:3], y, train, device="cpu", threads=2)]
+    batches = [batch for batch, _ in scheduler.fit_cells(data.__getitem__, cells[:3], y, train, device="cpu", threads=2)]
     assert batches == [cells[:2], cells[2:3]]
     # 10 rows: a cell's activations are 320 bytes, its fits' state 8 x STATE_VECTORS x 1 split x 9: that decides
     few = {cell: values[:10] for cell, values in data.items()}
-    monkeypatch.setattr(probes, "CELL_BUDGET_BYTES", 4 * 8 * probes.STATE_VECTORS * 9)
+    monkeypatch.setattr(scheduler, "CELL_BUDGET_BYTES", 4 * 8 * scheduler.STATE_VECTORS * 9)
     y = np.arange(10) % 2 == 0
-    train = probes.split_masks(10, None, (0,), y)
-    batches = [batch for batch, _ in probes.fit_cells(few.__getitem__, cells, y, train, device="cpu", threads=1)]
+    train = split_masks(10, None, (0,), y)
+    batches = [batch for batch, _ in scheduler.fit_cells(few.__getitem__, cells, y, train, device="cpu", threads=1)]
     assert batches == [cells[:4], cells[4:8], cells[8:]]
 
 
 def test_fit_cells_names_the_cell_with_nan():
-    from truthmap.probes import fit_cells
+    from truthmap.scheduler import fit_cells
 
     X = np.ones((20, 4), dtype=np.float16)
     X[3, 1] = np.nan
@@ -446,27 +450,27 @@ def test_busy_cpus_lower_the_threads(monkeypatch):
     import sys
     import time
 
-    from truthmap import probes
+    from truthmap import cpuload
 
-    before = probes.cpu_sample()
+    before = cpuload.cpu_sample()
     if before is None:
         pytest.skip("no /proc/stat on this system")
     spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
     try:
         time.sleep(0.2)
-        start = probes.cpu_sample()
+        start = cpuload.cpu_sample()
         time.sleep(1.0)
-        end = probes.cpu_sample()
+        end = cpuload.cpu_sample()
     finally:
         spinner.wait()
-    assert probes.busy_elsewhere(start, end) > 0.5  # the spinner's CPU (and whatever else runs here)
+    assert cpuload.busy_elsewhere(start, end) > 0.5  # the spinner's CPU (and whatever else runs here)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    assert probes.threads_to_use(2, 0.0) == 2
-    assert probes.threads_to_use(2, 0.2) == 2  # a light load keeps both
-    assert probes.threads_to_use(2, 0.9) == 1  # one CPU taken: one thread
-    assert probes.threads_to_use(2, 3.0) == 1  # never fewer than one
-    assert probes.threads_to_use(1, 0.0) == 1  # never more than asked
-    assert probes.busy_elsewhere(None, end) == 0.0
+    assert cpuload.threads_to_use(2, 0.0) == 2
+    assert cpuload.threads_to_use(2, 0.2) == 2  # a light load keeps both
+    assert cpuload.threads_to_use(2, 0.9) == 1  # one CPU taken: one thread
+    assert cpuload.threads_to_use(2, 3.0) == 1  # never fewer than one
+    assert cpuload.threads_to_use(1, 0.0) == 1  # never more than asked
+    assert cpuload.busy_elsewhere(None, end) == 0.0
 
 
 def test_grid_fits_fewer_batches_at_once_beside_a_busy_process(tmp_path, monkeypatch):
@@ -477,10 +481,10 @@ def test_grid_fits_fewer_batches_at_once_beside_a_busy_process(tmp_path, monkeyp
 
     import torch
 
-    from truthmap import probes
+    from truthmap import cpuload, scheduler
 
     running, most, threads_seen, lock = [0], [0], set(), threading.Lock()
-    fit = probes.fit_logistic
+    fit = scheduler.fit_logistic
 
     def watched(*a, **k):
         with lock:
@@ -494,11 +498,11 @@ def test_grid_fits_fewer_batches_at_once_beside_a_busy_process(tmp_path, monkeyp
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(probes, "fit_logistic", watched)
+    monkeypatch.setattr(scheduler, "fit_logistic", watched)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(probes, "busy_elsewhere", lambda before, after: 0.0)  # whatever else runs beside the test
+    monkeypatch.setattr(cpuload, "busy_elsewhere", lambda before, after: 0.0)  # whatever else runs beside the test
     store, is_error = make_store(tmp_path, 0, n=100)
-    monkeypatch.setattr(probes, "CELL_BUDGET_BYTES", 2 * 2 * 4 * 100 * HIDDEN)  # 2 cells a batch with 2 workers
+    monkeypatch.setattr(scheduler, "CELL_BUDGET_BYTES", 2 * 2 * 4 * 100 * HIDDEN)  # 2 cells a batch with 2 workers
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -506,7 +510,7 @@ def test_grid_fits_fewer_batches_at_once_beside_a_busy_process(tmp_path, monkeyp
         assert (most[0], threads_seen) == (2, {1})
         assert torch.get_num_threads() == 2
         most[0] = 0
-        monkeypatch.setattr(probes, "busy_elsewhere", lambda before, after: 1.0)  # one CPU taken by others
+        monkeypatch.setattr(cpuload, "busy_elsewhere", lambda before, after: 1.0)  # one CPU taken by others
         busy = probe_grid(sample_major(store), is_error, seeds=(0, 1), progress=False, device="cpu", n_boot=0)
         assert (most[0], threads_seen) == (1, {1})
         np.testing.assert_allclose(busy.aucs, free.aucs, atol=1e-6)
@@ -526,10 +530,10 @@ def test_a_worker_that_finishes_starts_the_batch_loaded_ahead_while_an_older_bat
 
     import torch
 
-    from truthmap import probes
+    from truthmap import cpuload, scheduler
 
     events, lock = [], threading.Lock()
-    fit = probes.fit_logistic
+    fit = scheduler.fit_logistic
 
     def watched(X, *a, **k):
         with lock:
@@ -542,18 +546,18 @@ def test_a_worker_that_finishes_starts_the_batch_loaded_ahead_while_an_older_bat
             with lock:
                 events.append(("end", call))
 
-    monkeypatch.setattr(probes, "fit_logistic", watched)
+    monkeypatch.setattr(scheduler, "fit_logistic", watched)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(probes, "busy_elsewhere", lambda before, after: 0.0)
+    monkeypatch.setattr(cpuload, "busy_elsewhere", lambda before, after: 0.0)
     store, is_error = make_store(tmp_path, 0, n=60)
-    monkeypatch.setattr(probes, "CELL_BUDGET_BYTES", 2 * 2 * 4 * 60 * HIDDEN)  # 2 cells a batch with 2 workers
+    monkeypatch.setattr(scheduler, "CELL_BUDGET_BYTES", 2 * 2 * 4 * 60 * HIDDEN)  # 2 cells a batch with 2 workers
     X = sample_major(store)
     cells = [(layer, pos) for layer in range(X.shape[1]) for pos in range(X.shape[2])]
-    train = probes.split_masks(len(is_error), None, (0,), is_error)
+    train = split_masks(len(is_error), None, (0,), is_error)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        yielded = [batch for batch, _ in probes.fit_cells(lambda c: X[:, c[0], c[1], :], cells, is_error, train)]
+        yielded = [batch for batch, _ in scheduler.fit_cells(lambda c: X[:, c[0], c[1], :], cells, is_error, train)]
     finally:
         torch.set_num_threads(before)
     assert [cell for batch in yielded for cell in batch] == cells and len(yielded) >= 4
@@ -565,7 +569,7 @@ def test_a_worker_that_finishes_starts_the_batch_loaded_ahead_while_an_older_bat
 def test_preconditioner_inverse_falls_back_to_float64_when_float32_loses_the_identity():
     import torch
 
-    from truthmap.probes import _inverse_of_identity_plus
+    from truthmap.solver import _inverse_of_identity_plus
 
     v = torch.tensor([[1.0], [2.0], [-1.0], [0.5]])
     gram, c = v @ v.T, 1e12  # in float32, I + c * gram rounds to the singular c * gram
@@ -581,7 +585,7 @@ def test_preconditioner_inverse_falls_back_to_float64_when_float32_loses_the_ide
 def test_finished_cells_leave_the_batch_for_the_last_ones_in_place():
     import torch
 
-    from truthmap.probes import _refill, _refill_moves
+    from truthmap.solver import _refill, _refill_moves
 
     batch = torch.arange(6.0)[:, None].repeat(1, 3)  # cell i holds i
     memory = batch.data_ptr()

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 
 from truthmap.errors import ProbeError
-from truthmap.probes import _auc_rows, bootstrap_aucs, interval
+from truthmap.evaluation import auc_rows, bootstrap_aucs, interval
 
 # control name -> (answers.parquet column, label in tables and figures)
 CONTROLS = {
@@ -109,7 +109,7 @@ def control_grid(texts: dict, is_error, train, weights=None) -> dict:
         except ProbeError as err:
             out[name] = entry | {"auc_mean": float("nan"), "auc_std": float("nan"), "note": str(err), "boot": None}
             continue
-        aucs = [float(_auc_rows(scores[s, ~mask][None], y[~mask])[0]) for s, mask in enumerate(train)]
+        aucs = [float(auc_rows(scores[s, ~mask][None], y[~mask])[0]) for s, mask in enumerate(train)]
         entry |= {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "aucs": aucs, "boot": None}
         if weights is not None:
             boot = bootstrap_aucs(scores[None], y, train, weights)[:, 0]  # [n_boot]
@@ -184,7 +184,7 @@ def transfer_control_aucs(name: str, train_texts, train_errors, fit_masks, test_
     """Per seed: the control fitted on train_texts[fit_masks[s]] (the probes' fit rows), its AUC on the test rows."""
     y = np.asarray(test_errors, dtype=bool)
     scores = control_scores(train_texts, train_errors, fit_masks, score_texts=test_texts)  # [seeds, test rows]
-    return [float(a) for a in _auc_rows(scores, y)]
+    return [float(a) for a in auc_rows(scores, y)]
 
 
 def texts_of(run_answers, ids) -> dict:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from truthmap.errors import ProbeError
-from truthmap.probes import auc, check_class_counts, fit_cells, grouped_split
+from truthmap.evaluation import auc, check_class_counts, grouped_split
 from truthmap.rundir import POSITIONS, RunDir
+from truthmap.scheduler import fit_cells
 
 PROBE_TOKENS = ("-1", "-2", "last_q", "exact_answer_last", "exact_answer_after_last")
 
@@ -129,7 +130,7 @@ def chosen_layer_probe(train: ProbeData, test: ProbeData, position: str, seeds, 
 def interval_over_test_rows(scores, is_error) -> tuple[float, float]:
     """95 % interval of the mean over seeds of the test AUCs of scores [seeds, test rows]: the stratified bootstrap
     of the test rows (probes.bootstrap_aucs), one draw shared by all seeds."""
-    from truthmap.probes import bootstrap_aucs, bootstrap_weights, interval
+    from truthmap.evaluation import bootstrap_aucs, bootstrap_weights, interval
 
     scores = np.asarray(scores, dtype=np.float64)
     boot = bootstrap_aucs(scores[None], is_error, np.zeros(scores.shape, dtype=bool), bootstrap_weights(is_error))

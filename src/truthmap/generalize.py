@@ -25,7 +25,7 @@ from truthmap.detection import (
     validation_masks,
 )
 from truthmap.errors import ProbeError
-from truthmap.probes import auc
+from truthmap.evaluation import auc
 from truthmap.rundir import RunDir, write_json
 
 REFERENCE_BASELINE = "logits_min_exact"

@@ -407,7 +407,7 @@ def probe_cells(table, rows, acts, embed, config: RunConfig, progress=True) -> t
 def text_controls(table, rows, is_error, groups, config: RunConfig) -> dict:
     """The text-only controls (controls.py) on the probe grid's rows, splits and bootstrap draws."""
     from truthmap.controls import CONTROLS, control_grid
-    from truthmap.probes import bootstrap_weights, split_masks
+    from truthmap.evaluation import bootstrap_weights, split_masks
 
     texts = {name: [str(t) for t in table[column].iloc[rows]] for name, (column, _) in CONTROLS.items()}
     train = split_masks(len(rows), groups, tuple(config.seeds), is_error, name=config.dataset)

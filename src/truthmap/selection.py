@@ -58,9 +58,9 @@ def fold_of_groups(groups: Sequence, n_folds: int, seed: int):
     """A fold number per row; rows of one group (None: a group of its own) share a fold. Seeded, balanced."""
     import numpy as np
 
-    from truthmap.probes import _no_group  # None, NaN or pd.NA: how a null group comes back from parquet
+    from truthmap.evaluation import no_group  # None, NaN or pd.NA: how a null group comes back from parquet
 
-    keys = [("row", i) if _no_group(g) else ("group", g) for i, g in enumerate(groups)]
+    keys = [("row", i) if no_group(g) else ("group", g) for i, g in enumerate(groups)]
     distinct = list(dict.fromkeys(keys))
     order = np.random.default_rng(seed).permutation(len(distinct))
     fold_of_key = {distinct[j]: rank % n_folds for rank, j in enumerate(order)}
