@@ -25,7 +25,7 @@ def answers(lm, dataset: str, split: str, n: int, data_dir: str | None, batch_si
     from truthmap.datasets import build_prompt, get_spec, load_records
     from truthmap.generate import generate_answers
     from truthmap.label import label_answers
-    from truthmap.rundir import Checkpoints
+    from truthmap.runstate import Checkpoints
 
     spec = get_spec(dataset)
     records = load_records(dataset, split, data_dir, n, 0)
@@ -42,7 +42,7 @@ def measure(lm, records, frame, batch_size: int, method: str, cached: bool) -> d
     from truthmap import locate
     from truthmap.decoding import Prefix
     from truthmap.locate import exact_answer_columns, extract_spans, gold_agreement, gold_spans
-    from truthmap.rundir import Checkpoints
+    from truthmap.runstate import Checkpoints
 
     rows = [(r.id, r.question, a, list(ids)) for r, a, ids in zip(records, frame["answer"], frame["answer_ids"])]
     real_prefix = locate.extraction_prefix

@@ -182,7 +182,7 @@ def test_4_activations_of_another_model_with_the_same_name_are_refused(tmp_path,
 
 def test_5_a_second_run_on_the_same_directory_stops_at_once_naming_the_first(study):
     args, run, data = study
-    code = ("import sys, time\nfrom truthmap.rundir import RunDir, run_lock\n"
+    code = ("import sys, time\nfrom truthmap.rundir import RunDir\nfrom truthmap.runstate import run_lock\n"
             "with run_lock(RunDir(sys.argv[1], 'tiny-model', 'custom', 'train')):\n"
             "    print('locked', flush=True)\n    time.sleep(120)\n")
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -294,7 +294,7 @@ def test_7_a_truncated_checkpoint_part_is_named_and_deleting_it_redoes_that_batc
 
 
 def test_7_a_new_checkpoint_part_never_takes_the_number_of_one_kept(tmp_path):
-    from truthmap.rundir import Checkpoints
+    from truthmap.runstate import Checkpoints
 
     checkpoints = Checkpoints(tmp_path, {"seed": 0})
     for batch in range(3):

@@ -2,7 +2,8 @@ import pytest
 
 from truthmap import locate
 from truthmap.locate import answer_offsets, parse_extraction, span_to_tokens, token_positions
-from truthmap.rundir import POSITIONS, Checkpoints
+from truthmap.rundir import POSITIONS
+from truthmap.runstate import Checkpoints
 
 
 def exact_tokens(tokenizer, answer, exact, occurrence=0):

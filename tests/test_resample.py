@@ -123,7 +123,7 @@ def test_resampling_writes_every_file(greedy_run, tiny):
 def test_resampled_activations_match_the_greedy_store(greedy_run, tiny):
     """The resampled answers are read exactly as the greedy store was, so one probe serves both."""
     from truthmap.activations import open_store
-    from truthmap.rundir import Checkpoints
+    from truthmap.runstate import Checkpoints
 
     run = pipeline.run_dir(greedy_run)
     greedy = pd.read_parquet(run.answers).assign(key=lambda t: t["id"])

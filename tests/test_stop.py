@@ -14,7 +14,7 @@ from truthmap.config import RunConfig
 from truthmap.errors import StoreError
 from truthmap.datasets import get_spec
 from truthmap.generate import answer_stop, generate_answers, stop_at_text
-from truthmap.rundir import Checkpoints
+from truthmap.runstate import Checkpoints
 
 from tiny import scripted_base_lm, tiny_base_tokenizer
 

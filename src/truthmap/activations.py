@@ -20,8 +20,8 @@ from pathlib import Path
 from truthmap.decoding import left_pad
 from truthmap.errors import StoreError
 from truthmap.progress import progress_bar
-from truthmap.rundir import (POSITIONS, STORE_DTYPE, STORE_LAYOUT, Store, check_matches, position_column, read_json,
-                             write_json)
+from truthmap.rundir import POSITIONS, STORE_DTYPE, STORE_LAYOUT, Store, position_column, read_json, write_json
+from truthmap.runstate import check_matches
 
 FLOAT16_MAX = 65504.0
 # Padded tokens per forward pass. On 2 CPU cores a pass of 64 x 155 tokens took 1.4 GB of transient memory and was

@@ -421,7 +421,7 @@ def locate_rows(lm, rows, golds: dict, info: dict, batch_size: int) -> dict:
     from truthmap.datasets import gold_span
     from truthmap.datasets.spec import Record
     from truthmap.locate import extract_spans
-    from truthmap.rundir import Checkpoints
+    from truthmap.runstate import Checkpoints
 
     spans = {}
     for row in rows.itertuples():

@@ -21,7 +21,8 @@ from truthmap.decoding import batches, generate_batch
 from truthmap.locate import EXTRACTION_PROMPT_VERSION
 from truthmap.models import encode_prompt, stop_token_ids
 from truthmap.progress import progress_bar
-from truthmap.rundir import STORE_DTYPE, Checkpoints, file_sha256
+from truthmap.rundir import STORE_DTYPE, file_sha256
+from truthmap.runstate import Checkpoints
 
 
 # ------------------------------------------------------------------------------ what decides the answers

@@ -369,7 +369,7 @@ def label_rows(spec, rows: list[Row]):
 def locate_rows(config, spec, records, rows, frame, lm, settings, run) -> dict:
     """{id: (source, span)}: given exact answers where the row has one, else located as `generate` locates."""
     from truthmap.locate import extract_spans, locate_answers
-    from truthmap.rundir import Checkpoints
+    from truthmap.runstate import Checkpoints
 
     spans = {row.id: ("given", exact_span(row)) for row in rows if row.exact is not None}
     pending = [k for k, row in enumerate(rows) if row.exact is None]

@@ -19,7 +19,8 @@ from truthmap.datasets import gold_span, label_span
 from truthmap.decoding import batches, generate_batch
 from truthmap.models import encode_prompt, stop_token_ids
 from truthmap.progress import progress_bar
-from truthmap.rundir import EXACT_POSITIONS, POSITIONS, Checkpoints, position_column
+from truthmap.rundir import EXACT_POSITIONS, POSITIONS, position_column
+from truthmap.runstate import Checkpoints
 
 NO_ANSWER = "NO ANSWER"
 EXTRACTION_INSTRUCTION = (

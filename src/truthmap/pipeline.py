@@ -17,8 +17,6 @@ from truthmap.rundir import (
     POSITIONS,
     ProbeFiles,
     RunDir,
-    check_checkpoints,
-    check_matches,
     check_token,
     file_sha256,
     generalization_dir,
@@ -26,12 +24,12 @@ from truthmap.rundir import (
     position_column,
     read_json,
     read_parquet,
-    run_lock,
     tables_dir,
     write_json,
     write_parquet,
     write_run_json,
 )
+from truthmap.runstate import check_checkpoints, check_matches, run_lock
 
 
 def run_dir(config: RunConfig) -> RunDir:
@@ -229,7 +227,8 @@ def import_answers(config: RunConfig, source, lm=None, strict: bool = False, act
     from truthmap.importer import (SHOWN_ROWS, check_rows, describe_skips, generation_frame, import_settings,
                                    label_rows, locate_rows, prepare_rows, read_rows, score_answers)
     from truthmap.label import located_frame
-    from truthmap.rundir import Checkpoints, check_checkpoints, check_matches, file_sha256, read_json
+    from truthmap.rundir import file_sha256, read_json
+    from truthmap.runstate import Checkpoints, check_checkpoints, check_matches
 
     spec = get_spec(config.dataset)
     path = Path(source.path).expanduser()

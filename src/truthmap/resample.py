@@ -20,9 +20,10 @@ from truthmap.errors import ConfigError, ProbeError, StoreError
 from truthmap.progress import progress_bar
 from truthmap import rundir
 from truthmap.rundir import (
-    EXACT_POSITIONS, POSITIONS, Checkpoints, ResampleFiles, Work, check_token, position_column, read_json,
+    EXACT_POSITIONS, POSITIONS, ResampleFiles, Work, check_token, position_column, read_json,
     write_atomic, write_json, write_parquet,
 )
+from truthmap.runstate import Checkpoints
 
 
 def row_key(question_id: str, k: int) -> str:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from truthmap.config import RunConfig
 from truthmap.errors import ConfigError
-from truthmap.rundir import Checkpoints, RunDir, Work
+from truthmap.rundir import RunDir, Work
+from truthmap.runstate import Checkpoints
 
 
 @dataclass
