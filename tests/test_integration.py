@@ -82,7 +82,14 @@ def test_gemma3_end_to_end(gemma3, tmp_path):
     acts, meta = open_store(run.activations("mlp"))
     assert acts.shape == (32, 18, 15, 640) and meta["clipped"] == 0  # the MLP output, before its norm, fits float16
     pipeline.probe(config)
-    best = json.loads((run.probes("mlp") / "probes.json").read_text())["best"]
-    assert 0.0 <= best["auc_mean"] <= 1.0
+    summary = json.loads(run.probe_files("mlp").summary.read_text())
+    valid = table[table["exact_answer_valid"]]  # the rows probed: errors are the positives
+    assert (summary["errors"], summary["correct"]) == (int((~valid["correct"]).sum()), int(valid["correct"].sum()))
+    cells = pd.read_csv(run.probe_files("mlp").heatmap_csv, dtype={"layer": str})
+    cells = cells[cells["layer"] != "embed"].set_index(["layer", "token"])["auc_mean"]  # [18 layers x 15 tokens]
+    best = summary["best"]  # the heatmap's highest cell, inside its own interval
+    assert len(cells) == 18 * 15 and cells[str(best["layer"]), best["token"]] == pytest.approx(cells.max(), abs=1e-6)
+    assert best["auc_low"] <= best["auc_mean"] <= best["auc_high"]
     assert not any("token limit" in flag for flag in red_flags(run))
-    assert write_report(run.path).exists()
+    html = write_report(run.path).read_text()
+    assert f"layer {best['layer']}, {best['token']}, AUC {best['auc_mean']:.3f}" in html  # the verdict names that cell

@@ -423,7 +423,8 @@ def test_fit_cells_batches_by_the_memory_budget(monkeypatch):
     batches = [batch for batch, _ in scheduler.fit_cells(data.__getitem__, cells, y, train, device="cpu", threads=2)]
     assert batches == [cells[i : i + 2] for i in range(0, 12, 2)]
     # fewer cells than a batch holds: still one batch per CPU
-    batches = [batch for batch, _ in scheduler.fit_cells(data.__getitem__, cells[:3], y, train, device="cpu", threads=2)]
+    three = scheduler.fit_cells(data.__getitem__, cells[:3], y, train, device="cpu", threads=2)
+    batches = [batch for batch, _ in three]
     assert batches == [cells[:2], cells[2:3]]
     # 10 rows: a cell's activations are 320 bytes, its fits' state 8 x STATE_VECTORS x 1 split x 9: that decides
     few = {cell: values[:10] for cell, values in data.items()}

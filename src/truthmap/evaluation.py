@@ -15,6 +15,7 @@ import numpy as np
 from truthmap.errors import ProbeError
 
 MIN_PER_CLASS = 5  # fewer errors (or correct answers) than this and the AUC is noise
+MORE_SAMPLES = "Use more samples (--n-samples; --n-questions in table and generalize)."
 
 
 # ----------------------------------------------------------------------------------------------------- AUCs
@@ -41,10 +42,12 @@ def auc(y_true, scores) -> float:
 
 
 def on_name(name: str) -> str:
+    """' nq' for a name in messages ('Probing nq'), '' without one."""
     return f" {name}" if name else ""
 
 
 def of_name(name: str) -> str:
+    """' of nq' for a name in messages ('the split of nq'), '' without one."""
     return f" of {name}" if name else ""
 
 
@@ -55,7 +58,7 @@ def check_class_counts(n_errors: int, n_correct: int, name: str = "") -> None:
     few = "errors" if n_errors < MIN_PER_CLASS else "correct answers"
     raise ProbeError(
         f"Too few {few} to probe{on_name(name)}: {n_errors} incorrect and {n_correct} correct answers with a valid "
-        f"exact answer (need at least {MIN_PER_CLASS} of each). Use more samples (--n-samples; --n-questions in table and generalize)."
+        f"exact answer (need at least {MIN_PER_CLASS} of each). {MORE_SAMPLES}"
     )
 
 
@@ -130,8 +133,8 @@ def split_masks(n, groups, seeds, is_error, test_size=0.2, name="") -> np.ndarra
             k = int(y[idx].sum())
             if k == 0 or k == idx.size:
                 raise ProbeError(
-                    f"The {part} part of the split for seed {seed}{of_name(name)} has one class only: {k} incorrect and "
-                    f"{idx.size - k} correct answers. Use more samples (--n-samples; --n-questions in table and generalize)."
+                    f"The {part} part of the split for seed {seed}{of_name(name)} has one class only: {k} "
+                    f"incorrect and {idx.size - k} correct answers. {MORE_SAMPLES}"
                 )
         train[i, parts[0]] = True
     return train

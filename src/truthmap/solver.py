@@ -75,7 +75,7 @@ class _BatchedFit:
         self.train = torch.as_tensor(train, dtype=dtype, device=device)  # [S, n], 1.0 on train rows
         S = self.train.shape[0]
         n_train = self.train.sum(1)  # [S]
-        mu, sd, self.m, self.v = _standardize(X, self.train, standardize)  # X is now Xn, centred and scaled by all rows
+        mu, sd, self.m, self.v = _standardize(X, self.train, standardize)  # X is now Xn: centred, scaled by all rows
         self.Xn = X
         self.woodbury, self.c, self.factor = _preconditioner(self.Xn, C, n_train)
         self.p_b = 0.25 * C * n_train  # [S] intercept curvature at w = 0
@@ -83,13 +83,15 @@ class _BatchedFit:
         self.z = torch.zeros(B, S, n, dtype=dtype, device=device)
         # [B, S] objective (no penalty at 0), gradient
         self.loss, self.g = self.data_term(self.z, self.train), self.gradient(self.theta, self.z)
-        self.h = self.precondition(self.g, self.factor)  # P^-1 g: the one preconditioner application of each iteration
+        self.h = self.precondition(self.g, self.factor)  # P^-1 g: the one preconditioner application per iteration
         self.threshold = tol * C * n_train  # [S] sklearn's tol on the objective divided by C * n_train
         self.memory = []  # (s, y, P^-1 y, rho), newest last
-        self.stuck = torch.zeros(B, S, dtype=torch.bool, device=device)  # no descent found: the optimum within precision
+        # no descent found: the optimum within precision
+        self.stuck = torch.zeros(B, S, dtype=torch.bool, device=device)
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)  # all splits converged, results stored
         self.active = None  # [cells, S] fits still moving, set by retire_converged
-        self.result = {"mean": mu + sd * self.m, "scale": sd * self.v,  # [B, S, d] raw-space mean and scale of the train rows
+        # mean and scale [B, S, d]: the train rows' standardization in raw space
+        self.result = {"mean": mu + sd * self.m, "scale": sd * self.v,
                        "coef": self.theta[..., :d].clone(), "intercept": self.theta[..., d].clone(),
                        "logits": self.z.clone(), "converged": self.stuck.clone(), "n_iter": 0}
         self.cells = torch.arange(B, device=device)  # cells still in the batch
