@@ -77,7 +77,7 @@ LAYERS = {
     "config": {"config"},
     "stages": {"generate", "label", "locate", "activations", "importer", "resample", "stages", "baselines", "probes",
                "controls", "heatmap", "error_types", "selection", "detection", "generalize", "detector", "report"},
-    "api": {"pipeline", "cli"},
+    "api": {"pipeline", "cli", "results"},
 }
 
 
