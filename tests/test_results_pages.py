@@ -125,3 +125,17 @@ def test_a_bad_results_file_is_named_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^No study 'nope' in .*\. Available: a\.$"):
         bad.write_text('[[study]]\nname = "a"\ntitle = "A"\n')
         write_results(bad, tmp_path / "pages", only=["nope"])
+
+
+def test_a_study_that_fails_is_named_and_the_index_is_still_written(small_study, tmp_path):
+    from truthmap.errors import TruthmapError
+
+    tmp, _ = small_study
+    (tmp_path / "empty").mkdir()
+    study = tmp_path / "study.toml"
+    study.write_text(f'[[study]]\nname = "broken"\ntitle = "No data"\nmodel = "{tmp / "tiny-model"}"\n'
+                     f'dataset = "winobias"\ndata_dir = "{tmp_path / "empty"}"\nruns_dir = "{tmp_path / "runs"}"\n')
+    with pytest.raises(TruthmapError, match=r"^Study 'broken' failed: .+ The other pages and the index were written\.$"):
+        write_results(study, tmp_path / "pages", command=COMMAND)
+    assert "| No data | not run yet: `make results ONLY=broken` |" in (tmp_path / "pages" / "index.md").read_text()
+    assert not (tmp_path / "pages" / "broken.md").exists()

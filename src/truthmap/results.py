@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from truthmap.config import RunConfig, check_study_values, study_configs
-from truthmap.errors import ConfigError
+from truthmap.errors import ConfigError, TruthmapError
 from truthmap.rundir import POSITIONS, ResultsPages, read_json, write_atomic, write_json
 
 GENERATED = "<!-- Written by `python -m truthmap.results` (make results). Do not edit: rerun it. -->"
@@ -252,15 +252,23 @@ def write_results(results_file: str | Path, out: str | Path, only: list[str] | N
     if unknown:
         raise ConfigError(f"No study '{unknown[0]}' in {results_file}. Available: {', '.join(s.name for s in studies)}.")
     command = command or shlex.join(["python", "-m", "truthmap.results", *sys.argv[1:]])
-    pages, written, start = ResultsPages(out), [], time.perf_counter()
+    pages, written, failed, start = ResultsPages(out), [], [], time.perf_counter()
     for study in studies:
         if only is not None and study.name not in only:  # only=[]: no study, the index alone
             continue
-        runs, wall_s = run_study(study, n_samples)
+        try:
+            runs, wall_s = run_study(study, n_samples)
+        except TruthmapError as error:  # one study's missing data must not cost the others their pages
+            failed.append((study.name, error))
+            continue
         device = study.configs()[0].device
         written.append(write_study(pages, study, runs, stamp(command, wall_s, device)))
     index = index_page(pages, studies, stamp(command, time.perf_counter() - start))
     write_atomic(pages.index, lambda tmp: tmp.write_text(index, encoding="utf-8"))
+    if failed:
+        name, error = failed[0]
+        others = f" ({len(failed) - 1} other studies failed too)" if len(failed) > 1 else ""
+        raise type(error)(f"Study '{name}' failed{others}: {error} The other pages and the index were written.")
     return written + [pages.index]
 
 
@@ -277,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for path in write_results(args.results_file, out, args.only, args.n_samples, command):
             print(f"Wrote {path}")
-    except ConfigError as error:
+    except TruthmapError as error:
         sys.exit(f"Error: {error}")
 
 
