@@ -40,7 +40,7 @@ compare: $(STAMP)
 
 # The documentation site: `make docs` serves it at http://127.0.0.1:8000; `make docs-build` is CI's strict build.
 docs: $(STAMP)
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 docs-build: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

@@ -81,14 +81,14 @@ def run_command(config: RunConfig) -> str:
     return shlex.join(words)
 
 
-def commit() -> str:
-    """The checkout's commit, marked when files differ from it (the page then says so)."""
+def commit(watched: tuple[str, ...] = ("src",)) -> str:
+    """The checkout's commit, marked when the code or the results file differ from it (the page then says so)."""
     def git(*args):
         return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
 
     head = git("rev-parse", "--short=12", "HEAD") or "unknown (not a git checkout)"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src")
-    return head + (" with uncommitted changes under src/" if dirty else "")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", *watched)
+    return head + (f" with uncommitted changes in {', '.join(watched)}" if dirty else "")
 
 
 def machine(device: str | None = None) -> str:
@@ -108,14 +108,20 @@ def machine(device: str | None = None) -> str:
     return f"{cpu}, {os.cpu_count()} CPUs{memory}, {platform.system()}" + (f", GPU {gpu}" if gpu else ", no GPU")
 
 
-def stamp(command: str, wall_s: float, device: str | None = None) -> dict:
+def stamp(command: str, wall_s: float, device: str | None = None, made_by: tuple[str, str] | None = None) -> dict:
+    """The page's stamp; `made_by` is (commit, date) taken when the study started, since HEAD may move meanwhile."""
+    made_by = made_by or started()
     return {
-        "commit": commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": made_by[0],
+        "date": made_by[1],
         "machine": machine(device),
         "wall time": f"{wall_s:.0f} s ({wall_s / 60:.1f} min)",
         "command": command,
     }
+
+
+def started(results_file: str | Path | None = None) -> tuple[str, str]:
+    return commit(("src", str(results_file)) if results_file else ("src",)), datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def run_study(study: Study, n_samples: int | None = None) -> tuple[list[dict], float]:
@@ -253,17 +259,19 @@ def write_results(results_file: str | Path, out: str | Path, only: list[str] | N
         raise ConfigError(f"No study '{unknown[0]}' in {results_file}. Available: {', '.join(s.name for s in studies)}.")
     command = command or shlex.join(["python", "-m", "truthmap.results", *sys.argv[1:]])
     pages, written, failed, start = ResultsPages(out), [], [], time.perf_counter()
+    index_made_by = started(results_file)
     for study in studies:
         if only is not None and study.name not in only:  # only=[]: no study, the index alone
             continue
+        made_by = started(results_file)
         try:
             runs, wall_s = run_study(study, n_samples)
         except TruthmapError as error:  # one study's missing data must not cost the others their pages
             failed.append((study.name, error))
             continue
         device = study.configs()[0].device
-        written.append(write_study(pages, study, runs, stamp(command, wall_s, device)))
-    index = index_page(pages, studies, stamp(command, time.perf_counter() - start))
+        written.append(write_study(pages, study, runs, stamp(command, wall_s, device, made_by)))
+    index = index_page(pages, studies, stamp(command, time.perf_counter() - start, made_by=index_made_by))
     write_atomic(pages.index, lambda tmp: tmp.write_text(index, encoding="utf-8"))
     if failed:
         name, error = failed[0]
