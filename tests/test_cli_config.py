@@ -1,5 +1,6 @@
 """The study file (flags > file > defaults), `truthmap runs`, --debug, and help that ends with an example."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -162,8 +163,17 @@ def test_every_command_has_help_ending_with_an_example():
 
 
 @pytest.mark.parametrize("heading", ["## Configuration file", "## Report", "## Listing runs"])
-def test_the_readme_documents_these_commands(heading):
-    assert heading in (REPO / "README.md").read_text()
+def test_the_guide_documents_these_commands(heading):
+    assert heading in (REPO / "docs" / "guide" / "run-a-study.md").read_text()
+
+
+def test_every_command_is_in_the_docs_command_list_and_the_readme_stays_short():
+    listed = (REPO / "docs" / "reference" / "commands.md").read_text()
+    assert [name for name in cli_commands() if f"| `truthmap {name}` |" not in listed] == []
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250 and "make demo" in readme and "make test" in readme
+    links = re.findall(r"\]\(([^)#:]+)[^)]*\)", readme)  # relative links and images, not http:// ones
+    assert links and [link for link in links if not (REPO / link).exists()] == []
 
 
 # One option table: panels in --help, RunConfig's defaults, renamed flags, token names, one way to address a run.

@@ -79,7 +79,12 @@ def load_study(path: str | Path | None, flags: dict | None = None) -> list[RunCo
 
     `flags` holds only the options given on the command line; --dataset or --site replaces the file's list.
     """
-    values = read_study_file(Path(path)) if path else {}
+    return study_configs(read_study_file(Path(path)) if path else {}, flags)
+
+
+def study_configs(values: dict, flags: dict | None = None) -> list[RunConfig]:
+    """One RunConfig per dataset x site of a study's checked keys (read_study_file's), `flags` over them."""
+    values = dict(values)
     for key, value in (flags or {}).items():
         values.pop(STUDY_LISTS.get(key, key), None)
         values[key] = value
@@ -97,18 +102,24 @@ def read_study_file(path: Path) -> dict:
         raise ConfigError(f"Cannot read the configuration file {path}: {error.strerror}.") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}.") from None
+    return check_study_values(values, str(path))
+
+
+def check_study_values(values: dict, source: str) -> dict:
+    """The keys of a study (a file, or one study of docs/results.toml), checked against RunConfig's fields and
+    types; `source` names where they came from in the error line."""
     accepted = _accepted_values()
     for key, value in values.items():
         if key not in accepted:
             close = difflib.get_close_matches(key.replace("-", "_"), list(accepted), n=1)
             hint = f" Did you mean: {close[0]}?" if close else ""
-            raise ConfigError(f"Unknown key '{key}' in {path}.{hint} Known keys: {', '.join(accepted)}.")
+            raise ConfigError(f"Unknown key '{key}' in {source}.{hint} Known keys: {', '.join(accepted)}.")
         check, expected = accepted[key]
         if not check(value):
-            raise ConfigError(f"Key '{key}' in {path} must be {expected}, got {value!r}.")
+            raise ConfigError(f"Key '{key}' in {source} must be {expected}, got {value!r}.")
     for single, many in STUDY_LISTS.items():
         if single in values and many in values:
-            raise ConfigError(f"{path} sets both '{single}' and '{many}'; keep one.")
+            raise ConfigError(f"{source} sets both '{single}' and '{many}'; keep one.")
     return values
 
 

@@ -457,3 +457,23 @@ def package_versions() -> dict:
         except PackageNotFoundError:
             pass
     return found
+
+
+class ResultsPages(Folder):
+    """docs/results/ (`make results`): a page per study of docs/results.toml, its figures and its numbers."""
+
+    index = _file("index.md")  # every study's headline, with links to the pages
+
+    def page(self, study: str) -> Path:
+        return self.path / f"{study}.md"
+
+    def summary(self, study: str) -> Path:
+        """The numbers and stamp the page was written from (JSON): the index is rebuilt from these."""
+        return self.path / f"{study}.json"
+
+    def figure(self, study: str, run_name: str, figure: str) -> Path:
+        """A figure copied from a run's probes/<site>/ (figure: `heatmap`, `selectivity`)."""
+        return self.path / study / f"{run_name}-{figure}.png"
+
+    def pages(self) -> list[Path]:
+        return sorted(self.path.glob("*.md"))
