@@ -253,7 +253,7 @@ def test_9_a_full_disk_names_the_file_and_that_a_rerun_resumes(tmp_path, model_d
     data = write_qa(tmp_path / "qa.csv")
     run = RunDir(tmp_path / "runs", "tiny-model", "custom", "train")
     line = one_line(cli(*generate_args(model_dir, data, tmp_path / "runs")))
-    part = run.work.generations.part(0)
+    part = run.work.extractions.part(0)  # the first parquet a batch writes: its exact answers
     assert line == (f"Error: No space left on the disk to write {part}. Free some space (or use another --runs-dir) "
                     "and run the same command again: finished work resumes.")
     monkeypatch.setattr(rundir.os, "replace", real)
