@@ -102,18 +102,25 @@ def test_1_booleans_are_not_token_ids(tmp_path, model_dir, no_model):
                     "integer token ids like [12, 345].")
 
 
-def test_1_a_special_token_inside_an_answer_is_refused_with_its_row(tmp_path, model_dir, no_model):
+def test_1_a_special_token_inside_an_answer_is_kept_with_one_warning_line(tmp_path, model_dir):
+    """A model may write a special token inside its answer (the tiny one does; generate keeps it, and an import of
+    generate's answers gives the same run back), so it is kept; but never silently: ids of another tokenizer
+    look the same."""
     from tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     paris = tokenizer("Paris", add_special_tokens=False)["input_ids"]
     path = write_answers(tmp_path / "answers.jsonl", [answer_row(id="ok", answer_token_ids=[*paris, end]),
-                                                      answer_row(id="bad", answer_token_ids=[start, *paris, end])])
-    line = one_line(cli(*import_args(model_dir, path, tmp_path / "runs")))
-    assert line == (f"Error: {path} row 2 (id 'bad'): column 'answer_token_ids' holds the special token "
-                    f"'<|im_start|>' (id {start}) inside the answer; only its last ids may be the model's end token. "
-                    "Fix or remove that row.")
+                                                      answer_row(id="odd", answer_token_ids=[start, *paris, end])])
+    result = cli(*import_args(model_dir, path, tmp_path / "runs", "--locate", "gold"))
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        f"Warning: 1 answers of {path} hold a special token inside their 'answer_token_ids' (first: row 2, "
+        f"'<|im_start|>', id {start}); kept, as generate keeps what a model writes. If model {str(model_dir)!r} did "
+        "not write them, the ids are another tokenizer's."]
+    answers = pd.read_parquet(RunDir(tmp_path / "runs", "tiny-model", "custom", "train").answers)
+    assert [list(ids) for ids in answers["answer_ids"]] == [paris, [start, *paris]]  # the end token dropped
 
 
 def test_2_a_detector_whose_scale_has_a_zero_is_refused_on_load(tmp_path, no_model):

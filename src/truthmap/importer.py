@@ -280,10 +280,13 @@ def prepare_rows(rows: list[Row], spec, lm, source: ImportSource, strict: bool) 
 
 
 def check_token_ids(rows: list[Row], tokenizer, stops, source: ImportSource, model: str) -> None:
-    """Before the model loads: every given token id is one of the tokenizer's, and an answer's ids hold no special
-    token (a chat header, a pad) but the end tokens it may close with, which prepare_rows drops."""
+    """Before the model loads: every given token id is one of the tokenizer's. Special tokens inside an answer (a
+    chat header, a pad), but the end tokens it may close with, which prepare_rows drops, get one warning: a model
+    may write them (generate keeps them, so an import of its answers keeps them too), ids of another tokenizer
+    do too."""
     last = len(tokenizer) - 1
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    inside = []
     for row in rows:
         for column, ids in (("prompt_token_ids", row.prompt_ids), ("answer_token_ids", row.answer_ids)):
             bad = next((t for t in ids or [] if not 0 <= t <= last), None)
@@ -294,11 +297,19 @@ def check_token_ids(rows: list[Row], tokenizer, stops, source: ImportSource, mod
         answer = list(row.answer_ids or [])
         while answer and answer[-1] in stops:
             answer.pop()
-        inside = next((t for t in answer if t in special or t in stops), None)  # a chat header, a pad, ...
-        if inside is not None:
-            raise DataError(f"{source.path} row {row.number} (id {row.id!r}): column 'answer_token_ids' holds the "
-                            f"special token {tokenizer.convert_ids_to_tokens(inside)!r} (id {inside}) inside the "
-                            "answer; only its last ids may be the model's end token. Fix or remove that row.")
+        found = next((t for t in answer if t in special or t in stops), None)
+        if found is not None:
+            inside.append((row, found))
+    if inside:
+        import warnings
+
+        from truthmap.errors import TruthmapWarning
+
+        row, found = inside[0]
+        warnings.warn(TruthmapWarning(
+            f"{len(inside)} answers of {source.path} hold a special token inside their 'answer_token_ids' (first: "
+            f"row {row.number}, {tokenizer.convert_ids_to_tokens(found)!r}, id {found}); kept, as generate keeps what "
+            f"a model writes. If model {model!r} did not write them, the ids are another tokenizer's."))
 
 
 def check_prompts(rows: list[Row], spec, source: ImportSource) -> None:
