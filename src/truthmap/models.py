@@ -121,7 +121,7 @@ def resolve_source(name: str) -> ModelSource:
 
 def check_model_name(name: str, option: str = "--model") -> None:
     """resolve_source's checks without its work (Gemma's file is assembled on first load, not here): a model that
-    cannot be found fails before any model loads, naming the option that gave it."""
+    cannot be found fails before any model loads, naming the option that gave it when not --model."""
     try:
         if name == GEMMA3_MODEL:
             if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
@@ -130,6 +130,8 @@ def check_model_name(name: str, option: str = "--model") -> None:
             return
         resolve_source(name)
     except (ConfigError, ModelError) as error:
+        if option == "--model":
+            raise  # its messages say "model" already
         raise type(error)(f"{option}: {error}") from None
 
 
