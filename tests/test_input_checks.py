@@ -189,14 +189,16 @@ def test_5_a_csv_with_a_byte_order_mark_is_imported(tmp_path, model_dir):
     assert (summary["rows"], summary["imported"], summary["correct"]) == (2, 2, 1)
 
 
-@pytest.mark.parametrize("command", ["generate", "run", "extract", "resample"])
+@pytest.mark.parametrize("command", [["generate"], ["run"], ["extract"], ["resample"], ["probe"], ["import", "a.jsonl"],
+                                     ["table", "--datasets", "geography"],
+                                     ["generalize", "--datasets", "geography", "triviaqa"]])
 def test_6_a_device_torch_does_not_have_is_refused_before_the_model_loads(tmp_path, command, no_model, monkeypatch):
     import torch
 
-    line = one_line(cli(command, "--device", "tpu", "--runs-dir", tmp_path / "runs"))
+    line = one_line(cli(*command, "--device", "tpu", "--runs-dir", tmp_path / "runs"))
     assert line == "Error: Invalid --device 'tpu': not a torch device; use cpu, cuda, cuda:N or mps."
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    line = one_line(cli(command, "--device", "cuda", "--runs-dir", tmp_path / "runs"))
+    line = one_line(cli(*command, "--device", "cuda", "--runs-dir", tmp_path / "runs"))
     assert line == ("Error: Invalid --device 'cuda': this torch has no CUDA device (torch.cuda.is_available() is "
                     "False); use --device cpu, or leave --device out.")
     assert not (tmp_path / "runs").exists()
@@ -284,11 +286,13 @@ def test_10_import_of_another_site_on_a_finished_import_writes_its_store(tmp_pat
     assert meta["written"] == meta["shape"][2] == len(table) and meta["site"] == "resid"
 
 
-def test_11_table_refuses_a_malformed_custom_file_before_the_model_loads(tmp_path, model_dir, no_model):
+@pytest.mark.parametrize("command", [["table", "--datasets", "custom"],
+                                     ["generalize", "--datasets", "geography", "custom"],
+                                     ["run", "--dataset", "custom"], ["generate", "--dataset", "custom"]])
+def test_11_a_malformed_custom_file_is_refused_before_the_model_loads(tmp_path, model_dir, no_model, command):
     data = tmp_path / "qa.csv"
     data.write_text('question,answer\nWhat is the capital of France?,Paris\nWhat is 2+2?,"[""4"""\n')
-    line = one_line(cli("table", "--datasets", "custom", "--custom-path", data, "--model", model_dir,
-                        "--runs-dir", tmp_path / "runs"))
+    line = one_line(cli(*command, "--custom-path", data, "--model", model_dir, "--runs-dir", tmp_path / "runs"))
     assert line == (f"Error: {data} line 3: column 'answer' starts with '[' but is not a valid JSON list "
                     """(got '["4"'); write it as ["a", "b"], or as one answer without the leading '['.""")
 
