@@ -367,6 +367,7 @@ def merge_stores(parts: list[tuple[list[int], Path]], directory: Path, n_samples
     else:
         meta.pop("embed_shape", None)
     directory.mkdir(parents=True, exist_ok=True)
+    check_space(directory, meta)  # a full disk under a mapping is a SIGBUS, not an error that names the file
     store_files = Store(directory)
     store_files.meta.unlink(missing_ok=True)
     for name, key in files:
