@@ -116,7 +116,7 @@ def test_1_a_special_token_inside_an_answer_is_kept_with_one_warning_line(tmp_pa
     result = cli(*import_args(model_dir, path, tmp_path / "runs", "--locate", "gold"))
     assert result.exit_code == 0, result.output
     assert result.stderr.splitlines() == [
-        f"Warning: 1 answers of {path} hold a special token inside their 'answer_token_ids' (first: row 2, "
+        f"Warning: 1 of 2 answers of {path} hold a special token inside their 'answer_token_ids' (first: row 2, "
         f"'<|im_start|>', id {start}); kept, as generate keeps what a model writes. If model {str(model_dir)!r} did "
         "not write them, the ids are another tokenizer's."]
     answers = pd.read_parquet(RunDir(tmp_path / "runs", "tiny-model", "custom", "train").answers)

@@ -231,7 +231,7 @@ def _token_ids(path: Path, number: int, column: str, value) -> list[int] | None:
     value = _plain(value)
     if not isinstance(value, list) or not all(isinstance(t, int) or hasattr(t, "__index__") for t in value):
         raise DataError(f"{path} row {number}: column {column!r} should be a list of token ids like [12, 345].")
-    flag = next((t for t in value if isinstance(t, bool) or type(t).__name__ == "bool_"), None)
+    flag = next((t for t in value if type(t).__name__ in ("bool", "bool_")), None)  # numpy's too
     if flag is not None:  # JSON true is an int to Python: [true, 504] would read as ids [1, 504]
         raise DataError(f"{path} row {number}: column {column!r} holds {bool(flag)}, not a token id; write a list of "
                         "integer token ids like [12, 345].")
@@ -307,7 +307,7 @@ def check_token_ids(rows: list[Row], tokenizer, stops, source: ImportSource, mod
 
         row, found = inside[0]
         warnings.warn(TruthmapWarning(
-            f"{len(inside)} answers of {source.path} hold a special token inside their 'answer_token_ids' (first: "
+            f"{len(inside)} of {len(rows)} answers of {source.path} hold a special token inside their 'answer_token_ids' (first: "
             f"row {row.number}, {tokenizer.convert_ids_to_tokens(found)!r}, id {found}); kept, as generate keeps what "
             f"a model writes. If model {model!r} did not write them, the ids are another tokenizer's."))
 
@@ -324,8 +324,12 @@ def check_prompts(rows: list[Row], spec, source: ImportSource) -> None:
                 for style in ("instruct", "base"):
                     build_prompt(spec, record, style)
             except DataError:
-                raise DataError(f"The {spec.name} prompt needs more than the question; give each row's prompt in a "
-                                f"{source.prompt_column!r} column of {source.path}.") from None
+                raise prompt_needs_more(spec, source) from None
+
+
+def prompt_needs_more(spec, source: ImportSource) -> DataError:
+    return DataError(f"The {spec.name} prompt needs more than the question; give each row's prompt in a "
+                     f"{source.prompt_column!r} column of {source.path}.")
 
 
 def check_rows(rows: list[Row], source: ImportSource) -> None:
@@ -385,8 +389,7 @@ def prompt_ids(lm, spec, row: Row, source: ImportSource) -> list[int]:
         try:
             text = build_prompt(spec, record, "instruct" if lm.is_chat else "base")
         except DataError:
-            raise DataError(f"The {spec.name} prompt needs more than the question; give each row's prompt in a "
-                            f"{source.prompt_column!r} column of {source.path}.") from None
+            raise prompt_needs_more(spec, source) from None
     row.prompt = text
     if lm.is_chat and text.startswith(rendered_start(lm.tokenizer)):
         return lm.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -169,7 +169,10 @@ def check_import_input(config: RunConfig, rows, spec, source, lm=None) -> None:
     check_prompts(rows, spec, source)
     if not any(r.prompt_ids is not None or r.answer_ids is not None for r in rows):
         return
-    tokenizer, stops = (lm.tokenizer, stop_token_ids(lm.tokenizer, lm.model)) if lm else tokenizer_and_stops(config.model)
+    if lm is not None:
+        tokenizer, stops = lm.tokenizer, stop_token_ids(lm.tokenizer, lm.model)
+    else:
+        tokenizer, stops = tokenizer_and_stops(config.model)
     check_token_ids(rows, tokenizer, stops, source, config.model)
 
 
