@@ -162,6 +162,19 @@ def test_3_a_dtype_other_than_a_finished_stage_s_is_refused_naming_how_to_get_it
     assert same.exit_code == 0, same.output  # the finished store's own settings: nothing to do, no model loaded
 
 
+def test_3_resample_refuses_an_extraction_model_the_greedy_answers_were_not_located_with(runs_copy, model_dir,
+                                                                                       tmp_path, no_model):
+    from tiny import save_tiny_model, tiny_lm
+
+    runs, data, run = runs_copy
+    other = save_tiny_model(tiny_lm(seed=4), tmp_path / "other-model")
+    line = one_line(cli("resample", "--run", run.path, "--layer", 1, "--token", "-1", "--n-questions", 2,
+                        "--extraction-model", other))
+    assert line == (f"Error: The answers of {run.path} were located with --extraction-model {model_dir}, and its "
+                    f"resamples are located as they were: drop --extraction-model {other}, or make a greedy run with "
+                    "it (another --runs-dir).")
+
+
 # ------------------------------------------------------------------ 4-12: errors that say what is wrong, in time
 
 

@@ -701,8 +701,6 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
     token are given); writes run.resamples/ and returns its resamples.json. Finished steps are not redone, and
     the model is loaded only when answers or activations are missing.
     """
-    import pandas as pd
-
     from truthmap import resample as resampling
     from truthmap.activations import open_store
     from truthmap.models import model_slug
@@ -720,15 +718,16 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
             "with the same --model and --runs-dir first."
         )
     made = read_json(run.run_json)
-    every = pd.read_parquet(run.answers)
+    # Resamples are located as the greedy answers were (runs made before "locate" existed: these flags).
+    extraction = {k: made["settings"].get(k, v) for k, v in locating_settings(config).items()}
+    check_resample_extractor(config, run, extraction["extraction_model"])
+    every = read_parquet(run.answers, fix=ANSWERS_FIX)
     rows = resampling.choose_questions(len(every), n_questions, seed)
     greedy = every.iloc[rows].reset_index(drop=True)
     store, meta = open_store(run.activations(config.site))
     probes_json = run_dir(dataclasses.replace(config, split="train")).probe_files(config.site).summary
     cell = resampling.resolve_cell(probes_json, config.site, layer, token, meta["shape"][0])
     settings = made["settings"] | {"n_resamples": n_resamples, "temperature": temperature, "resample_seed": seed}
-    # Resamples are located as the greedy answers were (runs made before "locate" existed: these flags).
-    extraction = {k: made["settings"].get(k, v) for k, v in locating_settings(config).items()}
     get_lm = model_loader(config) if lm is None else (lambda: lm)
 
     def load_records():
@@ -758,6 +757,17 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
         generation_settings(settings), config.batch_size, config.seeds, title,
     )
     return resampling.resample_stage(job, load_records, answer_models, get_lm)
+
+
+def check_resample_extractor(config: RunConfig, run: RunDir, used: str | None) -> None:
+    """Resamples are located as the greedy answers were: another --extraction-model given would be ignored."""
+    from truthmap.models import same_model
+
+    asked, used = config.extraction_model, used or config.model
+    if asked is not None and not same_model(asked, used):
+        raise ConfigError(f"The answers of {run.path} were located with --extraction-model {used}, and its resamples "
+                          f"are located as they were: drop --extraction-model {asked}, or make a greedy run with it "
+                          "(another --runs-dir).")
 
 
 def _greedy_records_config(config: RunConfig, saved: dict) -> RunConfig:
