@@ -217,6 +217,15 @@ def test_6_a_device_torch_does_not_have_is_refused_before_the_model_loads(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+def test_6_a_cuda_device_beyond_the_machine_s_is_refused(tmp_path, no_model, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    line = one_line(cli("generate", "--device", "cuda:2", "--runs-dir", tmp_path / "runs"))
+    assert line == "Error: Invalid --device 'cuda:2': this machine has 2 CUDA device(s), cuda:0 to cuda:1."
+
+
 def test_6_score_checks_the_device_before_the_model_loads(tmp_path, no_model):
     from truthmap.detector import Detector
 

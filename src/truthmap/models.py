@@ -143,14 +143,19 @@ def check_device(device: str | None, local: bool = True) -> None:
     import torch
 
     try:
-        kind = torch.device(device).type
+        parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        kind = None
+        parsed = None
+    kind = parsed and parsed.type
     if kind not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"Invalid --device {device!r}: not a torch device; use cpu, cuda, cuda:N or mps.")
     if local and kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"Invalid --device {device!r}: this torch has no CUDA device (torch.cuda.is_available() is "
                           "False); use --device cpu, or leave --device out.")
+    if local and kind == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"Invalid --device {device!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                          f"cuda:{count - 1}.")
     if local and kind == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"Invalid --device {device!r}: MPS is not available here; use --device cpu.")
 
