@@ -15,12 +15,14 @@ after each batch leave those pages to the kernel's page cache.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from truthmap.decoding import left_pad
 from truthmap.errors import StoreError
 from truthmap.progress import progress_bar
-from truthmap.rundir import POSITIONS, STORE_DTYPE, STORE_LAYOUT, Store, position_column, read_json, write_json
+from truthmap.rundir import (POSITIONS, ROOM, STORE_DTYPE, STORE_LAYOUT, Store, human_size, position_column, read_json,
+                             space_for, write_json)
 from truthmap.runstate import check_matches
 
 FLOAT16_MAX = 65504.0
@@ -124,10 +126,23 @@ def create_or_resume(directory: Path, meta: dict) -> dict:
         check_matches(saved, {k: meta[k] for k in (*RESUME_KEYS, "shape")}, directory)
         return saved
     directory.mkdir(parents=True, exist_ok=True)
+    check_space(directory, meta)
     np.memmap(store_path, dtype=np.float16, mode="w+", shape=tuple(meta["shape"])).flush()
     np.memmap(store.embed, dtype=np.float16, mode="w+", shape=tuple(meta["embed_shape"])).flush()
     write_json(meta_path, meta)
     return meta
+
+
+def check_space(directory: Path, meta: dict) -> None:
+    """The store's size is known before its first row is written: one that cannot fit is refused now, not when
+    the disk fills halfway through the run."""
+    import math
+
+    needed = 2 * (math.prod(meta["shape"]) + math.prod(meta.get("embed_shape", [0])))  # float16: 2 bytes a value
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise StoreError(f"Not enough disk space for {directory}: the store needs {human_size(needed)}, and "
+                         f"{human_size(free)} are free there. {ROOM}")
 
 
 def write_rows(directory: Path, meta: dict, rows: list[int], values, embedded) -> None:
@@ -164,12 +179,13 @@ def _write_cells(path: Path, shape, rows: list[int], values) -> int:
     row_bytes = hidden * 2
     fd = os.open(path, os.O_WRONLY)
     try:
-        for layer in range(layers):
-            for position in range(positions):
-                cell = values[order, layer, position]  # [batch, hidden], in file order
-                start = (layer * positions + position) * samples
-                for run in runs:
-                    os.pwrite(fd, cell[run[0] : run[-1] + 1].tobytes(), (start + int(rows[run[0]])) * row_bytes)
+        with space_for(path):  # the file is sparse until written: a full disk shows here
+            for layer in range(layers):
+                for position in range(positions):
+                    cell = values[order, layer, position]  # [batch, hidden], in file order
+                    start = (layer * positions + position) * samples
+                    for run in runs:
+                        os.pwrite(fd, cell[run[0] : run[-1] + 1].tobytes(), (start + int(rows[run[0]])) * row_bytes)
     finally:
         os.close(fd)
     return clipped
@@ -352,6 +368,7 @@ def merge_stores(parts: list[tuple[list[int], Path]], directory: Path, n_samples
     else:
         meta.pop("embed_shape", None)
     directory.mkdir(parents=True, exist_ok=True)
+    check_space(directory, meta)  # a full disk under a mapping is a SIGBUS, not an error that names the file
     store_files = Store(directory)
     store_files.meta.unlink(missing_ok=True)
     for name, key in files:

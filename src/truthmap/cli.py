@@ -24,6 +24,7 @@ import typer
 from truthmap.config import RunConfig
 from truthmap.errors import ConfigError, StoreError, TruthmapError, TruthmapWarning
 from truthmap.rundir import POSITIONS, RunDir, check_token, read_json
+from truthmap.runstate import run_lock
 
 app = typer.Typer(
     help="Find where a language model knows that it is wrong: answers, exact answers, activations, probes.",
@@ -253,6 +254,9 @@ def addressed(ctx: typer.Context, options: dict) -> dict:
         return options
     run = RunDir.from_path(directory)
     if not run.run_json.exists():
+        if run.path.is_dir():
+            with run_lock(run):  # a run still being made (an import writes run.json last) is in use, not missing
+                pass
         raise StoreError(f"No run.json in {run.path}: --run takes a run directory made by generate, run or import "
                          "(runs/<model>/<dataset>/<split>).")
     model = read_json(run.run_json)["config"]["model"]
@@ -565,8 +569,10 @@ def score(**options):
     Example: truthmap score --detector runs/smollm2/geography/train/detector_mlp.json --question "What is the capital of Peru?" --answer "The capital of Peru is Lima."
     """
     from truthmap.detector import Detector, check_texts, load_scoring_model, read_pairs, score_file
+    from truthmap.models import check_device
 
     o = options
+    check_device(o["device"])  # before the model loads (else after it, ~20 s)
     single = {flag(name): o[name] for name in ("question", "answer", "exact_answer", "gold")}
     if o["input_path"] and any(value is not None for value in single.values()):
         given_flag = next(name for name, value in single.items() if value is not None)

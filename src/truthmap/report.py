@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 from truthmap.errors import StoreError
-from truthmap.rundir import (ProbeFiles, RunDir, TableFiles, begun_runs, read_json, read_parquet, runs_below,
-                             write_atomic)
+from truthmap.rundir import (ANSWERS_FIX, ProbeFiles, RunDir, TableFiles, begun_runs, read_json, read_parquet,
+                             runs_below, write_atomic)
 
 EXAMPLES_CAP = 500  # rows of answers.parquet shown; the page stays light in a browser
 # Red flags: numbers too good to be true. A best cell at or above this AUC with a spread over the seeds below
@@ -35,10 +35,8 @@ def write_report(run_path) -> Path:
     run = RunDir.from_path(run_path)
     if not run.answers.exists():
         raise StoreError(f"No answers.parquet in {run.path}: not a run directory.{_runs_below(Path(run_path))}")
-    import pandas as pd
-
     info = read_json(run.run_json) if run.run_json.exists() else {}
-    answers = pd.read_parquet(run.answers)
+    answers = read_parquet(run.answers, fix=ANSWERS_FIX)  # a damaged file named, as generate and probe name it
     sections = [
         ("summary", "Summary", summary_section(run, info, answers)),
         *heatmap_sections(run),

@@ -36,6 +36,8 @@ stopped. Who may write a run now (the lock), its checkpoints and the resume chec
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -385,13 +387,39 @@ def matches(relative: str | Path, patterns: list[str]) -> bool:
                for p in patterns)
 
 
+ROOM = "Free some space (or use another --runs-dir) and run the same command again: finished work resumes."
+
+
+@contextlib.contextmanager
+def space_for(path: Path):
+    """A full disk while writing path: a StoreError naming the file, not a raw OSError [Errno 28]. What was
+    written before is whole (files are replaced atomically, the store says which rows it holds), so a rerun
+    with space resumes."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise StoreError(f"No space left on the disk to write {path}. {ROOM}") from None
+
+
+def human_size(n: float) -> str:
+    """Bytes as a person reads them: '500 bytes', '23.0 KB', '1.4 GB' (powers of 1000, as df -H)."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 def write_atomic(path: Path, write) -> None:
     """Call write(tmp_path), then move the result into place in one step."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with space_for(path):
+            write(tmp)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

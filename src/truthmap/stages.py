@@ -129,9 +129,10 @@ def answer_shard(models: Models, batches: list[list[int]], shard, job: Answering
     opened = {}
 
     def extract(pending):
+        extractor = models.extractor()  # first: an extractor that fails to load leaves no settings.json behind
         if "extractions" not in opened:  # on first use: answers that need no extractor leave no checkpoints of it
             opened["extractions"] = Checkpoints(work.extractions.path, job.settings)
-        return extract_spans(models.extractor(), pending, config.batch_size, opened["extractions"], config.extractor,
+        return extract_spans(extractor, pending, config.batch_size, opened["extractions"], config.extractor,
                              config.extraction_tries, config.seed, models.extraction_prefix(), progress=False)
 
     located = []
