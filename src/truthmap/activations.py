@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from truthmap.decoding import left_pad
 from truthmap.errors import StoreError
 from truthmap.progress import progress_bar
 from truthmap.rundir import (POSITIONS, STORE_DTYPE, STORE_LAYOUT, Store, check_matches, position_column, read_json,
@@ -230,17 +229,9 @@ def check_resume(directory: Path, run_settings: dict | None, site: str, model_dt
 def read_positions(lm, sequences: list[list[int]], positions, site: str):
     """One forward pass over a batch of token sequences: [batch, layers, k, hidden] float32 at positions [batch, k]
     (indices into each unpadded sequence). Negative positions (no exact answer) read the first real token."""
-    import numpy as np
-    import torch
+    from truthmap.sites import read_cells
 
-    from truthmap.sites import capture
-
-    input_ids, attention_mask = left_pad(sequences, lm.tokenizer.pad_token_id)  # [batch, seq]
-    offsets = np.array([input_ids.shape[1] - len(s) for s in sequences])[:, None]
-    padded = torch.from_numpy(np.maximum(np.asarray(positions), 0) + offsets)
-    with torch.inference_mode(), capture(lm.model, site, padded) as cap:
-        lm.model.base_model(input_ids=input_ids.to(lm.model.device), attention_mask=attention_mask.to(lm.model.device))
-    return cap.stack().float().numpy()
+    return read_cells(lm, sequences, positions, site).float().numpy()
 
 
 def read_embeddings(lm, sequences: list[list[int]], positions):

@@ -17,10 +17,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from truthmap.config import RunConfig
-from truthmap.decoding import batches, generate_batch
+from truthmap.batches import load_in_order, run_batches
+from truthmap.decoding import generate_batch
 from truthmap.locate import EXTRACTION_PROMPT_VERSION
 from truthmap.models import encode_prompt, stop_token_ids
-from truthmap.progress import progress_bar
 from truthmap.rundir import STORE_DTYPE, Checkpoints, file_sha256
 
 
@@ -84,31 +84,30 @@ def generate_answers(lm, ids: list[str], prompts: list[str], max_new_tokens: int
     finished = [part[part["id"].isin(wanted)] for part in checkpoints.batches()]
     done = {i for part in finished for i in part["id"]}
     todo = [(i, encode_prompt(lm.tokenizer, p, lm.is_chat)) for i, p in zip(ids, prompts) if i not in done]
-    todo.sort(key=lambda item: -len(item[1]))  # similar lengths share a batch: less padding
     stop_ids = stop_token_ids(lm.tokenizer, lm.model)
     stop_check = stop_at_text(lm.tokenizer, stop_text)
     for part in finished:
         if after_batch is not None and len(part):
             after_batch(part.reset_index(drop=True), None)
-    with progress_bar(total=len(ids), initial=len(done), description="Generating answers") as advance:
-        for batch in batches(todo, batch_size):
-            prompt_ids = [p for _, p in batch]
-            prefix, first = batch_prefix(lm, prompt_ids, site)
-            recorder = record(lm.model, site, prompt_ids, prefix_len=len(prefix.ids) if prefix else 0, first=first,
-                              dtype=getattr(torch, STORE_DTYPE))  # cast now as the store would: the same bytes
-            with recorder if site else nullcontext() as recording:
-                generations = generate_batch(lm.model, lm.tokenizer, prompt_ids, max_new_tokens, stop_ids,
-                                             stop_check=stop_check, recording=recording, prefix=prefix)
-            frame = pd.DataFrame({"id": [i for i, _ in batch], "prompt_ids": prompt_ids,
-                                  **generation_columns(lm.tokenizer, generations)})
-            if after_batch is not None:
-                after_batch(frame, recording)
-            checkpoints.write(frame)
-            del recording, generations
-            give_back_freed_memory()
-            advance(len(batch))
-    frame = checkpoints.load().drop_duplicates("id", keep="last").set_index("id")
-    return frame.loc[ids].reset_index()
+
+    def answer(batch):
+        prompt_ids = [p for _, p in batch]
+        prefix, first = batch_prefix(lm, prompt_ids, site)
+        recorder = record(lm.model, site, prompt_ids, prefix_len=len(prefix.ids) if prefix else 0, first=first,
+                          dtype=getattr(torch, STORE_DTYPE))  # cast now as the store would: the same bytes
+        with recorder if site else nullcontext() as recording:
+            generations = generate_batch(lm.model, lm.tokenizer, prompt_ids, max_new_tokens, stop_ids,
+                                         stop_check=stop_check, recording=recording, prefix=prefix)
+        frame = pd.DataFrame({"id": [i for i, _ in batch], "prompt_ids": prompt_ids,
+                              **generation_columns(lm.tokenizer, generations)})
+        if after_batch is not None:
+            after_batch(frame, recording)
+        return frame
+
+    run_batches(todo, answer, checkpoints, batch_size=batch_size, description="Generating answers",
+                key=lambda item: item[0], done=done, length=lambda item: len(item[1]), total=len(ids),
+                after_batch=give_back_freed_memory)
+    return load_in_order(checkpoints, ids).reset_index()
 
 
 def give_back_freed_memory() -> None:

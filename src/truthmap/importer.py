@@ -410,11 +410,19 @@ def generation_frame(lm, rows: list[Row]):
 def logit_batches(lengths: list[tuple[int, int]], batch_size: int, vocab: int) -> list[list[int]]:
     """Row indices of (prompt length, answer length) pairs, longest first, in batches of at most batch_size rows
     whose kept logits fit LOGIT_BUDGET."""
-    order = sorted(range(len(lengths)), key=lambda i: -sum(lengths[i]))
+    from truthmap.batches import longest_first
+
+    return cut_by_logits(longest_first(range(len(lengths)), lambda i: sum(lengths[i])),
+                         lambda i: lengths[i][1], batch_size, vocab)
+
+
+def cut_by_logits(order: list, answer_length, batch_size: int, vocab: int) -> list[list]:
+    """Consecutive runs of `order`, at most batch_size each, whose kept logits (batch x (longest answer + 1) x
+    vocab) fit LOGIT_BUDGET; answer_length(item) is an item's answer length."""
     cut = []
     for i in order:
         if cut and len(cut[-1]) < batch_size:
-            longest = max(lengths[j][1] for j in cut[-1] + [i]) + 1
+            longest = max(answer_length(j) for j in cut[-1] + [i]) + 1
             if (len(cut[-1]) + 1) * longest * vocab <= LOGIT_BUDGET:
                 cut[-1].append(i)
                 continue
@@ -429,58 +437,64 @@ def score_answers(lm, frame, batch_size: int, checkpoints, store=None) -> dict[s
     batch's log-probabilities are checkpointed, as generation writes its cells before its checkpoint.
 
     Positions count real tokens, as in decoding, so a left-padded row sees what it saw while it was generated."""
-    import contextlib
-    import inspect
-
     import numpy as np
     import pandas as pd
-    import torch
 
-    from truthmap.activations import mark_written, read_embeddings, rows_written, write_rows
-    from truthmap.decoding import left_pad
-    from truthmap.progress import progress_bar
+    from truthmap import activations
+    from truthmap.batches import run_batches
     from truthmap.rundir import POSITIONS, position_column
-    from truthmap.sites import capture
+    from truthmap.sites import read_cells
 
     done = checkpoints.load()
     found = dict(zip(done["id"], done["answer_logprobs"].map(list))) if len(done) else {}
-    written = rows_written(store[1]) if store else None
-    todo = [k for k, id_ in enumerate(frame["id"]) if id_ not in found or (store and k not in written)]
+    written = activations.rows_written(store[1]) if store else None
+    finished = {k for k, id_ in enumerate(frame["id"]) if id_ in found and not (store and k not in written)}
     prompts, answers = list(frame["prompt_ids"]), list(frame["answer_ids"])
     positions = np.stack([frame[position_column(p)].to_numpy() for p in POSITIONS], axis=1)  # [rows, 15]
     vocab = lm.model.get_output_embeddings().weight.shape[0]
-    accepts = inspect.signature(lm.model.forward).parameters
-    lengths = [(len(prompts[k]), len(answers[k])) for k in todo]
-    with progress_bar(total=len(frame), initial=len(frame) - len(todo), description="Scoring answers") as advance:
-        for batch in logit_batches(lengths, batch_size, vocab):
-            chosen = [todo[i] for i in batch]
-            sequences = [list(prompts[k]) + list(answers[k]) for k in chosen]
-            input_ids, attention_mask = left_pad(sequences, lm.tokenizer.pad_token_id)
-            cells = np.maximum(positions[chosen], 0)  # no exact answer (-1) reads the first token, as extract does
-            padded = torch.from_numpy(cells + (input_ids.shape[1] - np.array([len(s) for s in sequences]))[:, None])
-            # Answer token j is predicted at the position before it; the last token predicts nothing we keep.
-            keep = max(len(answers[k]) for k in chosen) + 1
-            device = lm.model.device
-            hooked = capture(lm.model, store[1]["site"], padded) if store else contextlib.nullcontext()
-            with torch.inference_mode(), hooked as cap:
-                out = lm.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                               position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False,
-                               **({"logits_to_keep": keep} if "logits_to_keep" in accepts else {}))
-                logits = out.logits[:, -keep:].float()  # [batch, keep, vocab]
-                values = []
-                for row, k in enumerate(chosen):
-                    n = len(answers[k])
-                    targets = torch.tensor(answers[k], device=logits.device)[:, None]
-                    scores = torch.log_softmax(logits[row, keep - n - 1 : keep - 1], dim=-1)
-                    values.append(scores.gather(1, targets)[:, 0].tolist())
-            if store:
-                write_rows(store[0], store[1], chosen, cap.stack().float().numpy(),
-                           read_embeddings(lm, sequences, cells))
-                mark_written(store[0], store[1], chosen)
-            checkpoints.write(pd.DataFrame({"id": [frame["id"].iat[k] for k in chosen], "answer_logprobs": values}))
-            found.update(zip((frame["id"].iat[k] for k in chosen), values))
-            advance(len(chosen))
+
+    def score(chosen):
+        sequences = [list(prompts[k]) + list(answers[k]) for k in chosen]
+        cells = np.maximum(positions[chosen], 0)  # no exact answer (-1) reads the first token, as extract does
+        values = []
+        hooked = read_cells(lm, sequences, cells, store[1]["site"] if store else None,
+                            forward=answer_logprobs(lm, [answers[k] for k in chosen], values))
+        if store:
+            activations.write_rows(store[0], store[1], chosen, hooked.float().numpy(),
+                                   activations.read_embeddings(lm, sequences, cells))
+            activations.mark_written(store[0], store[1], chosen)
+        found.update(zip((frame["id"].iat[k] for k in chosen), values))
+        return pd.DataFrame({"id": [frame["id"].iat[k] for k in chosen], "answer_logprobs": values})
+
+    run_batches(range(len(frame)), score, checkpoints, batch_size=batch_size, done=finished,
+                length=lambda k: len(prompts[k]) + len(answers[k]), description="Scoring answers",
+                cut=lambda order: cut_by_logits(order, lambda k: len(answers[k]), batch_size, vocab))
     return found
+
+
+def answer_logprobs(lm, answers: list[list[int]], values: list):
+    """A forward for sites.read_cells: the model over the padded prompt + answer batch, appending to `values` each
+    row's log-probability of its answer tokens."""
+    import inspect
+
+    import torch
+
+    accepts = inspect.signature(lm.model.forward).parameters
+    keep = max(len(a) for a in answers) + 1  # answer token j is predicted at the position before it
+
+    def forward(input_ids, attention_mask):
+        device = lm.model.device
+        out = lm.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                       position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False,
+                       **({"logits_to_keep": keep} if "logits_to_keep" in accepts else {}))
+        logits = out.logits[:, -keep:].float()  # [batch, keep, vocab]
+        for row, answer in enumerate(answers):
+            n = len(answer)
+            targets = torch.tensor(answer, device=logits.device)[:, None]
+            scores = torch.log_softmax(logits[row, keep - n - 1 : keep - 1], dim=-1)
+            values.append(scores.gather(1, targets)[:, 0].tolist())
+
+    return forward
 
 
 def describe_skips(skipped: dict) -> str:

@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 
 from truthmap.activations import FLOAT16_MAX  # as the greedy store: values beyond float16's range are clipped
-from truthmap.decoding import batches, generate_batch
+from truthmap.batches import load_in_order, run_batches
+from truthmap.decoding import generate_batch
 from truthmap.error_types import ERROR_TYPES, NO_ANSWER
 from truthmap.generate import answer_stop, generation_columns, stop_at_text
 from truthmap.errors import ConfigError, ProbeError, StoreError
-from truthmap.progress import progress_bar
 from truthmap import rundir
 from truthmap.rundir import (
     EXACT_POSITIONS, POSITIONS, Checkpoints, ResampleFiles, Work, check_token, position_column, read_json,
@@ -42,39 +42,34 @@ def sample_answers(lm, greedy, n_resamples: int, temperature: float, seed: int, 
     stop token, and at stop_text (generate.answer_stop) when given."""
     import pandas as pd
 
-    done = checkpoints.done_ids()
     todo = [
         (row_key(question_id, k), question_id, k, [int(t) for t in prompt])
         for question_id, prompt in zip(greedy["id"], greedy["prompt_ids"])
         for k in range(n_resamples)
-        if row_key(question_id, k) not in done
     ]
-    todo.sort(key=lambda item: -len(item[3]))  # similar lengths share a batch: less padding
-    total = len(greedy) * n_resamples
     stop_check = stop_at_text(lm.tokenizer, stop_text)
-    with progress_bar(total=total, initial=total - len(todo), description="Resampling answers") as advance:
-        for batch in batches(todo, batch_size):
-            seeds = [sample_seed(seed, question_id, k) for _, question_id, k, _ in batch]
-            prompts = [prompt for *_, prompt in batch]
-            generations = generate_batch(
-                lm.model, lm.tokenizer, prompts, max_new_tokens, stop_ids, temperature, row_seeds=seeds,
-                stop_check=stop_check,
-            )
-            checkpoints.write(
-                pd.DataFrame(
-                    {
-                        "id": [key for key, *_ in batch],
-                        "question_id": [question_id for _, question_id, _, _ in batch],
-                        "sample": [k for _, _, k, _ in batch],
-                        "prompt_ids": prompts,
-                        **generation_columns(lm.tokenizer, generations),
-                    }
-                )
-            )
-            advance(len(batch))
-    frame = checkpoints.load().drop_duplicates("id", keep="last").set_index("id")
-    keys = [row_key(question_id, k) for question_id in greedy["id"] for k in range(n_resamples)]
-    return frame.loc[keys].reset_index(drop=True).rename(columns={"question_id": "id"})
+
+    def sample(batch):
+        seeds = [sample_seed(seed, question_id, k) for _, question_id, k, _ in batch]
+        prompts = [prompt for *_, prompt in batch]
+        generations = generate_batch(
+            lm.model, lm.tokenizer, prompts, max_new_tokens, stop_ids, temperature, row_seeds=seeds,
+            stop_check=stop_check,
+        )
+        return pd.DataFrame(
+            {
+                "id": [key for key, *_ in batch],
+                "question_id": [question_id for _, question_id, _, _ in batch],
+                "sample": [k for _, _, k, _ in batch],
+                "prompt_ids": prompts,
+                **generation_columns(lm.tokenizer, generations),
+            }
+        )
+
+    run_batches(todo, sample, checkpoints, batch_size=batch_size, description="Resampling answers",
+                key=lambda item: item[0], length=lambda item: len(item[3]))
+    keys = [key for key, *_ in todo]  # greedy's ids, then k
+    return load_in_order(checkpoints, keys).reset_index(drop=True).rename(columns={"question_id": "id"})
 
 
 def label_and_locate(extractor, tokenizer, spec, records: dict, frame, batch_size: int, checkpoints: Checkpoints,
@@ -113,31 +108,23 @@ def cell_activations(lm, frame, site: str, layer: int, token: str, batch_size: i
     pos_<token>, and a unique `key`). Rows without that position (-1) read the first token; callers mask them."""
     import numpy as np
     import pandas as pd
-    import torch
 
-    from truthmap.decoding import left_pad
-    from truthmap.sites import capture
+    from truthmap.sites import read_cells
 
-    done = checkpoints.done_ids()
-    todo = [i for i, key in enumerate(frame["key"]) if key not in done]
     sequences = [list(p) + list(a) for p, a in zip(frame["prompt_ids"], frame["answer_ids"])]
     positions = np.maximum(frame[position_column(token)].to_numpy(), 0)  # [rows]
-    todo.sort(key=lambda i: -len(sequences[i]))
-    with progress_bar(len(frame), f"Reading {site} layer {layer} at {token}", initial=len(frame) - len(todo)) as advance:
-        for batch in batches(todo, batch_size):
-            input_ids, attention_mask = left_pad([sequences[i] for i in batch], lm.tokenizer.pad_token_id)
-            offsets = np.array([input_ids.shape[1] - len(sequences[i]) for i in batch])
-            index = torch.from_numpy(positions[batch] + offsets)[:, None]  # [batch, 1], into the padded input
-            with torch.inference_mode(), capture(lm.model, site, index) as cap:
-                lm.model.base_model(input_ids=input_ids.to(lm.model.device),
-                                    attention_mask=attention_mask.to(lm.model.device))
-            values = cap.stack()[:, layer, 0, :].float().numpy()  # [batch, width]
-            values = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
-            checkpoints.write(pd.DataFrame({"id": [frame["key"].iloc[i] for i in batch],
-                                            "acts": [v.tobytes() for v in values]}))
-            advance(len(batch))
-    stored = checkpoints.load().drop_duplicates("id", keep="last").set_index("id")["acts"]
-    return np.stack([np.frombuffer(stored[key], dtype=np.float16) for key in frame["key"]])
+    keys = list(frame["key"])
+
+    def read(batch):
+        values = read_cells(lm, [sequences[i] for i in batch], positions[batch][:, None], site)
+        values = values[:, layer, 0, :].float().numpy()  # [batch, width]
+        values = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+        return pd.DataFrame({"id": [keys[i] for i in batch], "acts": [v.tobytes() for v in values]})
+
+    run_batches(range(len(frame)), read, checkpoints, batch_size=batch_size, key=lambda i: keys[i],
+                length=lambda i: len(sequences[i]), description=f"Reading {site} layer {layer} at {token}")
+    stored = load_in_order(checkpoints, keys)["acts"]
+    return np.stack([np.frombuffer(value, dtype=np.float16) for value in stored])
 
 
 # --------------------------------------------------------------------------------------------- a whole resampling
