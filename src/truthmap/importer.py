@@ -26,8 +26,6 @@ another file.
 from __future__ import annotations
 
 import ast
-import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,11 +99,9 @@ def import_settings(config, spec, source, sha256: str, rows: int) -> dict:
 
 def read_rows(path: Path, source: ImportSource) -> list[Row]:
     """Every row of the file as a Row; a file that cannot be read, or lacks a required column, is an error."""
-    if not path.is_file():
-        raise DataError(f"Answers file {path} does not exist; give a .csv, .jsonl or .parquet file.")
-    records = _read_records(path)
-    if not records:
-        raise DataError(f"{path} holds no rows; write one answer per row.")
+    from truthmap.tables import read_table
+
+    records = [record for _, record in read_table(path, what="Answers file")]
     columns = set().union(*(r.keys() for r in records))
     for option, column in (("--question-column", source.question_column), ("--answer-column", source.answer_column)):
         if column not in columns and not (column == source.answer_column and "answer_token_ids" in columns):
@@ -115,46 +111,6 @@ def read_rows(path: Path, source: ImportSource) -> list[Row]:
         raise DataError(f"{path} has neither gold aliases (column {source.gold_column!r}) nor labels (column "
                         f"{source.correct_column!r}): give one, or name it with --gold-column / --correct-column.")
     return [_row(path, number, record, source) for number, record in enumerate(records, start=1)]
-
-
-def _read_records(path: Path) -> list[dict]:
-    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
-    try:
-        if suffix in (".csv", ".csv.gz"):
-            import gzip
-
-            opener = gzip.open if suffix.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8", newline="") as f:
-                return [dict(r) for r in csv.DictReader(f)]
-        if suffix in (".jsonl", ".jsonl.gz"):
-            import gzip
-
-            opener = gzip.open if suffix.endswith(".gz") else open
-            records = []
-            with opener(path, "rt", encoding="utf-8") as f:
-                for line_no, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{path} line {line_no}: not valid JSON ({err.msg}); fix or remove that "
-                                        "line.") from None
-                    if not isinstance(record, dict):
-                        raise DataError(f"{path} line {line_no}: expected a JSON object, got {type(record).__name__}.")
-                    records.append(record)
-            return records
-        if suffix == ".parquet":
-            import pandas as pd
-
-            return pd.read_parquet(path).to_dict("records")
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text; save it as UTF-8.") from None
-    except (OSError, ValueError) as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(f"Cannot read {path}: {str(err).strip().splitlines()[0] if str(err).strip() else err}") from None
-    raise DataError(f"Answers file {path} has extension {path.suffix!r}; use .csv, .jsonl or .parquet.")
 
 
 def _missing(value) -> bool:
