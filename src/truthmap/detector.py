@@ -420,7 +420,7 @@ def locate_rows(lm, rows, golds: dict, info: dict, batch_size: int) -> dict:
 
     from truthmap.datasets import gold_span
     from truthmap.datasets.spec import Record
-    from truthmap.locate import extract_spans
+    from truthmap.label import Extraction
     from truthmap.rundir import Checkpoints
 
     spans = {}
@@ -434,7 +434,7 @@ def locate_rows(lm, rows, golds: dict, info: dict, batch_size: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         tries = int(info.get("extraction_tries") or 1)
         method = info.get("extractor", "free")  # detectors saved before the constrained extractor used free text
-        spans |= extract_spans(lm, pending, batch_size, Checkpoints(Path(scratch), {}), method, tries, seed=0)
+        spans |= Extraction(lambda: lm, lambda: Checkpoints(Path(scratch), {}), batch_size, method, tries)(pending)
     return spans
 
 

@@ -322,27 +322,25 @@ def label_rows(spec, rows: list[Row]):
     return records, {"correct": correct, "given": given, "by_rule": by_rule, "disagree": disagree}
 
 
-def locate_rows(config, spec, records, rows, frame, lm, settings, run) -> dict:
-    """{id: (source, span)}: given exact answers where the row has one, else located as `generate` locates."""
-    from truthmap.locate import extract_spans, locate_answers
+def locate_rows(config, spec, rows: list[Row], labels: dict, records, lm, settings: dict, run):
+    """The generation frame of rows (generation_frame), labelled (labels: label_rows') and located
+    (label.label_and_locate): a given exact answer where the row has one, else located as `generate` locates."""
+    from truthmap.label import label_and_locate
     from truthmap.rundir import Checkpoints
+    from truthmap.stages import extraction
 
-    spans = {row.id: ("given", exact_span(row)) for row in rows if row.exact is not None}
-    pending = [k for k, row in enumerate(rows) if row.exact is None]
+    def extractor():
+        if not config.extraction_model:
+            return lm
+        from truthmap.models import load_model
 
-    def extract(found):
-        extractor = lm
-        if config.extraction_model:
-            from truthmap.models import load_model
+        return load_model(config.extraction_model, config.device, config.dtype)
 
-            extractor = load_model(config.extraction_model, config.device, config.dtype)
-        return extract_spans(extractor, found, config.batch_size, Checkpoints(run.extraction_parts, settings),
-                             config.extractor, config.extraction_tries, config.seed)
-
-    answer_ids = [rows[k].answer_ids for k in pending] if not config.extraction_model else [None] * len(pending)
-    spans |= locate_answers(spec, [records[k] for k in pending], [rows[k].answer for k in pending], answer_ids,
-                            [bool(frame["correct"].iat[k]) for k in pending], config.locate, extract)
-    return spans
+    given = {row.id: ("given", exact_span(row)) for row in rows if row.exact is not None}
+    extract = extraction(config, extractor, lambda: Checkpoints(run.extraction_parts, settings))
+    return label_and_locate(spec, records, generation_frame(lm, rows), lm.tokenizer, config.locate, extract,
+                            answer_tokens=not config.extraction_model, correct=[labels["correct"][r.id] for r in rows],
+                            given=given)
 
 
 # ------------------------------------------------------------------------------------------------- log-probs

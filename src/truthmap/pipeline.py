@@ -228,7 +228,6 @@ def import_answers(config: RunConfig, source, lm=None, strict: bool = False, act
     from truthmap.activations import create_or_resume, new_meta
     from truthmap.importer import (SHOWN_ROWS, check_rows, describe_skips, generation_frame, import_settings,
                                    label_rows, locate_rows, prepare_rows, read_rows, score_answers)
-    from truthmap.label import located_frame
     from truthmap.rundir import Checkpoints, check_checkpoints, check_matches, file_sha256, read_json
 
     spec = get_spec(config.dataset)
@@ -260,9 +259,7 @@ def import_answers(config: RunConfig, source, lm=None, strict: bool = False, act
     if not kept:
         raise DataError(f"No row of {path} can be imported ({describe_skips(skipped)}); see the summary's kinds.")
     records, labels = label_rows(spec, kept)
-    frame = generation_frame(lm, kept).assign(correct=[labels["correct"][r.id] for r in kept])
-    spans = locate_rows(config, spec, records, kept, frame, lm, settings, run)
-    located = located_frame(frame, records, spans, lm.tokenizer)
+    located = locate_rows(config, spec, kept, labels, records, lm, settings, run)
     site, store = config.site if activations else None, None
     if site:  # store row k is answers.parquet's row k: both follow the kept rows
         store = (run.activations(site), create_or_resume(run.activations(site),

@@ -72,29 +72,6 @@ def sample_answers(lm, greedy, n_resamples: int, temperature: float, seed: int, 
     return load_in_order(checkpoints, keys).reset_index(drop=True).rename(columns={"question_id": "id"})
 
 
-def label_and_locate(extractor, tokenizer, spec, records: dict, frame, batch_size: int, checkpoints: Checkpoints,
-                     locating: dict, seed: int):
-    """Add correct, exact-answer and position columns to the sampled answers, as the greedy answers have them
-    (label.label_and_locate, keyed by row_key: each sample is its own row).
-
-    records: question id -> Record. locating: the greedy run's "locate", "extractor" and "extraction_tries"
-    (generate.locating_settings), so that resamples are located as the greedy answers were.
-    """
-    from truthmap.label import label_and_locate as locate_rows
-    from truthmap.locate import extract_spans
-
-    keys = [row_key(i, k) for i, k in zip(frame["id"], frame["sample"])]
-    keyed = [dataclasses.replace(records[i], id=key) for i, key in zip(frame["id"], keys)]  # one record per answer
-
-    def extract(rows):
-        return extract_spans(extractor, rows, batch_size, checkpoints, locating["extractor"],
-                             locating["extraction_tries"] or 1, seed)
-
-    located = locate_rows(spec, keyed, frame.assign(id=keys), tokenizer, locating["locate"], extract,
-                          answer_tokens=extractor.tokenizer is tokenizer)
-    return located.assign(id=frame["id"].to_numpy())
-
-
 def vote_text(source: str, valid: bool, exact_answer: str) -> str | None:
     """The exact answer an answer stands for in the error types and the vote: NO_ANSWER for a refusal, None when
     it has none."""
@@ -174,6 +151,7 @@ def resample_answers(lm, extractor, spec, records: dict, greedy, settings: dict,
     settings: what made the greedy answers, plus n_resamples, temperature and resample_seed; it keys the sampling
     checkpoints, which other extraction settings or another subset of questions can therefore reuse.
     """
+    from truthmap.label import Extraction, label_and_locate
     from truthmap.models import stop_token_ids
 
     generated = sample_answers(
@@ -181,10 +159,15 @@ def resample_answers(lm, extractor, spec, records: dict, greedy, settings: dict,
         settings["max_new_tokens"], batch_size, Checkpoints(work.generations.path, settings),
         stop_token_ids(lm.tokenizer, lm.model), answer_stop(spec, lm.is_chat),
     )
-    frame = label_and_locate(
-        extractor, lm.tokenizer, spec, records, generated, batch_size,
-        Checkpoints(work.extractions.path, settings | locating), locating, settings["resample_seed"],
-    )
+    # Each sample is its own row, keyed by row_key, located as the greedy answers were (locating: the greedy
+    # run's "locate", "extractor" and "extraction_tries").
+    keys = [row_key(i, k) for i, k in zip(generated["id"], generated["sample"])]
+    keyed = [dataclasses.replace(records[i], id=key) for i, key in zip(generated["id"], keys)]
+    checkpoints = Checkpoints(work.extractions.path, settings | locating)
+    extract = Extraction(lambda: extractor, lambda: checkpoints, batch_size, locating["extractor"],
+                         locating["extraction_tries"] or 1, settings["resample_seed"])
+    frame = label_and_locate(spec, keyed, generated.assign(id=keys), lm.tokenizer, locating["locate"], extract,
+                             answer_tokens=extractor.tokenizer is lm.tokenizer).assign(id=generated["id"].to_numpy())
     return frame[RESAMPLE_COLUMNS]
 
 

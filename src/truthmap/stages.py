@@ -62,6 +62,14 @@ def use_chat(prompt_style: str, lm) -> bool:
     return lm.is_chat if prompt_style == "auto" else prompt_style == "instruct"
 
 
+def extraction(config: RunConfig, extractor, checkpoints, prefix=None, progress: bool = True):
+    """The run's label.Extraction: config's extractor method, tries, seed and batch size."""
+    from truthmap.label import Extraction
+
+    return Extraction(extractor, checkpoints, config.batch_size, config.extractor, config.extraction_tries,
+                      config.seed, prefix, progress)
+
+
 def describe(models: Models):
     """The answering model without its weights: tokenizer, source, chat template, device, dtype."""
     return dataclasses.replace(models.lm, model=None)
@@ -116,7 +124,6 @@ def answer_shard(models: Models, batches: list[list[int]], shard, job: Answering
     from truthmap.activations import create_or_resume, new_meta, write_answer_cells
     from truthmap.generate import generate_answers
     from truthmap.label import label_and_locate
-    from truthmap.locate import extract_spans
 
     config, lm = job.config, models.lm
     rows = sorted(i for batch in batches for i in batch)  # a shard's store holds its records in record order
@@ -125,14 +132,9 @@ def answer_shard(models: Models, batches: list[list[int]], shard, job: Answering
     store_row = {job.records[i].id: k for k, i in enumerate(rows)}
     store = store_dir(job.run, shard, job.site) if job.site else None
     meta = create_or_resume(store, new_meta(lm, job.site, len(rows), job.settings, one_pass=True)) if store else None
-    opened = {}
-
-    def extract(pending):
-        if "extractions" not in opened:  # on first use: answers that need no extractor leave no checkpoints of it
-            opened["extractions"] = Checkpoints(work.extractions.path, job.settings)
-        return extract_spans(models.extractor(), pending, config.batch_size, opened["extractions"], config.extractor,
-                             config.extraction_tries, config.seed, models.extraction_prefix(), progress=False)
-
+    # On first use: answers that need no extractor leave no checkpoints of it.
+    extract = extraction(config, models.extractor, lambda: Checkpoints(work.extractions.path, job.settings),
+                         prefix=models.extraction_prefix, progress=False)
     located = []
 
     def after_batch(frame, recording):
