@@ -75,7 +75,7 @@ LAYERS = {
              "datasets.rules", "datasets.loaders", "datasets.builtin"},
     "lm": {"models", "sites", "decoding"},
     "config": {"config"},
-    "stages": {"generate", "label", "locate", "activations", "importer", "resample", "stages", "baselines", "probes",
+    "stages": {"generate", "label", "locate", "activations", "importer", "resample", "stages", "answering", "probing", "baselines", "probes",
                "controls", "heatmap", "error_types", "selection", "detection", "generalize", "detector", "report"},
     "api": {"pipeline", "cli"},
 }

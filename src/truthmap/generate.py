@@ -21,7 +21,7 @@ from truthmap.batches import load_in_order, run_batches
 from truthmap.decoding import generate_batch
 from truthmap.locate import EXTRACTION_PROMPT_VERSION
 from truthmap.models import encode_prompt, stop_token_ids
-from truthmap.rundir import STORE_DTYPE, Checkpoints, file_sha256
+from truthmap.rundir import STORE_DTYPE, Checkpoints, RunDir, file_sha256
 
 
 # ------------------------------------------------------------------------------ what decides the answers
@@ -187,4 +187,72 @@ def generation_columns(tokenizer, generations) -> dict[str, list]:
         "answer_logprobs": [g.logprobs for g in generations],
         "stopped": [g.stopped for g in generations],
         "answer": [tokenizer.decode(g.token_ids) for g in generations],
+    }
+
+
+# ------------------------------------------------------------------------------------------ what the stage writes
+
+
+def write_answers(run: RunDir, config: RunConfig, settings: dict, records, prompts, frame, lm, started,
+                  site: str | None = None, extra: dict | None = None) -> None:
+    """answers.parquet (records + located answers, label.label_and_locate's frame) and run.json (with `extra`'s
+    keys)."""
+    import time
+
+    import pandas as pd
+
+    from truthmap.locate import gold_agreement
+    from truthmap.rundir import ANSWER_COLUMNS, package_versions, write_parquet, write_run_json
+
+    ids = [r.id for r in records]
+    table = pd.DataFrame(
+        {
+            "id": ids,
+            "question": [r.question for r in records],
+            "prompt": prompts,
+            "gold": [list(r.answers) for r in records],
+            "group": [r.group for r in records],
+        }
+    ).merge(frame, on="id")
+    write_parquet(run.answers, table[list(ANSWER_COLUMNS)])
+    write_run_json(
+        run,
+        {
+            "settings": settings,
+            "config": config.to_dict(),
+            "model_source": lm.source,
+            "model_identity": getattr(lm, "identity", None),  # which weights made the answers (models.model_identity)
+            "chat_template": lm.is_chat,
+            "device": lm.device,
+            "dtype": lm.dtype,
+            "n_samples": len(table),
+            "exact_answer_agreement": gold_agreement(table),
+            "activations_while_generating": site,  # the store of this site came from the answers' own decoding
+            "seconds": round(time.time() - started, 1),
+            "versions": package_versions(),
+            **(extra or {}),
+        },
+    )
+
+
+def summarize_answers(run: RunDir) -> dict:
+    from truthmap.rundir import ANSWERS_FIX, read_json, read_parquet
+
+    table = read_parquet(run.answers, ["correct", "stopped", "exact_answer_valid", "exact_answer_source"], ANSWERS_FIX)
+    no_answer = table["exact_answer_source"] == "no_answer"
+    wrong = ~table["correct"] & ~no_answer
+    made = read_json(run.run_json)
+    return {
+        "answers": str(run.answers),
+        "samples": len(table),
+        "correct": int(table["correct"].sum()),
+        "incorrect": int((~table["correct"]).sum()),
+        "stopped": int(table["stopped"].sum()),  # answers that ended before the token limit
+        "valid_exact_answer": int(table["exact_answer_valid"].sum()),
+        "exact_answer_sources": table["exact_answer_source"].value_counts().to_dict(),
+        # Answers that name no answer are their own kind: left out of probes and baselines, as in the paper.
+        "no_answer": int(no_answer.sum()),
+        "wrong_with_exact_answer": f"{int(table['exact_answer_valid'][wrong].sum())} of {int(wrong.sum())}",
+        "locate": made["settings"].get("locate", "gold"),
+        "gold_agreement": made.get("exact_answer_agreement"),
     }

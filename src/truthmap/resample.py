@@ -8,6 +8,7 @@ checkpoint per finished batch, keyed by `row_key(id, k)`, so a killed run resume
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -374,3 +375,97 @@ def resample_stage(job: Resampling, load_records, answer_models, get_lm) -> dict
 def save_state(files: ResampleFiles, state: dict) -> dict:
     write_json(files.state, state)
     return state
+
+
+# ------------------------------------------------------------------------------------------------- the stage
+
+
+@dataclasses.dataclass(frozen=True)
+class ResampleConfig:
+    """The resampling stage's own parameters (the run's are RunConfig's)."""
+
+    n_resamples: int = 10  # K sampled answers per question (the paper uses 30)
+    temperature: float = 1.0
+    seed: int = 0  # sampling seed: the same seed gives the same answers at any batch size
+    layer: int | None = None  # the probed cell; None: the train run's best cell's
+    token: str | None = None
+    n_questions: int | None = None  # resample this many of the run's questions (seeded); None: all
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ConfigError(f"Invalid --temperature {self.temperature}: resampling needs a temperature > 0 (the "
+                              "paper uses 1).")
+        if self.n_resamples < 1:
+            raise ConfigError(f"Invalid --n-resamples {self.n_resamples}: expected an integer >= 1.")
+
+
+def resample(config, resampling: ResampleConfig, lm=None) -> dict:
+    """K sampled answers per question of a finished greedy run; their error types, type probes and answer selection.
+
+    Reads the greedy run of `config` (answers, activations, and the train run's best probe cell unless layer and
+    token are given); writes run.resamples/ and returns its resamples.json. Finished steps are not redone, and
+    the model is loaded only when answers or activations are missing.
+    """
+    import pandas as pd
+
+    from truthmap.activations import open_store
+    from truthmap.config import run_dir
+    from truthmap.generate import generation_settings, locating_settings
+    from truthmap.models import model_slug
+    from truthmap.stages import model_loader
+
+    run = run_dir(config)
+    if not (run.answers.exists() and run.run_json.exists()):
+        raise StoreError(
+            f"No greedy answers in {run.path}. Run `truthmap run --dataset {config.dataset} --split {config.split}` "
+            "with the same --model and --runs-dir first."
+        )
+    made = read_json(run.run_json)
+    every = pd.read_parquet(run.answers)
+    rows = choose_questions(len(every), resampling.n_questions, resampling.seed)
+    greedy = every.iloc[rows].reset_index(drop=True)
+    store, meta = open_store(run.activations(config.site))
+    probes_json = run_dir(dataclasses.replace(config, split="train")).probe_files(config.site).summary
+    cell = resolve_cell(probes_json, config.site, resampling.layer, resampling.token, meta["shape"][0])
+    settings = made["settings"] | {"n_resamples": resampling.n_resamples, "temperature": resampling.temperature,
+                                   "resample_seed": resampling.seed}
+    # Resamples are located as the greedy answers were (runs made before "locate" existed: these flags).
+    extraction = {k: made["settings"].get(k, v) for k, v in locating_settings(config).items()}
+    get_lm = model_loader(config) if lm is None else (lambda: lm)
+    title = (f"{model_slug(config.model)} · {config.dataset} ({config.split}) · K={resampling.n_resamples}, "
+             f"T={resampling.temperature}\ncell: {config.site} layer {cell['layer']}, {cell['token']}")
+    job = Resampling(run.resample_files, greedy, greedy_cell(store, cell)[rows], cell, settings, extraction,
+                     generation_settings(settings), config.batch_size, config.seeds, title)
+    return resample_stage(job, functools.partial(greedy_records, config, made, greedy),
+                          functools.partial(answer_models, config, made, extraction, get_lm), get_lm)
+
+
+def greedy_records(config, made: dict, greedy):
+    """(dataset entry, question id -> Record) of the greedy run's questions, loaded again as the run loaded them."""
+    from truthmap.config import load_config_records, run_dir
+    from truthmap.generate import answers_settings
+
+    run = run_dir(config)
+    kept = {k: made["config"][k] for k in ("n_samples", "seed", "custom_path", "question_column", "answer_column")
+            if k in made["config"]}
+    greedy_config = dataclasses.replace(config, **kept, data_dir=config.data_dir or made["config"].get("data_dir"))
+    spec, records = load_config_records(greedy_config)
+    if "custom_sha256" in made["settings"]:  # the questions must be those the greedy answers answered
+        now = answers_settings(greedy_config, spec)["custom_sha256"]
+        rundir.check_matches(made["settings"], {"custom_sha256": now}, run.path)
+    records = {r.id: r for r in records}
+    missing = [i for i in greedy["id"] if i not in records]
+    if missing:
+        raise StoreError(f"The dataset no longer has question {missing[0]!r} of {run.answers}; check --data-dir.")
+    return spec, records
+
+
+def answer_models(config, made: dict, extraction: dict, get_lm):
+    """(the model that answers, as the greedy run prompted it; the extractor the greedy run used)."""
+    model = dataclasses.replace(get_lm(), is_chat=made["chat_template"])
+    if not extraction["extraction_model"]:
+        return model, model
+    from truthmap.models import load_model
+
+    return model, load_model(extraction["extraction_model"], config.device, config.dtype)
+

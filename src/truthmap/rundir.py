@@ -109,7 +109,7 @@ DETECTOR_SCORE_COLUMNS = {
 BASELINE_ID_COLUMN = {"id": ("str", "the row's id in answers.parquet")}
 BASELINE_SCORE_DTYPE = "float64"
 
-# run.json: key -> meaning. Written once per run by the answers stage (pipeline.write_answers); "import" only for
+# run.json: key -> meaning. Written once per run by the answers stage (generate.write_answers); "import" only for
 # an imported run.
 RUN_JSON = {
     "settings": "what decides answers.parquet (generate.answers_settings or importer's); resume refuses a change",

@@ -1,4 +1,9 @@
-"""The stages that need a model, as the executor runs them (executor.runner): each on one shard of batches.
+"""What every stage shares: the Stage contract and its one resume check, what a run directory holds, and the
+stages that need a model as the executor runs them (executor.runner), each on one shard of batches.
+
+A Stage states what it reads and writes (RunDir names), what its outputs were made with and what they must have
+been made with (from the config), and its run function; `stage_done` is the one resume check: done when both
+agree, refused (or, for a stage whose outputs are only a summary of others, redone) when they differ.
 
 A shard is every batch, in this process (shard None: the run's own work/ and store), or every n-th batch on a Ray
 worker (shard (k, n): work/shards/<k>-of-<n>/, which pipeline merges afterwards). Either way the same function
@@ -12,12 +17,98 @@ stay in memory only until its exact answers are known, and a killed run never ha
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from truthmap.config import RunConfig
 from truthmap.errors import ConfigError
-from truthmap.rundir import Checkpoints, RunDir, Work
+from truthmap.rundir import ANSWERS_FIX, Checkpoints, RunDir, Work, check_matches, read_json, read_parquet
+
+
+# ------------------------------------------------------------------------------------------ the stage contract
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a study, as pipeline's table lists it."""
+
+    name: str
+    reads: tuple[str, ...]  # RunDir names of its inputs
+    writes: tuple[str, ...]  # RunDir names of its outputs
+    made: Callable  # (config, run) -> what its outputs on disk were made with, or None: not made (or not finished)
+    wanted: Callable  # (config, run) -> what they must have been made with
+    run: Callable  # (config, lm=None) -> the run directory; the model is loaded only when it is needed
+    on_mismatch: str = "refuse"  # "refuse": other settings are an error naming the key; "redo": made again
+    needs_model: bool = True
+
+
+def stage_done(stage: Stage, config: RunConfig) -> bool:
+    """The one resume check: whether stage's outputs are on disk, made with what config asks for."""
+    from truthmap.config import run_dir
+
+    run = run_dir(config)
+    made = stage.made(config, run)
+    if made is None:
+        return False
+    wanted = stage.wanted(config, run)
+    if stage.on_mismatch == "refuse":
+        check_matches(made, wanted, run.path)
+        return True
+    return all(made.get(key) == value for key, value in wanted.items())
+
+
+# ------------------------------------------------------------------------------------------ a run directory
+
+
+def imported(run: RunDir) -> bool:
+    """Whether the run's answers were imported from a file (`truthmap import`) rather than generated."""
+    return run.answers.exists() and run.run_json.exists() and "import" in read_json(run.run_json)
+
+
+def extraction_done(run: RunDir, site: str) -> bool:
+    from truthmap.activations import META_FIX
+
+    meta_path = run.store(site).meta
+    return meta_path.exists() and (meta := read_json(meta_path, META_FIX))["written"] == meta["shape"][2]
+
+
+def require_answers(run: RunDir) -> None:
+    if not run.answers.exists():
+        from truthmap.errors import StoreError
+
+        raise StoreError(f"No answers in {run.path}. Run `truthmap generate` with the same options first.")
+
+
+def answers_table(run: RunDir):
+    require_answers(run)
+    return read_parquet(run.answers, fix=ANSWERS_FIX)
+
+
+def model_state(config: RunConfig, lm=None):
+    """What the executor's workers hold (load_models), as a picklable function: a local model path is made
+    absolute, since a Ray worker may run in another directory."""
+    from truthmap.models import model_location
+
+    if config.executor == "ray":
+        config = dataclasses.replace(config, model=model_location(config.model),
+                                     extraction_model=config.extraction_model and model_location(config.extraction_model))
+    return functools.partial(load_models, config, lm)
+
+
+def model_loader(config: RunConfig):
+    """A function that loads the model on its first call only: stages that find their work done never load it."""
+    loaded = []
+
+    def get():
+        if not loaded:
+            from truthmap.models import load_model
+
+            loaded.append(load_model(config.model, config.device, config.dtype))
+        return loaded[0]
+
+    return get
 
 
 @dataclass
