@@ -39,6 +39,7 @@ _API = {
     "open_store": ("truthmap.activations", "open_store"),
     "open_embedding": ("truthmap.activations", "open_embedding"),
     "load_model": ("truthmap.models", "load_model"),
+    "write_report": ("truthmap.report", "write_report"),
     "get_spec": ("truthmap.datasets", "get_spec"),
     "load_records": ("truthmap.datasets", "load_records"),
     "build_prompt": ("truthmap.datasets", "build_prompt"),

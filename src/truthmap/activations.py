@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from truthmap.errors import StoreError
-from truthmap.progress import progress_bar
+from truthmap.batches import run_batches
 from truthmap.rundir import (POSITIONS, STORE_DTYPE, STORE_LAYOUT, Store, check_matches, position_column, read_json,
                              write_json)
 
@@ -91,15 +91,18 @@ def extract_activations(lm, table, directory: Path, site: str, batch_size: int, 
     positions = np.stack([table[position_column(p)].to_numpy() for p in POSITIONS], axis=1)  # [samples, 15]
     cut = extraction_batches([len(s) for s in sequences], batch_size)
     starts = np.cumsum([0] + [len(batch) for batch in cut])  # "written" is always a whole number of batches
-    todo = [batch for batch, start in zip(cut, starts) if start >= meta["written"]]
-    with progress_bar(len(table), f"Extracting {site} activations", initial=meta["written"]) as advance:
-        for batch in todo:
-            batch_sequences = [sequences[i] for i in batch]
-            values = read_positions(lm, batch_sequences, positions[batch], site)
-            write_rows(directory, meta, batch, values, read_embeddings(lm, batch_sequences, positions[batch]))
-            meta["written"] += len(batch)
-            write_json(meta_path, meta)
-            advance(len(batch))
+    done = {batch[0] for batch, start in zip(cut, starts) if start < meta["written"]}
+
+    def extract(one):  # the runner's batch is one of `cut`: the store says what is done, in whole batches
+        (batch,) = one
+        batch_sequences = [sequences[i] for i in batch]
+        values = read_positions(lm, batch_sequences, positions[batch], site)
+        write_rows(directory, meta, batch, values, read_embeddings(lm, batch_sequences, positions[batch]))
+        meta["written"] += len(batch)
+        write_json(meta_path, meta)
+
+    run_batches(cut, extract, None, batch_size=1, key=lambda batch: batch[0], done=done, size=len,
+                description=f"Extracting {site} activations")
     return directory
 
 

@@ -28,15 +28,16 @@ def in_batches(items: Sequence, size: int) -> list[list]:
 
 def run_batches(items: Sequence, work: Callable, checkpoints, *, batch_size: int, description: str,
                 key: Callable | None = None, length: Callable | None = None, done: set | None = None,
-                cut: Callable | None = None, total: int | None = None, progress: bool = True,
-                after_batch: Callable | None = None) -> int:
+                cut: Callable | None = None, size: Callable | None = None, progress: bool = True,
+                total: int | None = None, after_batch: Callable | None = None) -> int:
     """Run work(batch) -> frame over the items not done yet, checkpointing each frame; returns the batches run.
 
     key(item): the id the checkpoints hold for it (default: the item itself); done: the keys already done
     (default: checkpoints.done_ids()). length(item): sort longest first (None: keep the given order). cut(items)
-    -> batches replaces cutting into batch_size runs (batches bounded by tokens, not rows). total: the bar's
-    total (default: len(items)). after_batch(): called once a batch is checkpointed (to give memory back).
-    work may return None to write no checkpoint (its own store says what is done).
+    -> batches replaces cutting into batch_size runs (batches bounded by tokens, not rows). size(item): what an
+    item counts on the progress bar (default 1); total: the bar's total (default: the items' sizes).
+    after_batch(): called once a batch is checkpointed (to give memory back). work may return None to write no
+    checkpoint (a store that says itself what is done; then checkpoints may be None).
     """
     key = key or (lambda item: item)
     done = checkpoints.done_ids() if done is None else done
@@ -44,8 +45,10 @@ def run_batches(items: Sequence, work: Callable, checkpoints, *, batch_size: int
     if length is not None:
         todo = longest_first(todo, length)
     cut_batches = cut(todo) if cut is not None else in_batches(todo, batch_size)
-    total = len(items) if total is None else total
-    with progress_bar(total=total, initial=total - len(todo), description=description, enabled=progress) as advance:
+    size = size or (lambda item: 1)
+    total = sum(map(size, items)) if total is None else total
+    left = sum(map(size, todo))
+    with progress_bar(total=total, initial=total - left, description=description, enabled=progress) as advance:
         for batch in cut_batches:
             frame = work(batch)
             if frame is not None:
@@ -53,7 +56,7 @@ def run_batches(items: Sequence, work: Callable, checkpoints, *, batch_size: int
             del frame
             if after_batch is not None:
                 after_batch()
-            advance(len(batch))
+            advance(sum(map(size, batch)))
     return len(cut_batches)
 
 
