@@ -3,7 +3,7 @@
     python bench/probe_stage.py RUN_DIR [--site mlp] [--against REV] [--rounds N]
 
 RUN_DIR is a run directory (runs/<model>/<dataset>/<split>) whose activations are stored. In this one process it
-times what `pipeline.probe` does: `pipeline.probe_cells` (the probe grid on the rows with a valid exact answer,
+times what `pipeline.probe` does: `truthmap.probe_cells` (the probe grid on the rows with a valid exact answer,
 the input-embedding row and the text-only controls), then the figures and tables (written to a
 temporary directory; the run is not changed). With --against, the probe grids (fits, batches, threads) alternate
 between `probes` of this checkout and src/truthmap/probes.py at git revision REV (the rest of the stage is this

@@ -319,7 +319,7 @@ def analyse(greedy, answers, greedy_acts, cell_acts, token: str, seeds, out: Res
 
 @dataclasses.dataclass
 class Resampling:
-    """What one resampling of a greedy run needs (pipeline.resample gathers it from the run directory)."""
+    """What one resampling of a greedy run needs (resample gathers it from the run directory)."""
 
     files: ResampleFiles  # where it writes: the run's resamples/
     greedy: object  # frame: the chosen questions' rows of the greedy answers.parquet

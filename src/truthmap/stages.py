@@ -6,7 +6,7 @@ been made with (from the config), and its run function; `stage_done` is the one 
 agree, refused (or, for a stage whose outputs are only a summary of others, redone) when they differ.
 
 A shard is every batch, in this process (shard None: the run's own work/ and store), or every n-th batch on a Ray
-worker (shard (k, n): work/shards/<k>-of-<n>/, which pipeline merges afterwards). Either way the same function
+worker (shard (k, n): work/shards/<k>-of-<n>/, which answering merges afterwards). Either way the same function
 works through its batches, so a local run and a sharded one write the same answers and the same store bytes.
 
 The answers stage generates a batch, labels and locates it (label.label_and_locate), writes its 15 cells from
@@ -42,6 +42,7 @@ class Stage:
     run: Callable  # (config, lm=None) -> the run directory; the model is loaded only when it is needed
     on_mismatch: str = "refuse"  # "refuse": other settings are an error naming the key; "redo": made again
     needs_model: bool = True
+    finished: Callable | None = None  # (config, run) -> whether outputs that were begun are complete; default: made
 
 
 def stage_done(stage: Stage, config: RunConfig) -> bool:
@@ -55,8 +56,9 @@ def stage_done(stage: Stage, config: RunConfig) -> bool:
     wanted = stage.wanted(config, run)
     if stage.on_mismatch == "refuse":
         check_matches(made, wanted, run.path)
-        return True
-    return all(made.get(key) == value for key, value in wanted.items())
+    elif any(made.get(key) != value for key, value in wanted.items()):
+        return False
+    return stage.finished is None or stage.finished(config, run)
 
 
 # ------------------------------------------------------------------------------------------ a run directory
