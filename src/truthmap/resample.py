@@ -344,10 +344,13 @@ def resample_stage(job: Resampling, load_records, answer_models, get_lm) -> dict
     import numpy as np
     import pandas as pd
 
+    from truthmap.stages import stage_done
+
     files = job.files
     made_by = job.settings | job.extraction | {"n_questions": len(job.greedy)}
     state = read_json(files.state) if files.state.exists() else {}
-    if state.get("settings") != json.loads(json.dumps(made_by)) or not files.answers.exists():
+    sampled, read = resample_steps(json.loads(json.dumps(made_by)), job.cell)
+    if not stage_done(sampled, None, files):
         spec, records = load_records()
         model, extractor = answer_models()
         answers = resample_answers(model, extractor, spec, records, job.greedy, job.generation, files.work,
@@ -356,7 +359,7 @@ def resample_stage(job: Resampling, load_records, answer_models, get_lm) -> dict
         state = save_state(files, {"settings": made_by})
     answers = pd.read_parquet(files.answers)
     cell = job.cell
-    if state.get("cell") != cell or not files.cell_acts.exists():
+    if not stage_done(read, None, files):
         keyed = answers.assign(key=[row_key(i, k) for i, k in zip(answers["id"], answers["sample"])])
         acts = cell_activations(
             get_lm(), keyed, cell["site"], cell["layer"], cell["token"], job.batch_size,
@@ -370,6 +373,23 @@ def resample_stage(job: Resampling, load_records, answer_models, get_lm) -> dict
     summary = analyse(job.greedy, answers, job.greedy_acts, np.load(files.cell_acts), cell["token"], job.seeds, files,
                       job.title)
     return save_state(files, state | summary)
+
+
+def resample_steps(made_by: dict, cell: dict):
+    """The first two steps of resample_stage as stages.Stage entries over resamples.json's state, read when they
+    are checked (made again when it says other settings, or a cell other than `cell`, or their file is missing)."""
+    from truthmap.stages import Stage
+
+    def step(name, key, wanted, file):
+        def made(config, files):
+            state = read_json(files.state) if files.state.exists() else {}
+            return {key: state[key]} if key in state else None
+
+        return Stage(name, reads=("answers",), writes=(file,), run=None, on_mismatch="redo", made=made,
+                     wanted=lambda config, files: {key: wanted},
+                     finished=lambda config, files: getattr(files, file).exists())
+
+    return step("resampled answers", "settings", made_by, "answers"), step("cell activations", "cell", cell, "cell_acts")
 
 
 def save_state(files: ResampleFiles, state: dict) -> dict:

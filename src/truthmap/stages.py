@@ -45,11 +45,12 @@ class Stage:
     finished: Callable | None = None  # (config, run) -> whether outputs that were begun are complete; default: made
 
 
-def stage_done(stage: Stage, config: RunConfig) -> bool:
-    """The one resume check: whether stage's outputs are on disk, made with what config asks for."""
+def stage_done(stage: Stage, config: RunConfig | None, run=None) -> bool:
+    """The one resume check: whether stage's outputs are on disk, made with what config asks for. run: where they
+    are (default: config's run directory; a stage's own folder for the steps of a stage)."""
     from truthmap.config import run_dir
 
-    run = run_dir(config)
+    run = run or run_dir(config)
     made = stage.made(config, run)
     if made is None:
         return False
