@@ -20,22 +20,19 @@ import time
 
 
 def answers(lm, dataset: str, split: str, n: int, data_dir: str | None, batch_size: int):
+    """The greedy answers of a run made by the public API (pipeline.generate, without activations), labelled."""
     import pandas as pd
 
-    from truthmap.datasets import build_prompt, get_spec, load_records
-    from truthmap.generate import generate_answers
-    from truthmap.label import label_answers
-    from truthmap.runstate import Checkpoints
+    import truthmap
+    from truthmap import pipeline
 
-    spec = get_spec(dataset)
-    records = load_records(dataset, split, data_dir, n, 0)
-    prompts = [build_prompt(spec, r, "instruct") for r in records]
     with tempfile.TemporaryDirectory() as tmp:
-        frame = generate_answers(lm, [r.id for r in records], prompts, spec.max_new_tokens, batch_size,
-                                 Checkpoints(tmp, {}))
-    frame["correct"] = label_answers(spec, records, list(frame["answer"]))
+        config = truthmap.RunConfig(dataset=dataset, split=split, n_samples=n, data_dir=data_dir, runs_dir=tmp,
+                                    batch_size=batch_size, prompt_style="instruct")
+        _, records = truthmap.load_config_records(config)
+        frame = pd.read_parquet(pipeline.generate(config, lm, activations=False).answers)
     frame["prompt_ids"] = [list(p) for p in frame["prompt_ids"]]
-    return records, pd.DataFrame(frame)
+    return records, frame
 
 
 def measure(lm, records, frame, batch_size: int, method: str, cached: bool) -> dict:

@@ -25,7 +25,7 @@ def peak_rss_mb() -> float:
 def answers_table(lm, n: int):
     import pandas as pd
 
-    from truthmap.datasets import build_prompt, get_spec, load_records
+    from truthmap import build_prompt, get_spec, load_records
     from truthmap.locate import token_positions
     from truthmap.models import encode_prompt
     from truthmap.rundir import POSITIONS, position_column
@@ -50,9 +50,8 @@ def main() -> None:
 
     import numpy as np
 
-    from truthmap.activations import extract_activations
-    from truthmap.models import load_model
-    from truthmap.probes import probe_grid
+    from truthmap import load_model, probe_grid
+    from truthmap.activations import extract_activations  # the extraction pass itself is what this measures
 
     lm = load_model("smollm2", device="cpu", dtype="float32")
     table = answers_table(lm, args.samples)

@@ -24,9 +24,9 @@ def main() -> None:
 
     import torch
 
-    from truthmap.datasets import build_prompt, get_spec, load_records
-    from truthmap.decoding import batches, generate_batch
-    from truthmap.models import encode_prompt, load_model, stop_token_ids
+    from truthmap import build_prompt, get_spec, load_model, load_records
+    from truthmap.decoding import batches, generate_batch  # the decoder itself is what this measures
+    from truthmap.models import encode_prompt, stop_token_ids
 
     lm = load_model(args.model, device="cpu", dtype="float32")
     spec = get_spec("geography")

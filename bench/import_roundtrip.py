@@ -36,17 +36,14 @@ def main() -> None:
     import numpy as np
     import pandas as pd
 
+    import truthmap
     from truthmap import pipeline
-    from truthmap.config import RunConfig
-    from truthmap.importer import ImportSource
-    from truthmap.models import load_model
-    from truthmap.report import write_report
-    from truthmap.rundir import POSITIONS, position_column
+    from truthmap.rundir import POSITIONS, position_column  # the answers table's schema
 
     root = Path(args.runs_dir)
-    config = RunConfig(model=args.model, dataset=args.dataset, split=args.split, n_samples=args.n_samples,
-                       data_dir=args.data_dir, batch_size=args.batch_size, runs_dir=str(root / "generated"))
-    lm = load_model(args.model, config.device, config.dtype)
+    config = truthmap.RunConfig(model=args.model, dataset=args.dataset, split=args.split, n_samples=args.n_samples,
+                                data_dir=args.data_dir, batch_size=args.batch_size, runs_dir=str(root / "generated"))
+    lm = truthmap.load_model(args.model, config.device, config.dtype)
     seconds = {"generated": {}, "imported": {}}
 
     def timed(kind, stage, call):
@@ -58,7 +55,7 @@ def main() -> None:
     generated = timed("generated", "answers", lambda: pipeline.generate(config, lm))
     timed("generated", "activations", lambda: pipeline.extract(config, lm))
     timed("generated", "probes", lambda: pipeline.probe(config))
-    timed("generated", "report", lambda: write_report(generated.path))
+    timed("generated", "report", lambda: truthmap.write_report(generated.path))
 
     table = pd.read_parquet(generated.answers)
     path = root / "answers.jsonl"
@@ -68,11 +65,11 @@ def main() -> None:
     }).to_json(path, orient="records", lines=True, force_ascii=False)
     imported_config = dataclasses.replace(config, runs_dir=str(root / "imported"))
     summary = timed("imported", "answers",
-                    lambda: pipeline.import_answers(imported_config, ImportSource(str(path)), lm))
-    imported = pipeline.run_dir(imported_config)
+                    lambda: pipeline.import_answers(imported_config, truthmap.ImportSource(str(path)), lm))
+    imported = truthmap.run_dir(imported_config)
     timed("imported", "activations", lambda: pipeline.extract(imported_config, lm))
     timed("imported", "probes", lambda: pipeline.probe(imported_config))
-    timed("imported", "report", lambda: write_report(imported.path))
+    timed("imported", "report", lambda: truthmap.write_report(imported.path))
 
     after = pd.read_parquet(imported.answers)
     positions = [position_column(p) for p in POSITIONS]

@@ -3,7 +3,7 @@
     python bench/probe_stage.py RUN_DIR [--site mlp] [--against REV] [--rounds N]
 
 RUN_DIR is a run directory (runs/<model>/<dataset>/<split>) whose activations are stored. In this one process it
-times what `pipeline.probe` does: `pipeline.probe_cells` (the probe grid on the rows with a valid exact answer,
+times what `pipeline.probe` does: `truthmap.probe_cells` (the probe grid on the rows with a valid exact answer,
 the input-embedding row and the text-only controls), then the figures and tables (written to a
 temporary directory; the run is not changed). With --against, the probe grids (fits, batches, threads) alternate
 between `probes` of this checkout and src/truthmap/probes.py at git revision REV (the rest of the stage is this
@@ -16,6 +16,7 @@ speed drifts by a fifth within an hour, so one run of the stage says little agai
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -56,17 +57,14 @@ def main() -> None:
     import pandas as pd
     import torch  # imported before the clock starts, as in a run
 
-    from truthmap import probes
-    from truthmap.activations import open_embedding, open_store
-    from truthmap.config import RunConfig
-    from truthmap.pipeline import probe_cells, write_probe_outputs
-    from truthmap.rundir import read_json
+    import truthmap
+    from truthmap import probes  # the module whose versions are compared: its solver is swapped below
 
     run = Path(args.run)
-    settings = read_json(run / "run.json")["settings"]
-    config = RunConfig(model=settings["model"], dataset=settings["dataset"], n_samples=settings["n_samples"])
+    settings = json.loads((run / "run.json").read_text())["settings"]
+    config = truthmap.RunConfig(model=settings["model"], dataset=settings["dataset"], n_samples=settings["n_samples"])
     table = pd.read_parquet(run / "answers.parquet")
-    acts, meta = open_store(run / "activations" / args.site)
+    acts, meta = truthmap.open_store(run / "activations" / args.site)
     rows = np.flatnonzero(table["exact_answer_valid"].to_numpy())
     is_error = ~table["correct"].to_numpy()[rows]
     print(f"{run}: {len(rows)} rows, {int(is_error.sum())} errors, store {tuple(acts.shape)}; torch threads "
@@ -96,15 +94,15 @@ def main() -> None:
     stage_seconds = {name: [] for name in grid_functions}
     for _ in range(rounds):
         for name, probe_grid in grid_functions.items():
-            probes.probe_grid = probe_grid  # what pipeline.probe_cells calls
+            probes.probe_grid = probe_grid  # what truthmap.probe_cells calls
             iterations[0] = 0
             started = time.perf_counter()
-            grid, embed_grid, controls = probe_cells(table, rows, acts, open_embedding(run / "activations" / args.site,
-                                                                                       meta), config, progress=False)
+            embed = truthmap.open_embedding(run / "activations" / args.site, meta)
+            grid, embed_grid, controls = truthmap.probe_cells(table, rows, acts, embed, config, progress=False)
             cells = time.perf_counter() - started
             started = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
-                write_probe_outputs(Path(tmp), grid, embed_grid, controls, "bench", config.dataset)
+                truthmap.write_probe_outputs(Path(tmp), grid, embed_grid, controls, "bench", config.dataset)
             outputs = time.perf_counter() - started
             grids[name] = grid
             stage_seconds[name].append(cells + outputs)

@@ -245,8 +245,8 @@ def test_table_and_resample_use_runconfigs_defaults(captured):
     config, (_, test_questions), _ = captured["table"]
     assert (config.n_samples, test_questions) == (40, 20)
     CliRunner().invoke(app, ["resample", "--n-questions", "7"])
-    config, _, kwargs = captured["resample"]
-    assert config.extraction_tries == RunConfig.extraction_tries == 5 and kwargs == {"n_questions": 7}
+    config, (resampling,), kwargs = captured["resample"]
+    assert config.extraction_tries == RunConfig.extraction_tries == 5 and resampling.n_questions == 7 and not kwargs
 
 
 @pytest.mark.parametrize(("command", "old", "new"), [

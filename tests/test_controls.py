@@ -199,7 +199,7 @@ def test_probe_outputs_without_an_embedding_store(tmp_path):
     """A store extracted before the embedding row: the heatmap and CSVs go without it, the rest is written."""
     import pandas as pd
 
-    from truthmap.pipeline import write_probe_outputs
+    from truthmap.probing import write_probe_outputs
 
     acts, is_error, texts = constructed(0, n=120, label_in_text=False)
     grid, controls = grid_and_controls(acts, is_error, texts)

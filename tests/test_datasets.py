@@ -283,7 +283,7 @@ def test_custom_missing_column(tmp_path):
 def test_custom_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"Dataset 'custom' needs a CustomSource"):
         load_records("custom", "test")
-    with pytest.raises(DataError, match=r"has extension '\.txt'; use a \.csv or \.jsonl file"):
+    with pytest.raises(DataError, match=r"has extension '\.txt'; use \.csv, \.jsonl or \.parquet"):
         load_records("custom", "test", custom=CustomSource(write(tmp_path / "qa.txt", "x")))
     with pytest.raises(DataError, match=r"Custom file .*nope\.csv does not exist"):
         load_records("custom", "test", custom=CustomSource(tmp_path / "nope.csv"))

@@ -346,7 +346,7 @@ def test_score_cli_errors_are_one_line(tmp_path):
     bad = tmp_path / "in.csv"
     pd.DataFrame({"question": ["Q?", "Q2?"], "answer": ["A", None]}).to_csv(bad, index=False)
     rows = runner.invoke(app, ["score", "--detector", str(path), "--input", str(bad)])
-    assert rows.exit_code == 1 and "row 2: empty question or answer" in rows.output
+    assert rows.exit_code == 1 and "in.csv line 3: empty question or answer" in rows.output
 
 
 def test_given_exact_answer_skips_extraction_and_must_occur(tiny):

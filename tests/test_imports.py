@@ -74,6 +74,7 @@ def test_a_cycle_is_found():
 # names of truthmap/__init__.py, which may come from any layer).
 LAYERS = {
     "base": {"errors", "progress"},  # no truthmap imports
+    "loops": {"tables", "batches"},  # the one reader of user tables, the one resumable batch loop
     "contract": {"rundir", "executor", "datasets", "datasets.spec", "datasets.registry", "datasets.rules",
                  "datasets.loaders", "datasets.builtin"},  # run directory layout and schemas, datasets, executors
     "state": {"runstate"},  # locking, checkpoints, resume checks of a run directory
@@ -85,12 +86,16 @@ LAYERS = {
     "stages": {"generate", "locate", "label", "activations", "probes", "heatmap", "baselines", "controls",
                "error_types", "report"},
     "analysis": {"detection", "selection", "generalize", "detector"},  # tables, selection, transfer, detectors
-    "workflows": {"stages", "importer", "resample"},  # stages that chain several stage modules
+    "workflows": {"stages"},  # the Stage contract and the shards the executor runs
+    "runs": {"answering", "probing", "importer", "resample"},  # the run functions of the stages  # stages that chain several stage modules
     "api": {"", "pipeline"},
     "cli": {"cli", "results"},  # entry points: the command line and the results pages
 }
 # Imports within one layer, each with its reason. An entry no module uses any more fails the test: remove it.
 SIDEWAYS = {
+    ("sites", "decoding"): "the hooked forward pass pads its batch as decoding does",
+    ("importer", "answering"): "an import is checked as generated answers are",
+    ("resample", "answering"): "resamples are checked as the greedy answers are",
     ("generate", "locate"): "the generation settings record the extraction prompt's version",
     ("label", "locate"): "labelling a frame of answers locates their exact answers",
     ("report", "activations"): "the fix named for a damaged store's meta.json",

@@ -113,7 +113,7 @@ def kill_answers_stage(monkeypatch, where: str):
 
     name, module = {"generating": ("generate_batch", generate_module), "locating": ("extract_spans", locate),
                     "between the cells and the checkpoint": ("write_answer_cells", activations),
-                    "writing answers.parquet": ("write_answers", pipeline)}[where]
+                    "writing answers.parquet": ("write_answers", generate_module)}[where]
     real, calls = getattr(module, name), []
 
     def stops(*args, **kwargs):

@@ -18,9 +18,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from truthmap.decoding import left_pad
 from truthmap.errors import StoreError
-from truthmap.progress import progress_bar
+from truthmap.batches import run_batches
 from truthmap.rundir import (POSITIONS, ROOM, STORE_DTYPE, STORE_LAYOUT, Store, human_size, position_column, read_json,
                              space_for, write_json)
 from truthmap.runstate import check_matches
@@ -94,15 +93,18 @@ def extract_activations(lm, table, directory: Path, site: str, batch_size: int, 
     positions = np.stack([table[position_column(p)].to_numpy() for p in POSITIONS], axis=1)  # [samples, 15]
     cut = extraction_batches([len(s) for s in sequences], batch_size)
     starts = np.cumsum([0] + [len(batch) for batch in cut])  # "written" is always a whole number of batches
-    todo = [batch for batch, start in zip(cut, starts) if start >= meta["written"]]
-    with progress_bar(len(table), f"Extracting {site} activations", initial=meta["written"]) as advance:
-        for batch in todo:
-            batch_sequences = [sequences[i] for i in batch]
-            values = read_positions(lm, batch_sequences, positions[batch], site)
-            write_rows(directory, meta, batch, values, read_embeddings(lm, batch_sequences, positions[batch]))
-            meta["written"] += len(batch)
-            write_json(meta_path, meta)
-            advance(len(batch))
+    done = {batch[0] for batch, start in zip(cut, starts) if start < meta["written"]}
+
+    def extract(one):  # the runner's batch is one of `cut`: the store says what is done, in whole batches
+        (batch,) = one
+        batch_sequences = [sequences[i] for i in batch]
+        values = read_positions(lm, batch_sequences, positions[batch], site)
+        write_rows(directory, meta, batch, values, read_embeddings(lm, batch_sequences, positions[batch]))
+        meta["written"] += len(batch)
+        write_json(meta_path, meta)
+
+    run_batches(cut, extract, None, batch_size=1, key=lambda batch: batch[0], done=done, size=len,
+                description=f"Extracting {site} activations")
     return directory
 
 
@@ -246,17 +248,9 @@ def check_resume(directory: Path, run_settings: dict | None, site: str, model_dt
 def read_positions(lm, sequences: list[list[int]], positions, site: str):
     """One forward pass over a batch of token sequences: [batch, layers, k, hidden] float32 at positions [batch, k]
     (indices into each unpadded sequence). Negative positions (no exact answer) read the first real token."""
-    import numpy as np
-    import torch
+    from truthmap.sites import read_cells
 
-    from truthmap.sites import capture
-
-    input_ids, attention_mask = left_pad(sequences, lm.tokenizer.pad_token_id)  # [batch, seq]
-    offsets = np.array([input_ids.shape[1] - len(s) for s in sequences])[:, None]
-    padded = torch.from_numpy(np.maximum(np.asarray(positions), 0) + offsets)
-    with torch.inference_mode(), capture(lm.model, site, padded) as cap:
-        lm.model.base_model(input_ids=input_ids.to(lm.model.device), attention_mask=attention_mask.to(lm.model.device))
-    return cap.stack().float().numpy()
+    return read_cells(lm, sequences, positions, site).float().numpy()
 
 
 def read_embeddings(lm, sequences: list[list[int]], positions):

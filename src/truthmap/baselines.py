@@ -108,3 +108,34 @@ BASELINE_NAMES = {
     "p_true": "p(True)",
     "p_true_exact": "p(True)-exact",
 }
+
+
+# ------------------------------------------------------------------------------------------------- the stage
+
+
+def run_baselines(config, get_lm):
+    """baselines.parquet: token-probability aggregates and p(True) for every answer; get_lm() loads the model.
+    The caller skips it when every answer has its row (baselines_made, baselines_wanted)."""
+    import dataclasses
+
+    from truthmap.config import run_dir
+    from truthmap.rundir import read_json, write_parquet
+    from truthmap.rundir import answers_table
+
+    run = run_dir(config)
+    table = answers_table(run)
+    lm = dataclasses.replace(get_lm(), is_chat=read_json(run.run_json)["chat_template"])
+    write_parquet(run.baselines, baseline_scores(lm, table, config.batch_size))
+    return run
+
+
+def baselines_made(config, run) -> dict | None:
+    import pandas as pd
+
+    return {"ids": set(pd.read_parquet(run.baselines, columns=["id"])["id"])} if run.baselines.exists() else None
+
+
+def baselines_wanted(config, run) -> dict:
+    from truthmap.rundir import answers_table
+
+    return {"ids": set(answers_table(run)["id"])}

@@ -650,10 +650,11 @@ def resample(ctx: typer.Context, **options):
     """
     from truthmap import pipeline
 
+    from truthmap.resample import ResampleConfig
+
     asked = {name: options.pop(name) for name in ("n_questions", "n_resamples", "temperature", "layer", "token")}
     config = run_config(addressed(ctx, options))
-    summary = pipeline.resample(config, asked["n_resamples"], asked["temperature"], config.seed, asked["layer"],
-                                asked["token"], n_questions=asked["n_questions"])
+    summary = pipeline.resample(config, ResampleConfig(**asked, seed=config.seed))
     out = pipeline.run_dir(config).resample_files
     typer.echo(json.dumps({k: summary[k] for k in ("questions", "resampled_answers", "error_types", "selection")}, indent=2))
     cell = summary["cell"]

@@ -155,3 +155,28 @@ def _is(value, kind: type) -> bool:
     if isinstance(value, bool):  # TOML true is not a number
         return kind is bool
     return isinstance(value, kind) or (kind is float and isinstance(value, int))
+
+
+# ------------------------------------------------------------------------------------------ what a config names
+
+
+def run_dir(config: RunConfig):
+    """The run directory of config's model, dataset and split (rundir.RunDir)."""
+    from truthmap.models import model_slug
+    from truthmap.rundir import RunDir
+
+    return RunDir(config.runs_dir, model_slug(config.model), config.dataset, config.split)
+
+
+def load_config_records(config: RunConfig):
+    """(dataset entry, the records of config's split and subsample)."""
+    from truthmap.datasets import CustomSource, get_spec, load_records
+
+    spec = get_spec(config.dataset)
+    custom = None
+    if config.dataset == "custom":
+        if not config.custom_path:
+            raise ConfigError("Dataset 'custom' needs a file: pass --custom-path FILE.csv|FILE.jsonl.")
+        custom = CustomSource(config.custom_path, config.question_column, config.answer_column)
+    records = load_records(config.dataset, config.split, config.data_dir, config.n_samples, config.seed, custom)
+    return spec, records

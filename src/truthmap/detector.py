@@ -422,7 +422,7 @@ def locate_rows(lm, rows, golds: dict, info: dict, batch_size: int) -> dict:
 
     from truthmap.datasets import gold_span
     from truthmap.datasets.spec import Record
-    from truthmap.locate import extract_spans
+    from truthmap.label import Extraction
     from truthmap.runstate import Checkpoints
 
     spans = {}
@@ -436,7 +436,7 @@ def locate_rows(lm, rows, golds: dict, info: dict, batch_size: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         tries = int(info.get("extraction_tries") or 1)
         method = info.get("extractor", "free")  # detectors saved before the constrained extractor used free text
-        spans |= extract_spans(lm, pending, batch_size, Checkpoints(Path(scratch), {}), method, tries, seed=0)
+        spans |= Extraction(lambda: lm, lambda: Checkpoints(Path(scratch), {}), batch_size, method, tries)(pending)
     return spans
 
 
@@ -487,26 +487,18 @@ def load_scoring_model(detector: Detector, model: str | None, device: str | None
 
 
 def read_pairs(path, question_column: str, answer_column: str):
-    """Rows of a CSV or JSONL file that hold a question and an answer to score."""
+    """Rows of a CSV, JSONL or Parquet file (tables.read_table) that hold a question and an answer to score."""
     import pandas as pd
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Input file {path} does not exist; give a CSV or JSONL file with --input.")
-    if path.suffix.lower() not in (".csv", ".jsonl"):
-        raise DataError(f"Input file {path} must end in .csv or .jsonl.")
-    try:
-        frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_json(path, lines=True)
-    except ValueError as err:
-        raise DataError(f"Cannot read {path}: {err}") from None
-    for column in (question_column, answer_column):
-        if column not in frame.columns:
-            raise DataError(f"{path} has no column {column!r} (columns: {', '.join(map(str, frame.columns))}); "
-                            "name it with --question-column / --answer-column.")
-    for i, row in enumerate(frame[[question_column, answer_column]].itertuples(index=False), start=1):
-        if any(not isinstance(v, str) or not v.strip() for v in row):
-            raise DataError(f"{path} row {i}: empty question or answer; fill it in or remove the row.")
-    return frame
+    from truthmap.tables import read_table
+
+    rows = read_table(Path(path), (question_column, answer_column), what="Input file")
+    for line, row in rows:
+        if any(not isinstance(row.get(c), str) or not row[c].strip() for c in (question_column, answer_column)):
+            where = f"line {line}" if isinstance(line, int) else line
+            raise DataError(f"{path} {where}: empty question or answer; fill it in or remove the row.")
+    # An empty CSV cell is no value, as pandas reads it: no gold, no exact answer given.
+    return pd.DataFrame([{k: None if v == "" else v for k, v in row.items()} for _, row in rows])
 
 
 def score_file(detector: Detector, lm, frame, path, output, question_column: str, answer_column: str, batch_size: int) -> str:

@@ -17,11 +17,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from truthmap.config import RunConfig
-from truthmap.decoding import batches, generate_batch
+from truthmap.batches import load_in_order, run_batches
+from truthmap.decoding import generate_batch
 from truthmap.locate import EXTRACTION_PROMPT_VERSION
 from truthmap.models import encode_prompt, stop_token_ids
-from truthmap.progress import progress_bar
-from truthmap.rundir import STORE_DTYPE, file_sha256
+from truthmap.rundir import STORE_DTYPE, RunDir, file_sha256
 from truthmap.runstate import Checkpoints
 
 
@@ -85,31 +85,30 @@ def generate_answers(lm, ids: list[str], prompts: list[str], max_new_tokens: int
     finished = [part[part["id"].isin(wanted)] for part in checkpoints.batches()]
     done = {i for part in finished for i in part["id"]}
     todo = [(i, encode_prompt(lm.tokenizer, p, lm.is_chat)) for i, p in zip(ids, prompts) if i not in done]
-    todo.sort(key=lambda item: -len(item[1]))  # similar lengths share a batch: less padding
     stop_ids = stop_token_ids(lm.tokenizer, lm.model)
     stop_check = stop_at_text(lm.tokenizer, stop_text)
     for part in finished:
         if after_batch is not None and len(part):
             after_batch(part.reset_index(drop=True), None)
-    with progress_bar(total=len(ids), initial=len(done), description="Generating answers") as advance:
-        for batch in batches(todo, batch_size):
-            prompt_ids = [p for _, p in batch]
-            prefix, first = batch_prefix(lm, prompt_ids, site)
-            recorder = record(lm.model, site, prompt_ids, prefix_len=len(prefix.ids) if prefix else 0, first=first,
-                              dtype=getattr(torch, STORE_DTYPE))  # cast now as the store would: the same bytes
-            with recorder if site else nullcontext() as recording:
-                generations = generate_batch(lm.model, lm.tokenizer, prompt_ids, max_new_tokens, stop_ids,
-                                             stop_check=stop_check, recording=recording, prefix=prefix)
-            frame = pd.DataFrame({"id": [i for i, _ in batch], "prompt_ids": prompt_ids,
-                                  **generation_columns(lm.tokenizer, generations)})
-            if after_batch is not None:
-                after_batch(frame, recording)
-            checkpoints.write(frame)
-            del recording, generations
-            give_back_freed_memory()
-            advance(len(batch))
-    frame = checkpoints.load().drop_duplicates("id", keep="last").set_index("id")
-    return frame.loc[ids].reset_index()
+
+    def answer(batch):
+        prompt_ids = [p for _, p in batch]
+        prefix, first = batch_prefix(lm, prompt_ids, site)
+        recorder = record(lm.model, site, prompt_ids, prefix_len=len(prefix.ids) if prefix else 0, first=first,
+                          dtype=getattr(torch, STORE_DTYPE))  # cast now as the store would: the same bytes
+        with recorder if site else nullcontext() as recording:
+            generations = generate_batch(lm.model, lm.tokenizer, prompt_ids, max_new_tokens, stop_ids,
+                                         stop_check=stop_check, recording=recording, prefix=prefix)
+        frame = pd.DataFrame({"id": [i for i, _ in batch], "prompt_ids": prompt_ids,
+                              **generation_columns(lm.tokenizer, generations)})
+        if after_batch is not None:
+            after_batch(frame, recording)
+        return frame
+
+    run_batches(todo, answer, checkpoints, batch_size=batch_size, description="Generating answers",
+                key=lambda item: item[0], done=done, length=lambda item: len(item[1]), total=len(ids),
+                after_batch=give_back_freed_memory)
+    return load_in_order(checkpoints, ids).reset_index()
 
 
 def give_back_freed_memory() -> None:
@@ -189,4 +188,72 @@ def generation_columns(tokenizer, generations) -> dict[str, list]:
         "answer_logprobs": [g.logprobs for g in generations],
         "stopped": [g.stopped for g in generations],
         "answer": [tokenizer.decode(g.token_ids) for g in generations],
+    }
+
+
+# ------------------------------------------------------------------------------------------ what the stage writes
+
+
+def write_answers(run: RunDir, config: RunConfig, settings: dict, records, prompts, frame, lm, started,
+                  site: str | None = None, extra: dict | None = None) -> None:
+    """answers.parquet (records + located answers, label.label_and_locate's frame) and run.json (with `extra`'s
+    keys)."""
+    import time
+
+    import pandas as pd
+
+    from truthmap.locate import gold_agreement
+    from truthmap.rundir import ANSWER_COLUMNS, package_versions, write_parquet, write_run_json
+
+    ids = [r.id for r in records]
+    table = pd.DataFrame(
+        {
+            "id": ids,
+            "question": [r.question for r in records],
+            "prompt": prompts,
+            "gold": [list(r.answers) for r in records],
+            "group": [r.group for r in records],
+        }
+    ).merge(frame, on="id")
+    write_parquet(run.answers, table[list(ANSWER_COLUMNS)])
+    write_run_json(
+        run,
+        {
+            "settings": settings,
+            "config": config.to_dict(),
+            "model_source": lm.source,
+            "model_identity": getattr(lm, "identity", None),  # which weights made the answers (models.model_identity)
+            "chat_template": lm.is_chat,
+            "device": lm.device,
+            "dtype": lm.dtype,
+            "n_samples": len(table),
+            "exact_answer_agreement": gold_agreement(table),
+            "activations_while_generating": site,  # the store of this site came from the answers' own decoding
+            "seconds": round(time.time() - started, 1),
+            "versions": package_versions(),
+            **(extra or {}),
+        },
+    )
+
+
+def summarize_answers(run: RunDir) -> dict:
+    from truthmap.rundir import ANSWERS_FIX, read_json, read_parquet
+
+    table = read_parquet(run.answers, ["correct", "stopped", "exact_answer_valid", "exact_answer_source"], ANSWERS_FIX)
+    no_answer = table["exact_answer_source"] == "no_answer"
+    wrong = ~table["correct"] & ~no_answer
+    made = read_json(run.run_json)
+    return {
+        "answers": str(run.answers),
+        "samples": len(table),
+        "correct": int(table["correct"].sum()),
+        "incorrect": int((~table["correct"]).sum()),
+        "stopped": int(table["stopped"].sum()),  # answers that ended before the token limit
+        "valid_exact_answer": int(table["exact_answer_valid"].sum()),
+        "exact_answer_sources": table["exact_answer_source"].value_counts().to_dict(),
+        # Answers that name no answer are their own kind: left out of probes and baselines, as in the paper.
+        "no_answer": int(no_answer.sum()),
+        "wrong_with_exact_answer": f"{int(table['exact_answer_valid'][wrong].sum())} of {int(wrong.sum())}",
+        "locate": made["settings"].get("locate", "gold"),
+        "gold_agreement": made.get("exact_answer_agreement"),
     }

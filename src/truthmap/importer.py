@@ -26,11 +26,10 @@ another file.
 from __future__ import annotations
 
 import ast
-import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from truthmap.config import RunConfig
 from truthmap.errors import DataError
 
 SKIP_KINDS = {
@@ -101,11 +100,9 @@ def import_settings(config, spec, source, sha256: str, rows: int) -> dict:
 
 def read_rows(path: Path, source: ImportSource) -> list[Row]:
     """Every row of the file as a Row; a file that cannot be read, or lacks a required column, is an error."""
-    if not path.is_file():
-        raise DataError(f"Answers file {path} does not exist; give a .csv, .jsonl or .parquet file.")
-    records = _read_records(path)
-    if not records:
-        raise DataError(f"{path} holds no rows; write one answer per row.")
+    from truthmap.tables import read_table
+
+    records = [record for _, record in read_table(path, what="Answers file")]
     columns = set().union(*(r.keys() for r in records))
     for option, column in (("--question-column", source.question_column), ("--answer-column", source.answer_column)):
         if column not in columns and not (column == source.answer_column and "answer_token_ids" in columns):
@@ -116,47 +113,6 @@ def read_rows(path: Path, source: ImportSource) -> list[Row]:
                         f"{source.correct_column!r}): give one, or name it with --gold-column / --correct-column.")
     header = path.name.lower().endswith((".csv", ".csv.gz"))  # a CSV's line 1 is its header, as generate counts
     return [_row(path, number, record, source, number + header) for number, record in enumerate(records, start=1)]
-
-
-def _read_records(path: Path) -> list[dict]:
-    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
-    try:
-        if suffix in (".csv", ".csv.gz"):
-            import gzip
-
-            opener = gzip.open if suffix.endswith(".gz") else open
-            # utf-8-sig: spreadsheet programs save a byte-order mark, which would be part of the first column's name
-            with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
-                return [dict(r) for r in csv.DictReader(f)]
-        if suffix in (".jsonl", ".jsonl.gz"):
-            import gzip
-
-            opener = gzip.open if suffix.endswith(".gz") else open
-            records = []
-            with opener(path, "rt", encoding="utf-8") as f:
-                for line_no, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{path} line {line_no}: not valid JSON ({err.msg}); fix or remove that "
-                                        "line.") from None
-                    if not isinstance(record, dict):
-                        raise DataError(f"{path} line {line_no}: expected a JSON object, got {type(record).__name__}.")
-                    records.append(record)
-            return records
-        if suffix == ".parquet":
-            import pandas as pd
-
-            return pd.read_parquet(path).to_dict("records")
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text; save it as UTF-8.") from None
-    except (OSError, ValueError) as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(f"Cannot read {path}: {str(err).strip().splitlines()[0] if str(err).strip() else err}") from None
-    raise DataError(f"Answers file {path} has extension {path.suffix!r}; use .csv, .jsonl or .parquet.")
 
 
 def _missing(value) -> bool:
@@ -424,27 +380,149 @@ def label_rows(spec, rows: list[Row]):
     return records, {"correct": correct, "given": given, "by_rule": by_rule, "disagree": disagree}
 
 
-def locate_rows(config, spec, records, rows, frame, lm, settings, run) -> dict:
-    """{id: (source, span)}: given exact answers where the row has one, else located as `generate` locates."""
-    from truthmap.locate import extract_spans, locate_answers
+def locate_rows(config, spec, rows: list[Row], labels: dict, records, lm, settings: dict, run):
+    """The generation frame of rows (generation_frame), labelled (labels: label_rows') and located
+    (label.label_and_locate): a given exact answer where the row has one, else located as `generate` locates."""
+    from truthmap.label import label_and_locate
+    from truthmap.runstate import Checkpoints
+    from truthmap.stages import extraction
+
+    def extractor():
+        if not config.extraction_model:
+            return lm
+        from truthmap.models import load_model
+
+        return load_model(config.extraction_model, config.device, config.dtype)
+
+    given = {row.id: ("given", exact_span(row)) for row in rows if row.exact is not None}
+    extract = extraction(config, extractor, lambda: Checkpoints(run.extraction_parts, settings))
+    return label_and_locate(spec, records, generation_frame(lm, rows), lm.tokenizer, config.locate, extract,
+                            answer_tokens=not config.extraction_model, correct=[labels["correct"][r.id] for r in rows],
+                            given=given)
+
+
+# ------------------------------------------------------------------------------------------------- the stage
+
+
+def import_answers(config: RunConfig, source, lm=None, strict: bool = False, activations: bool = True) -> dict:
+    """`truthmap import` (importer.py): write the run of config (its model, dataset and split) from the answers
+    file, and config.site's activations from the same teacher-forced pass that scores the answer tokens
+    (activations=False: not); returns the import summary.
+
+    A finished import of the same file returns at once; checkpoints of a killed one are resumed."""
+    import dataclasses
+    import time
+
+    from truthmap import generate
+    from truthmap.config import run_dir
+    from truthmap.datasets import get_spec
+    from truthmap.rundir import file_sha256, read_json
+    from truthmap.runstate import check_checkpoints
+    from truthmap.stages import stage_done
+
+    from truthmap.answering import check_finished_answers, check_models
+
+    spec = get_spec(config.dataset)
+    check_models(config, lm)
+    path = Path(source.path).expanduser()
+    rows = read_rows(path, source)  # the file's own errors first, before any model loads
+    run = run_dir(config)
+    settings = import_settings(config, spec, source, file_sha256(path), len(rows))
+    if stage_done(import_stage(settings), config):
+        check_finished_answers(config, run)
+        return read_json(run.run_json)["import"] | generate.summarize_answers(run)
+    check_checkpoints(run.import_parts, settings)
+    check_checkpoints(run.extraction_parts, settings)
+    if strict:
+        check_rows(rows, source)  # what can be seen in the text fails before the model loads
+    check_import_input(config, rows, spec, source, lm)
+    from truthmap.stages import use_chat
+
+    started = time.time()
+    if lm is None:
+        from truthmap.models import load_model
+
+        lm = load_model(config.model, config.device, config.dtype)
+    lm = dataclasses.replace(lm, is_chat=use_chat(config.prompt_style, lm))
+    kept, skipped, text_differs = prepare_rows(rows, spec, lm, source, strict)
+    if not kept:
+        raise DataError(f"No row of {path} can be imported ({describe_skips(skipped)}); see the summary's kinds.")
+    records, labels = label_rows(spec, kept)
+    located = locate_rows(config, spec, kept, labels, records, lm, settings, run)
+    located["answer_logprobs"] = scored_logprobs(config, run, lm, located, settings, activations)
+    summary = import_summary(path, settings, rows, kept, skipped, labels, text_differs)
+    generate.write_answers(run, config, settings, records, list(located["prompt"]), located.drop(columns=["prompt"]),
+                           lm, started, config.site if activations else None, extra={"import": summary})
+    return summary | generate.summarize_answers(run)
+
+
+def check_import_input(config: RunConfig, rows, spec, source, lm=None) -> None:
+    """Before the model loads: the dataset's prompt can be built for rows without one, and every token id given is
+    one of the model's (its tokenizer alone is loaded for that, when the rows give ids)."""
+    from truthmap.models import stop_token_ids, tokenizer_and_stops
+
+    check_prompts(rows, spec, source)
+    if not any(r.prompt_ids is not None or r.answer_ids is not None for r in rows):
+        return
+    if lm is not None:
+        tokenizer, stops = lm.tokenizer, stop_token_ids(lm.tokenizer, lm.model)
+    else:
+        tokenizer, stops = tokenizer_and_stops(config.model)
+    check_token_ids(rows, tokenizer, stops, source, config.model)
+
+
+def import_stage(settings: dict):
+    """The import as a stages.Stage: its run.json must be an import's, made with these settings (the file's
+    sha256 and row count, the columns, the model, dataset and locating); done once answers.parquet is written."""
+    from truthmap.stages import Stage
+
+    def made(config, run):
+        from truthmap.rundir import read_json
+
+        if not run.run_json.exists():
+            return None
+        written = read_json(run.run_json)
+        if "import" not in written:
+            from truthmap.errors import ConfigError
+
+            raise ConfigError(f"{run.path} holds answers generated by truthmap, not imported ones; import into "
+                              "another --runs-dir, --dataset or --split, or delete that run.")
+        return written["settings"]
+
+    return Stage("import", reads=("a user's answers file",), writes=("answers", "run_json", "activations"), made=made,
+                 wanted=lambda config, run: settings, run=import_answers,
+                 finished=lambda config, run: run.answers.exists())
+
+
+def scored_logprobs(config, run, lm, located, settings: dict, activations: bool) -> list:
+    """score_answers' log-probabilities of the located rows, in their order; with activations, the same pass
+    writes config.site's store (its row k is answers.parquet's row k: both follow the kept rows)."""
+    from truthmap.activations import create_or_resume, new_meta
     from truthmap.runstate import Checkpoints
 
-    spans = {row.id: ("given", exact_span(row)) for row in rows if row.exact is not None}
-    pending = [k for k, row in enumerate(rows) if row.exact is None]
+    site, store = config.site if activations else None, None
+    if site:
+        store = (run.activations(site), create_or_resume(run.activations(site),
+                                                         new_meta(lm, site, len(located), settings, one_pass=True)))
+    logprobs = score_answers(lm, located, config.batch_size, Checkpoints(run.import_parts, settings), store)
+    return [logprobs[i] for i in located["id"]]
 
-    def extract(found):
-        extractor = lm
-        if config.extraction_model:
-            from truthmap.models import load_model
 
-            extractor = load_model(config.extraction_model, config.device, config.dtype)
-        return extract_spans(extractor, found, config.batch_size, Checkpoints(run.extraction_parts, settings),
-                             config.extractor, config.extraction_tries, config.seed)
-
-    answer_ids = [rows[k].answer_ids for k in pending] if not config.extraction_model else [None] * len(pending)
-    spans |= locate_answers(spec, [records[k] for k in pending], [rows[k].answer for k in pending], answer_ids,
-                            [bool(frame["correct"].iat[k]) for k in pending], config.locate, extract)
-    return spans
+def import_summary(path: Path, settings: dict, rows, kept, skipped: dict, labels: dict, text_differs: int) -> dict:
+    """The "import" entry of run.json: the file, what was imported and skipped, where labels and tokens came from."""
+    return {
+        "file": str(path.resolve()),
+        "sha256": settings["import_sha256"],
+        "rows": len(rows),
+        "imported": len(kept),
+        "skipped": {kind: len(numbers) for kind, numbers in skipped.items()},
+        "skipped_rows": {kind: numbers[:SHOWN_ROWS] for kind, numbers in skipped.items() if numbers},
+        "labels": {"given": labels["given"], "by_rule": labels["by_rule"],
+                   "given_disagreeing_with_rule": labels["disagree"]},
+        "answer_tokens": {"given": sum(r.ids_given for r in kept),
+                          "re_encoded_from_text": sum(not r.ids_given for r in kept)},
+        "answer_text_replaced_by_token_decoding": text_differs,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- log-probs
@@ -468,11 +546,19 @@ def generation_frame(lm, rows: list[Row]):
 def logit_batches(lengths: list[tuple[int, int]], batch_size: int, vocab: int) -> list[list[int]]:
     """Row indices of (prompt length, answer length) pairs, longest first, in batches of at most batch_size rows
     whose kept logits fit LOGIT_BUDGET."""
-    order = sorted(range(len(lengths)), key=lambda i: -sum(lengths[i]))
+    from truthmap.batches import longest_first
+
+    return cut_by_logits(longest_first(range(len(lengths)), lambda i: sum(lengths[i])),
+                         lambda i: lengths[i][1], batch_size, vocab)
+
+
+def cut_by_logits(order: list, answer_length, batch_size: int, vocab: int) -> list[list]:
+    """Consecutive runs of `order`, at most batch_size each, whose kept logits (batch x (longest answer + 1) x
+    vocab) fit LOGIT_BUDGET; answer_length(item) is an item's answer length."""
     cut = []
     for i in order:
         if cut and len(cut[-1]) < batch_size:
-            longest = max(lengths[j][1] for j in cut[-1] + [i]) + 1
+            longest = max(answer_length(j) for j in cut[-1] + [i]) + 1
             if (len(cut[-1]) + 1) * longest * vocab <= LOGIT_BUDGET:
                 cut[-1].append(i)
                 continue
@@ -487,58 +573,64 @@ def score_answers(lm, frame, batch_size: int, checkpoints, store=None) -> dict[s
     batch's log-probabilities are checkpointed, as generation writes its cells before its checkpoint.
 
     Positions count real tokens, as in decoding, so a left-padded row sees what it saw while it was generated."""
-    import contextlib
-    import inspect
-
     import numpy as np
     import pandas as pd
-    import torch
 
-    from truthmap.activations import mark_written, read_embeddings, rows_written, write_rows
-    from truthmap.decoding import left_pad
-    from truthmap.progress import progress_bar
+    from truthmap import activations
+    from truthmap.batches import run_batches
     from truthmap.rundir import POSITIONS, position_column
-    from truthmap.sites import capture
+    from truthmap.sites import read_cells
 
     done = checkpoints.load()
     found = dict(zip(done["id"], done["answer_logprobs"].map(list))) if len(done) else {}
-    written = rows_written(store[1]) if store else None
-    todo = [k for k, id_ in enumerate(frame["id"]) if id_ not in found or (store and k not in written)]
+    written = activations.rows_written(store[1]) if store else None
+    finished = {k for k, id_ in enumerate(frame["id"]) if id_ in found and not (store and k not in written)}
     prompts, answers = list(frame["prompt_ids"]), list(frame["answer_ids"])
     positions = np.stack([frame[position_column(p)].to_numpy() for p in POSITIONS], axis=1)  # [rows, 15]
     vocab = lm.model.get_output_embeddings().weight.shape[0]
-    accepts = inspect.signature(lm.model.forward).parameters
-    lengths = [(len(prompts[k]), len(answers[k])) for k in todo]
-    with progress_bar(total=len(frame), initial=len(frame) - len(todo), description="Scoring answers") as advance:
-        for batch in logit_batches(lengths, batch_size, vocab):
-            chosen = [todo[i] for i in batch]
-            sequences = [list(prompts[k]) + list(answers[k]) for k in chosen]
-            input_ids, attention_mask = left_pad(sequences, lm.tokenizer.pad_token_id)
-            cells = np.maximum(positions[chosen], 0)  # no exact answer (-1) reads the first token, as extract does
-            padded = torch.from_numpy(cells + (input_ids.shape[1] - np.array([len(s) for s in sequences]))[:, None])
-            # Answer token j is predicted at the position before it; the last token predicts nothing we keep.
-            keep = max(len(answers[k]) for k in chosen) + 1
-            device = lm.model.device
-            hooked = capture(lm.model, store[1]["site"], padded) if store else contextlib.nullcontext()
-            with torch.inference_mode(), hooked as cap:
-                out = lm.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                               position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False,
-                               **({"logits_to_keep": keep} if "logits_to_keep" in accepts else {}))
-                logits = out.logits[:, -keep:].float()  # [batch, keep, vocab]
-                values = []
-                for row, k in enumerate(chosen):
-                    n = len(answers[k])
-                    targets = torch.tensor(answers[k], device=logits.device)[:, None]
-                    scores = torch.log_softmax(logits[row, keep - n - 1 : keep - 1], dim=-1)
-                    values.append(scores.gather(1, targets)[:, 0].tolist())
-            if store:
-                write_rows(store[0], store[1], chosen, cap.stack().float().numpy(),
-                           read_embeddings(lm, sequences, cells))
-                mark_written(store[0], store[1], chosen)
-            checkpoints.write(pd.DataFrame({"id": [frame["id"].iat[k] for k in chosen], "answer_logprobs": values}))
-            found.update(zip((frame["id"].iat[k] for k in chosen), values))
-            advance(len(chosen))
+
+    def score(chosen):
+        sequences = [list(prompts[k]) + list(answers[k]) for k in chosen]
+        cells = np.maximum(positions[chosen], 0)  # no exact answer (-1) reads the first token, as extract does
+        values = []
+        hooked = read_cells(lm, sequences, cells, store[1]["site"] if store else None,
+                            forward=answer_logprobs(lm, [answers[k] for k in chosen], values))
+        if store:
+            activations.write_rows(store[0], store[1], chosen, hooked.float().numpy(),
+                                   activations.read_embeddings(lm, sequences, cells))
+            activations.mark_written(store[0], store[1], chosen)
+        found.update(zip((frame["id"].iat[k] for k in chosen), values))
+        return pd.DataFrame({"id": [frame["id"].iat[k] for k in chosen], "answer_logprobs": values})
+
+    run_batches(range(len(frame)), score, checkpoints, batch_size=batch_size, done=finished,
+                length=lambda k: len(prompts[k]) + len(answers[k]), description="Scoring answers",
+                cut=lambda order: cut_by_logits(order, lambda k: len(answers[k]), batch_size, vocab))
     return found
+
+
+def answer_logprobs(lm, answers: list[list[int]], values: list):
+    """A forward for sites.read_cells: the model over the padded prompt + answer batch, appending to `values` each
+    row's log-probability of its answer tokens."""
+    import inspect
+
+    import torch
+
+    accepts = inspect.signature(lm.model.forward).parameters
+    keep = max(len(a) for a in answers) + 1  # answer token j is predicted at the position before it
+
+    def forward(input_ids, attention_mask):
+        device = lm.model.device
+        out = lm.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                       position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False,
+                       **({"logits_to_keep": keep} if "logits_to_keep" in accepts else {}))
+        logits = out.logits[:, -keep:].float()  # [batch, keep, vocab]
+        for row, answer in enumerate(answers):
+            n = len(answer)
+            targets = torch.tensor(answer, device=logits.device)[:, None]
+            scores = torch.log_softmax(logits[row, keep - n - 1 : keep - 1], dim=-1)
+            values.append(scores.gather(1, targets)[:, 0].tolist())
+
+    return forward
 
 
 def describe_skips(skipped: dict) -> str:

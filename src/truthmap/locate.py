@@ -16,9 +16,9 @@ from __future__ import annotations
 import re
 
 from truthmap.datasets import gold_span, label_span
-from truthmap.decoding import batches, generate_batch
+from truthmap.batches import run_batches
+from truthmap.decoding import generate_batch
 from truthmap.models import encode_prompt, stop_token_ids
-from truthmap.progress import progress_bar
 from truthmap.rundir import EXACT_POSITIONS, POSITIONS, position_column
 from truthmap.runstate import Checkpoints
 
@@ -196,29 +196,27 @@ def extract_spans(lm, rows: list[tuple], batch_size: int, checkpoints: Checkpoin
     results = {r.id: (r.source, None if r.start < 0 else (r.start, r.end)) for r in done.itertuples()}
     prompts = {row[0]: extraction_prompt_ids(lm.tokenizer, lm.is_chat, row[1], row[2]) for row in rows
                if row[0] not in results}
-    todo = sorted((row for row in rows if row[0] in prompts), key=lambda row: -len(prompts[row[0]]))
-    prefix = (prefix or extraction_prefix(lm)) if todo else None
-    with progress_bar(total=len(rows), initial=len(rows) - len(todo), description="Extracting exact answers",
-                      enabled=progress) as advance:
-        for batch in batches(todo, batch_size):
-            batch_prompts = [prompts[row[0]] for row in batch]
-            shared = prefix if prefix and all(p[: len(prefix.ids)] == prefix.ids for p in batch_prompts) else None
-            if method == "constrained":
-                found = _extract_constrained(lm, batch, batch_prompts, shared)
-            else:
-                found = _extract_free(lm, batch, batch_prompts, shared, tries, seed)
-            checkpoints.write(
-                pd.DataFrame(
-                    {
-                        "id": list(found),
-                        "source": [source for source, _ in found.values()],
-                        "start": [span[0] if span else -1 for _, span in found.values()],
-                        "end": [span[1] if span else -1 for _, span in found.values()],
-                    }
-                )
-            )
-            results.update(found)
-            advance(len(batch))
+    prefix = (prefix or extraction_prefix(lm)) if prompts else None
+
+    def extract(batch):
+        batch_prompts = [prompts[row[0]] for row in batch]
+        shared = prefix if prefix and all(p[: len(prefix.ids)] == prefix.ids for p in batch_prompts) else None
+        if method == "constrained":
+            found = _extract_constrained(lm, batch, batch_prompts, shared)
+        else:
+            found = _extract_free(lm, batch, batch_prompts, shared, tries, seed)
+        results.update(found)
+        return pd.DataFrame(
+            {
+                "id": list(found),
+                "source": [source for source, _ in found.values()],
+                "start": [span[0] if span else -1 for _, span in found.values()],
+                "end": [span[1] if span else -1 for _, span in found.values()],
+            }
+        )
+
+    run_batches(rows, extract, checkpoints, batch_size=batch_size, key=lambda row: row[0], done=set(results),
+                length=lambda row: len(prompts[row[0]]), description="Extracting exact answers", progress=progress)
     return results
 
 

@@ -8,17 +8,18 @@ checkpoint per finished batch, keyed by `row_key(id, k)`, so a killed run resume
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
 
 from truthmap.activations import FLOAT16_MAX  # as the greedy store: values beyond float16's range are clipped
-from truthmap.decoding import batches, generate_batch
+from truthmap.batches import load_in_order, run_batches
+from truthmap.decoding import generate_batch
 from truthmap.error_types import ERROR_TYPES, NO_ANSWER
 from truthmap.generate import answer_stop, generation_columns, stop_at_text
 from truthmap.errors import ConfigError, ProbeError, StoreError
-from truthmap.progress import progress_bar
-from truthmap import rundir
+from truthmap import rundir, runstate
 from truthmap.rundir import (
     EXACT_POSITIONS, POSITIONS, ResampleFiles, Work, check_token, position_column, read_json,
     write_atomic, write_json, write_parquet,
@@ -43,62 +44,34 @@ def sample_answers(lm, greedy, n_resamples: int, temperature: float, seed: int, 
     stop token, and at stop_text (generate.answer_stop) when given."""
     import pandas as pd
 
-    done = checkpoints.done_ids()
     todo = [
         (row_key(question_id, k), question_id, k, [int(t) for t in prompt])
         for question_id, prompt in zip(greedy["id"], greedy["prompt_ids"])
         for k in range(n_resamples)
-        if row_key(question_id, k) not in done
     ]
-    todo.sort(key=lambda item: -len(item[3]))  # similar lengths share a batch: less padding
-    total = len(greedy) * n_resamples
     stop_check = stop_at_text(lm.tokenizer, stop_text)
-    with progress_bar(total=total, initial=total - len(todo), description="Resampling answers") as advance:
-        for batch in batches(todo, batch_size):
-            seeds = [sample_seed(seed, question_id, k) for _, question_id, k, _ in batch]
-            prompts = [prompt for *_, prompt in batch]
-            generations = generate_batch(
-                lm.model, lm.tokenizer, prompts, max_new_tokens, stop_ids, temperature, row_seeds=seeds,
-                stop_check=stop_check,
-            )
-            checkpoints.write(
-                pd.DataFrame(
-                    {
-                        "id": [key for key, *_ in batch],
-                        "question_id": [question_id for _, question_id, _, _ in batch],
-                        "sample": [k for _, _, k, _ in batch],
-                        "prompt_ids": prompts,
-                        **generation_columns(lm.tokenizer, generations),
-                    }
-                )
-            )
-            advance(len(batch))
-    frame = checkpoints.load().drop_duplicates("id", keep="last").set_index("id")
-    keys = [row_key(question_id, k) for question_id in greedy["id"] for k in range(n_resamples)]
-    return frame.loc[keys].reset_index(drop=True).rename(columns={"question_id": "id"})
 
+    def sample(batch):
+        seeds = [sample_seed(seed, question_id, k) for _, question_id, k, _ in batch]
+        prompts = [prompt for *_, prompt in batch]
+        generations = generate_batch(
+            lm.model, lm.tokenizer, prompts, max_new_tokens, stop_ids, temperature, row_seeds=seeds,
+            stop_check=stop_check,
+        )
+        return pd.DataFrame(
+            {
+                "id": [key for key, *_ in batch],
+                "question_id": [question_id for _, question_id, _, _ in batch],
+                "sample": [k for _, _, k, _ in batch],
+                "prompt_ids": prompts,
+                **generation_columns(lm.tokenizer, generations),
+            }
+        )
 
-def label_and_locate(extractor, tokenizer, spec, records: dict, frame, batch_size: int, checkpoints: Checkpoints,
-                     locating: dict, seed: int):
-    """Add correct, exact-answer and position columns to the sampled answers, as the greedy answers have them
-    (label.label_and_locate, keyed by row_key: each sample is its own row).
-
-    records: question id -> Record. locating: the greedy run's "locate", "extractor" and "extraction_tries"
-    (generate.locating_settings), so that resamples are located as the greedy answers were.
-    """
-    from truthmap.label import label_and_locate as locate_rows
-    from truthmap.locate import extract_spans
-
-    keys = [row_key(i, k) for i, k in zip(frame["id"], frame["sample"])]
-    keyed = [dataclasses.replace(records[i], id=key) for i, key in zip(frame["id"], keys)]  # one record per answer
-
-    def extract(rows):
-        return extract_spans(extractor, rows, batch_size, checkpoints, locating["extractor"],
-                             locating["extraction_tries"] or 1, seed)
-
-    located = locate_rows(spec, keyed, frame.assign(id=keys), tokenizer, locating["locate"], extract,
-                          answer_tokens=extractor.tokenizer is tokenizer)
-    return located.assign(id=frame["id"].to_numpy())
+    run_batches(todo, sample, checkpoints, batch_size=batch_size, description="Resampling answers",
+                key=lambda item: item[0], length=lambda item: len(item[3]))
+    keys = [key for key, *_ in todo]  # greedy's ids, then k
+    return load_in_order(checkpoints, keys).reset_index(drop=True).rename(columns={"question_id": "id"})
 
 
 def vote_text(source: str, valid: bool, exact_answer: str) -> str | None:
@@ -114,31 +87,23 @@ def cell_activations(lm, frame, site: str, layer: int, token: str, batch_size: i
     pos_<token>, and a unique `key`). Rows without that position (-1) read the first token; callers mask them."""
     import numpy as np
     import pandas as pd
-    import torch
 
-    from truthmap.decoding import left_pad
-    from truthmap.sites import capture
+    from truthmap.sites import read_cells
 
-    done = checkpoints.done_ids()
-    todo = [i for i, key in enumerate(frame["key"]) if key not in done]
     sequences = [list(p) + list(a) for p, a in zip(frame["prompt_ids"], frame["answer_ids"])]
     positions = np.maximum(frame[position_column(token)].to_numpy(), 0)  # [rows]
-    todo.sort(key=lambda i: -len(sequences[i]))
-    with progress_bar(len(frame), f"Reading {site} layer {layer} at {token}", initial=len(frame) - len(todo)) as advance:
-        for batch in batches(todo, batch_size):
-            input_ids, attention_mask = left_pad([sequences[i] for i in batch], lm.tokenizer.pad_token_id)
-            offsets = np.array([input_ids.shape[1] - len(sequences[i]) for i in batch])
-            index = torch.from_numpy(positions[batch] + offsets)[:, None]  # [batch, 1], into the padded input
-            with torch.inference_mode(), capture(lm.model, site, index) as cap:
-                lm.model.base_model(input_ids=input_ids.to(lm.model.device),
-                                    attention_mask=attention_mask.to(lm.model.device))
-            values = cap.stack()[:, layer, 0, :].float().numpy()  # [batch, width]
-            values = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
-            checkpoints.write(pd.DataFrame({"id": [frame["key"].iloc[i] for i in batch],
-                                            "acts": [v.tobytes() for v in values]}))
-            advance(len(batch))
-    stored = checkpoints.load().drop_duplicates("id", keep="last").set_index("id")["acts"]
-    return np.stack([np.frombuffer(stored[key], dtype=np.float16) for key in frame["key"]])
+    keys = list(frame["key"])
+
+    def read(batch):
+        values = read_cells(lm, [sequences[i] for i in batch], positions[batch][:, None], site)
+        values = values[:, layer, 0, :].float().numpy()  # [batch, width]
+        values = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+        return pd.DataFrame({"id": [keys[i] for i in batch], "acts": [v.tobytes() for v in values]})
+
+    run_batches(range(len(frame)), read, checkpoints, batch_size=batch_size, key=lambda i: keys[i],
+                length=lambda i: len(sequences[i]), description=f"Reading {site} layer {layer} at {token}")
+    stored = load_in_order(checkpoints, keys)["acts"]
+    return np.stack([np.frombuffer(value, dtype=np.float16) for value in stored])
 
 
 # --------------------------------------------------------------------------------------------- a whole resampling
@@ -188,6 +153,7 @@ def resample_answers(lm, extractor, spec, records: dict, greedy, settings: dict,
     settings: what made the greedy answers, plus n_resamples, temperature and resample_seed; it keys the sampling
     checkpoints, which other extraction settings or another subset of questions can therefore reuse.
     """
+    from truthmap.label import Extraction, label_and_locate
     from truthmap.models import stop_token_ids
 
     generated = sample_answers(
@@ -195,10 +161,15 @@ def resample_answers(lm, extractor, spec, records: dict, greedy, settings: dict,
         settings["max_new_tokens"], batch_size, Checkpoints(work.generations.path, settings),
         stop_token_ids(lm.tokenizer, lm.model), answer_stop(spec, lm.is_chat),
     )
-    frame = label_and_locate(
-        extractor, lm.tokenizer, spec, records, generated, batch_size,
-        Checkpoints(work.extractions.path, settings | locating), locating, settings["resample_seed"],
-    )
+    # Each sample is its own row, keyed by row_key, located as the greedy answers were (locating: the greedy
+    # run's "locate", "extractor" and "extraction_tries").
+    keys = [row_key(i, k) for i, k in zip(generated["id"], generated["sample"])]
+    keyed = [dataclasses.replace(records[i], id=key) for i, key in zip(generated["id"], keys)]
+    checkpoints = Checkpoints(work.extractions.path, settings | locating)
+    extract = Extraction(lambda: extractor, lambda: checkpoints, batch_size, locating["extractor"],
+                         locating["extraction_tries"] or 1, settings["resample_seed"])
+    frame = label_and_locate(spec, keyed, generated.assign(id=keys), lm.tokenizer, locating["locate"], extract,
+                             answer_tokens=extractor.tokenizer is lm.tokenizer).assign(id=generated["id"].to_numpy())
     return frame[RESAMPLE_COLUMNS]
 
 
@@ -349,7 +320,7 @@ def analyse(greedy, answers, greedy_acts, cell_acts, token: str, seeds, out: Res
 
 @dataclasses.dataclass
 class Resampling:
-    """What one resampling of a greedy run needs (pipeline.resample gathers it from the run directory)."""
+    """What one resampling of a greedy run needs (resample gathers it from the run directory)."""
 
     files: ResampleFiles  # where it writes: the run's resamples/
     greedy: object  # frame: the chosen questions' rows of the greedy answers.parquet
@@ -374,10 +345,13 @@ def resample_stage(job: Resampling, load_records, answer_models, get_lm) -> dict
     import numpy as np
     import pandas as pd
 
+    from truthmap.stages import stage_done
+
     files = job.files
     made_by = job.settings | job.extraction | {"n_questions": len(job.greedy)}
     state = read_json(files.state) if files.state.exists() else {}
-    if state.get("settings") != json.loads(json.dumps(made_by)) or not files.answers.exists():
+    sampled, read = resample_steps(json.loads(json.dumps(made_by)), job.cell)
+    if not stage_done(sampled, None, files):
         spec, records = load_records()
         model, extractor = answer_models()
         answers = resample_answers(model, extractor, spec, records, job.greedy, job.generation, files.work,
@@ -386,7 +360,7 @@ def resample_stage(job: Resampling, load_records, answer_models, get_lm) -> dict
         state = save_state(files, {"settings": made_by})
     answers = pd.read_parquet(files.answers)
     cell = job.cell
-    if state.get("cell") != cell or not files.cell_acts.exists():
+    if not stage_done(read, None, files):
         keyed = answers.assign(key=[row_key(i, k) for i, k in zip(answers["id"], answers["sample"])])
         acts = cell_activations(
             get_lm(), keyed, cell["site"], cell["layer"], cell["token"], job.batch_size,
@@ -402,6 +376,133 @@ def resample_stage(job: Resampling, load_records, answer_models, get_lm) -> dict
     return save_state(files, state | summary)
 
 
+def resample_steps(made_by: dict, cell: dict):
+    """The first two steps of resample_stage as stages.Stage entries over resamples.json's state, read when they
+    are checked (made again when it says other settings, or a cell other than `cell`, or their file is missing)."""
+    from truthmap.stages import Stage
+
+    def step(name, key, wanted, file):
+        def made(config, files):
+            state = read_json(files.state) if files.state.exists() else {}
+            return {key: state[key]} if key in state else None
+
+        return Stage(name, reads=("answers",), writes=(file,), run=None, on_mismatch="redo", made=made,
+                     wanted=lambda config, files: {key: wanted},
+                     finished=lambda config, files: getattr(files, file).exists())
+
+    return step("resampled answers", "settings", made_by, "answers"), step("cell activations", "cell", cell, "cell_acts")
+
+
 def save_state(files: ResampleFiles, state: dict) -> dict:
     write_json(files.state, state)
     return state
+
+
+# ------------------------------------------------------------------------------------------------- the stage
+
+
+@dataclasses.dataclass(frozen=True)
+class ResampleConfig:
+    """The resampling stage's own parameters (the run's are RunConfig's)."""
+
+    n_resamples: int = 10  # K sampled answers per question (the paper uses 30)
+    temperature: float = 1.0
+    seed: int = 0  # sampling seed: the same seed gives the same answers at any batch size
+    layer: int | None = None  # the probed cell; None: the train run's best cell's
+    token: str | None = None
+    n_questions: int | None = None  # resample this many of the run's questions (seeded); None: all
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ConfigError(f"Invalid --temperature {self.temperature}: resampling needs a temperature > 0 (the "
+                              "paper uses 1).")
+        if self.n_resamples < 1:
+            raise ConfigError(f"Invalid --n-resamples {self.n_resamples}: expected an integer >= 1.")
+
+
+def resample(config, resampling: ResampleConfig, lm=None) -> dict:
+    """K sampled answers per question of a finished greedy run; their error types, type probes and answer selection.
+
+    Reads the greedy run of `config` (answers, activations, and the train run's best probe cell unless layer and
+    token are given); writes run.resamples/ and returns its resamples.json. Finished steps are not redone, and
+    the model is loaded only when answers or activations are missing.
+    """
+
+    from truthmap.activations import open_store
+    from truthmap.config import run_dir
+    from truthmap.generate import generation_settings, locating_settings
+    from truthmap.models import model_slug
+    from truthmap.stages import model_loader
+
+    from truthmap.answering import check_finished_store, check_models
+    from truthmap.rundir import ANSWERS_FIX, read_parquet
+
+    run = run_dir(config)
+    check_models(config, lm)
+    check_finished_store(config, run)  # the greedy cell's activations, beside which the resamples' are read
+    if not (run.answers.exists() and run.run_json.exists()):
+        raise StoreError(
+            f"No greedy answers in {run.path}. Run `truthmap run --dataset {config.dataset} --split {config.split}` "
+            "with the same --model and --runs-dir first."
+        )
+    made = read_json(run.run_json)
+    # Resamples are located as the greedy answers were (runs made before "locate" existed: these flags).
+    extraction = {k: made["settings"].get(k, v) for k, v in locating_settings(config).items()}
+    check_resample_extractor(config, run, extraction["extraction_model"])
+    every = read_parquet(run.answers, fix=ANSWERS_FIX)
+    rows = choose_questions(len(every), resampling.n_questions, resampling.seed)
+    greedy = every.iloc[rows].reset_index(drop=True)
+    store, meta = open_store(run.activations(config.site))
+    probes_json = run_dir(dataclasses.replace(config, split="train")).probe_files(config.site).summary
+    cell = resolve_cell(probes_json, config.site, resampling.layer, resampling.token, meta["shape"][0])
+    settings = made["settings"] | {"n_resamples": resampling.n_resamples, "temperature": resampling.temperature,
+                                   "resample_seed": resampling.seed}
+    get_lm = model_loader(config) if lm is None else (lambda: lm)
+    title = (f"{model_slug(config.model)} · {config.dataset} ({config.split}) · K={resampling.n_resamples}, "
+             f"T={resampling.temperature}\ncell: {config.site} layer {cell['layer']}, {cell['token']}")
+    job = Resampling(run.resample_files, greedy, greedy_cell(store, cell)[rows], cell, settings, extraction,
+                     generation_settings(settings), config.batch_size, config.seeds, title)
+    return resample_stage(job, functools.partial(greedy_records, config, made, greedy),
+                          functools.partial(answer_models, config, made, extraction, get_lm), get_lm)
+
+
+def check_resample_extractor(config, run, used: str | None) -> None:
+    """Resamples are located as the greedy answers were: another --extraction-model given would be ignored."""
+    from truthmap.models import same_model
+
+    asked, used = config.extraction_model, used or config.model
+    if asked is not None and not same_model(asked, used):
+        raise ConfigError(f"The answers of {run.path} were located with --extraction-model {used}, and its resamples "
+                          f"are located as they were: drop --extraction-model {asked}, or make a greedy run with it "
+                          "(another --runs-dir).")
+
+
+def greedy_records(config, made: dict, greedy):
+    """(dataset entry, question id -> Record) of the greedy run's questions, loaded again as the run loaded them."""
+    from truthmap.config import load_config_records, run_dir
+    from truthmap.generate import answers_settings
+
+    run = run_dir(config)
+    kept = {k: made["config"][k] for k in ("n_samples", "seed", "custom_path", "question_column", "answer_column")
+            if k in made["config"]}
+    greedy_config = dataclasses.replace(config, **kept, data_dir=config.data_dir or made["config"].get("data_dir"))
+    spec, records = load_config_records(greedy_config)
+    if "custom_sha256" in made["settings"]:  # the questions must be those the greedy answers answered
+        now = answers_settings(greedy_config, spec)["custom_sha256"]
+        runstate.check_matches(made["settings"], {"custom_sha256": now}, run.path)
+    records = {r.id: r for r in records}
+    missing = [i for i in greedy["id"] if i not in records]
+    if missing:
+        raise StoreError(f"The dataset no longer has question {missing[0]!r} of {run.answers}; check --data-dir.")
+    return spec, records
+
+
+def answer_models(config, made: dict, extraction: dict, get_lm):
+    """(the model that answers, as the greedy run prompted it; the extractor the greedy run used)."""
+    model = dataclasses.replace(get_lm(), is_chat=made["chat_template"])
+    if not extraction["extraction_model"]:
+        return model, model
+    from truthmap.models import load_model
+
+    return model, load_model(extraction["extraction_model"], config.device, config.dtype)
+

@@ -111,7 +111,7 @@ DETECTOR_SCORE_COLUMNS = {
 BASELINE_ID_COLUMN = {"id": ("str", "the row's id in answers.parquet")}
 BASELINE_SCORE_DTYPE = "float64"
 
-# run.json: key -> meaning. Written once per run by the answers stage (pipeline.write_answers); "import" only for
+# run.json: key -> meaning. Written once per run by the answers stage (generate.write_answers); "import" only for
 # an imported run.
 RUN_JSON = {
     "settings": "what decides answers.parquet (generate.answers_settings or importer's); resume refuses a change",
@@ -505,3 +505,14 @@ class ResultsPages(Folder):
 
     def pages(self) -> list[Path]:
         return sorted(self.path.glob("*.md"))
+
+
+def require_answers(run: RunDir) -> None:
+    if not run.answers.exists():
+        raise StoreError(f"No answers in {run.path}. Run `truthmap generate` with the same options first.")
+
+
+def answers_table(run: RunDir):
+    """answers.parquet of run, refused with one line when missing or damaged."""
+    require_answers(run)
+    return read_parquet(run.answers, fix=ANSWERS_FIX)

@@ -354,6 +354,36 @@ def capture(model: "torch.nn.Module", site: str, positions: "torch.Tensor") -> I
         yield cap
 
 
+def read_cells(lm, sequences: list[list[int]], positions, site: str | None, forward=None):
+    """The one hooked forward pass over a batch of token sequences: the site's output at positions [batch, k]
+    (indices into each unpadded sequence; negative ones, no exact answer, read the first token), as a CPU tensor
+    [batch, layers, k, width] in the model's dtype; None when site is None (nothing hooked).
+
+    The sequences are left-padded (decoding.left_pad); forward(input_ids, attention_mask) runs the pass, under
+    inference mode, and may keep what it computes (log-probabilities); by default the base model runs without
+    its head, since only the hooked values are wanted.
+    """
+    import numpy as np
+    import torch
+
+    from truthmap.decoding import left_pad
+
+    input_ids, attention_mask = left_pad(sequences, lm.tokenizer.pad_token_id)  # [batch, seq]
+    offsets = np.array([input_ids.shape[1] - len(s) for s in sequences])[:, None]
+    padded = torch.from_numpy(np.maximum(np.asarray(positions, dtype=np.int64), 0) + offsets)  # [batch, k]
+    if forward is None:
+        def forward(ids, mask):
+            lm.model.base_model(input_ids=ids.to(lm.model.device), attention_mask=mask.to(lm.model.device))
+    with torch.inference_mode(), capture(lm.model, site, padded) if site else _nothing() as cap:
+        forward(input_ids, attention_mask)
+    return cap.stack() if site else None
+
+
+@contextmanager
+def _nothing():
+    yield None
+
+
 class Recording:
     """What `record` yields: the site's output at every token a decoding feeds the model, per row of its batch.
 

@@ -1,7 +1,12 @@
-"""The stages that need a model, as the executor runs them (executor.runner): each on one shard of batches.
+"""What every stage shares: the Stage contract and its one resume check, what a run directory holds, and the
+stages that need a model as the executor runs them (executor.runner), each on one shard of batches.
+
+A Stage states what it reads and writes (RunDir names), what its outputs were made with and what they must have
+been made with (from the config), and its run function; `stage_done` is the one resume check: done when both
+agree, refused (or, for a stage whose outputs are only a summary of others, redone) when they differ.
 
 A shard is every batch, in this process (shard None: the run's own work/ and store), or every n-th batch on a Ray
-worker (shard (k, n): work/shards/<k>-of-<n>/, which pipeline merges afterwards). Either way the same function
+worker (shard (k, n): work/shards/<k>-of-<n>/, which answering merges afterwards). Either way the same function
 works through its batches, so a local run and a sharded one write the same answers and the same store bytes.
 
 The answers stage generates a batch, labels and locates it (label.label_and_locate), writes its 15 cells from
@@ -12,13 +17,90 @@ stay in memory only until its exact answers are known, and a killed run never ha
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from truthmap.config import RunConfig
 from truthmap.errors import ConfigError
-from truthmap.rundir import RunDir, Work
-from truthmap.runstate import Checkpoints
+from truthmap.rundir import RunDir, Work, answers_table, read_json, require_answers  # noqa: F401 (stage API)
+from truthmap.runstate import Checkpoints, check_matches
+
+
+# ------------------------------------------------------------------------------------------ the stage contract
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a study, as pipeline's table lists it."""
+
+    name: str
+    reads: tuple[str, ...]  # RunDir names of its inputs
+    writes: tuple[str, ...]  # RunDir names of its outputs
+    made: Callable  # (config, run) -> what its outputs on disk were made with, or None: not made (or not finished)
+    wanted: Callable  # (config, run) -> what they must have been made with
+    run: Callable  # (config, lm=None) -> the run directory; the model is loaded only when it is needed
+    on_mismatch: str = "refuse"  # "refuse": other settings are an error naming the key; "redo": made again
+    needs_model: bool = True
+    finished: Callable | None = None  # (config, run) -> whether outputs that were begun are complete; default: made
+
+
+def stage_done(stage: Stage, config: RunConfig | None, run=None) -> bool:
+    """The one resume check: whether stage's outputs are on disk, made with what config asks for. run: where they
+    are (default: config's run directory; a stage's own folder for the steps of a stage)."""
+    from truthmap.config import run_dir
+
+    run = run or run_dir(config)
+    made = stage.made(config, run)
+    if made is None:
+        return False
+    wanted = stage.wanted(config, run)
+    if stage.on_mismatch == "refuse":
+        check_matches(made, wanted, run.path)
+    elif any(made.get(key) != value for key, value in wanted.items()):
+        return False
+    return stage.finished is None or stage.finished(config, run)
+
+
+# ------------------------------------------------------------------------------------------ a run directory
+
+
+def imported(run: RunDir) -> bool:
+    """Whether the run's answers were imported from a file (`truthmap import`) rather than generated."""
+    return run.answers.exists() and run.run_json.exists() and "import" in read_json(run.run_json)
+
+
+def extraction_done(run: RunDir, site: str) -> bool:
+    from truthmap.activations import META_FIX
+
+    meta_path = run.store(site).meta
+    return meta_path.exists() and (meta := read_json(meta_path, META_FIX))["written"] == meta["shape"][2]
+
+
+def model_state(config: RunConfig, lm=None):
+    """What the executor's workers hold (load_models), as a picklable function: a local model path is made
+    absolute, since a Ray worker may run in another directory."""
+    from truthmap.models import model_location
+
+    if config.executor == "ray":
+        config = dataclasses.replace(config, model=model_location(config.model),
+                                     extraction_model=config.extraction_model and model_location(config.extraction_model))
+    return functools.partial(load_models, config, lm)
+
+
+def model_loader(config: RunConfig):
+    """A function that loads the model on its first call only: stages that find their work done never load it."""
+    loaded = []
+
+    def get():
+        if not loaded:
+            from truthmap.models import load_model
+
+            loaded.append(load_model(config.model, config.device, config.dtype))
+        return loaded[0]
+
+    return get
 
 
 @dataclass
@@ -61,6 +143,14 @@ def use_chat(prompt_style: str, lm) -> bool:
     if prompt_style == "instruct" and not lm.is_chat:
         raise ConfigError(f"--prompt-style instruct needs a chat template, and model '{lm.name}' has none. Use base.")
     return lm.is_chat if prompt_style == "auto" else prompt_style == "instruct"
+
+
+def extraction(config: RunConfig, extractor, checkpoints, prefix=None, progress: bool = True):
+    """The run's label.Extraction: config's extractor method, tries, seed and batch size."""
+    from truthmap.label import Extraction
+
+    return Extraction(extractor, checkpoints, config.batch_size, config.extractor, config.extraction_tries,
+                      config.seed, prefix, progress)
 
 
 def describe(models: Models):
@@ -117,7 +207,6 @@ def answer_shard(models: Models, batches: list[list[int]], shard, job: Answering
     from truthmap.activations import create_or_resume, new_meta, write_answer_cells
     from truthmap.generate import generate_answers
     from truthmap.label import label_and_locate
-    from truthmap.locate import extract_spans
 
     config, lm = job.config, models.lm
     rows = sorted(i for batch in batches for i in batch)  # a shard's store holds its records in record order
@@ -126,15 +215,9 @@ def answer_shard(models: Models, batches: list[list[int]], shard, job: Answering
     store_row = {job.records[i].id: k for k, i in enumerate(rows)}
     store = store_dir(job.run, shard, job.site) if job.site else None
     meta = create_or_resume(store, new_meta(lm, job.site, len(rows), job.settings, one_pass=True)) if store else None
-    opened = {}
-
-    def extract(pending):
-        extractor = models.extractor()  # first: an extractor that fails to load leaves no settings.json behind
-        if "extractions" not in opened:  # on first use: answers that need no extractor leave no checkpoints of it
-            opened["extractions"] = Checkpoints(work.extractions.path, job.settings)
-        return extract_spans(extractor, pending, config.batch_size, opened["extractions"], config.extractor,
-                             config.extraction_tries, config.seed, models.extraction_prefix(), progress=False)
-
+    # On first use: answers that need no extractor leave no checkpoints of it.
+    extract = extraction(config, models.extractor, lambda: Checkpoints(work.extractions.path, job.settings),
+                         prefix=models.extraction_prefix, progress=False)
     located = []
 
     def after_batch(frame, recording):

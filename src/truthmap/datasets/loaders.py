@@ -28,7 +28,6 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
-import gzip
 import importlib
 import io
 import json
@@ -36,7 +35,6 @@ import os
 import random
 import re
 import warnings
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,7 @@ from pathlib import Path
 from truthmap.datasets.registry import get_spec
 from truthmap.datasets.spec import DatasetSpec, Record
 from truthmap.errors import ConfigError, DataError, TruthmapWarning, check_name
+from truthmap.tables import read_csv, read_jsonl, read_table, read_text
 
 SPLITS = ("train", "test")
 MAX_PER_SPLIT = 10_000
@@ -66,74 +65,8 @@ class CustomSource:
 # ---------------------------------------------------------------------------------------------------------- reading
 
 
-def _read_text(path: Path) -> str:
-    """The file as text; gzip by extension. Any decoding problem becomes a DataError naming the place."""
-    try:
-        raw = path.read_bytes()
-        if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as err:
-        raise DataError(f"Cannot read {path}: {err}; check that it is a readable (gzip) file.") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        where = "of the decompressed text " if path.suffix == ".gz" else ""
-        raise DataError(
-            f"{path} is not valid UTF-8: byte {err.start} {where}(line {line}) is {raw[err.start:err.start + 1]!r}; "
-            "re-save the file as UTF-8."
-        ) from None
-
-
-def _read_csv(path: Path, columns: tuple[str, ...], delimiter: str = ",") -> list[tuple[int, dict[str, str]]]:
-    """(line, row) pairs of a CSV with a header that must hold `columns`; line is where the row ends (1-based)."""
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
-    try:
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path} is empty: expected a header row with columns {', '.join(columns)}.")
-        header = [name.strip() for name in header]
-        missing = [name for name in columns if name not in header]
-        if missing:
-            raise DataError(
-                f"{path} has no column {missing[0]!r}; columns found: {', '.join(header)}. "
-                "Name the right column (e.g. --question-column/--answer-column) or fix the header."
-            )
-        rows, extra = [], []
-        for values in reader:
-            if any(v.strip() for v in values):
-                rows.append((reader.line_num, dict(zip(header, values))))
-                if len(values) > len(header) and any(v.strip() for v in values[len(header):]):
-                    extra.append((reader.line_num, len(values)))
-    except csv.Error as err:
-        raise DataError(f"{path} line {reader.line_num}: malformed CSV ({err}); fix the quoting there.") from None
-    if extra:
-        (line, count), more = extra[0], f" (and {len(extra) - 1} more lines)" if len(extra) > 1 else ""
-        warnings.warn(TruthmapWarning(
-            f"{path} line {line} has {count} fields but the header names {len(header)}{more}; the extra fields are "
-            "ignored. Quote a value that holds a comma, or name the column in the header."
-        ), stacklevel=2)
-    if not rows:
-        raise DataError(f"{path} has a header but no rows; add rows or choose another file.")
-    return rows
-
-
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    rows = []
-    # split on "\n" only: splitlines() would also cut at U+2028 and friends, which JSON strings may hold raw
-    for line_no, line in enumerate(_read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {line_no}: not valid JSON ({err.msg}); fix or remove that line.") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path} line {line_no}: expected a JSON object, got {type(row).__name__}.")
-        rows.append((line_no, row))
-    if not rows:
-        raise DataError(f"{path} is empty; add one JSON object per line.")
-    return rows
+# The readers of user tables (tables.py), under the names the loaders below use.
+_read_text, _read_csv, _read_jsonl = read_text, read_csv, read_jsonl
 
 
 def _field(path: Path, line: int | str, row: dict, column: str) -> str:
@@ -359,24 +292,16 @@ def _load_geography(path: Path | None, custom: CustomSource | None) -> list[Reco
 
 def _load_custom(path: Path, custom: CustomSource) -> list[Record]:
     qcol, acol = custom.question_column, custom.answer_column
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if suffix.lower() in (".csv", ".csv.gz"):
-        rows = _read_csv(path, (qcol, acol))
-    elif suffix.lower() in (".jsonl", ".jsonl.gz"):
-        rows = _read_jsonl(path)
-        for line, row in rows:
-            missing = [c for c in (qcol, acol) if c not in row]
-            if missing:
-                raise DataError(
-                    f"{path} line {line} has no column {missing[0]!r}; columns found: {', '.join(row)}. "
-                    "Name the right column (e.g. --question-column/--answer-column) or fix the file."
-                )
-    else:
-        raise DataError(f"Custom file {path} has extension {path.suffix!r}; use a .csv or .jsonl file.")
+    rows = read_table(path, (qcol, acol), what="Custom file")
     return [
-        Record(id=str(i), question=_field(path, line, row, qcol), answers=_aliases(path, line, acol, row[acol]))
+        Record(id=str(i), question=_field(path, line, row, qcol), answers=_aliases(path, line, acol, _plain(row[acol])))
         for i, (line, row) in enumerate(rows)
     ]
+
+
+def _plain(value):
+    """A list cell of a Parquet file arrives as a numpy array; the alias parser takes lists and strings."""
+    return value.tolist() if hasattr(value, "tolist") and not isinstance(value, str) else value
 
 
 LOADERS: dict[str, Callable[[Path | None, CustomSource | None], list[Record]]] = {

@@ -1,0 +1,122 @@
+"""Stage 5: probe every (layer, position) cell of the store, with the text-only controls beside them, and write
+the heatmap, the selectivity map, the top cells and probes.json (probes.probe_grid does the fitting)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from truthmap.config import RunConfig, run_dir
+from truthmap.rundir import POSITIONS, ProbeFiles, RunDir, read_json, write_json
+from truthmap.stages import answers_table
+
+PROBE_OUTPUTS = 2  # bump when the probe stage writes new files: 2 = embedding row, controls, intervals
+
+
+def probe(config: RunConfig, lm=None) -> RunDir:
+    """Probe every (layer, position) cell on the rows with a valid exact answer; write the heatmap and tables.
+    The caller skips it when probes.json was made with these settings (probes_made, probes_wanted)."""
+    import numpy as np
+
+    from truthmap.activations import open_embedding, open_store
+    from truthmap.models import model_slug
+
+    run = run_dir(config)
+    out = run.probe_files(config.site)
+    table = answers_table(run)
+    acts, meta = open_store(run.activations(config.site))
+    made_by = probes_wanted(config, run)
+    rows = np.flatnonzero(table["exact_answer_valid"].to_numpy())
+    grid, embed_grid, controls = probe_cells(table, rows, acts, open_embedding(run.activations(config.site), meta),
+                                             config)
+    title = f"{model_slug(config.model)} · {config.dataset} ({config.split}) · {config.site} · n={len(rows)}"
+    summary = write_probe_outputs(out, grid, embed_grid, controls, title, config.dataset)
+    write_json(
+        out.summary,
+        made_by
+        | {
+            "rows_with_valid_exact_answer": int(len(rows)),
+            "errors": grid.n_errors,
+            "correct": grid.n_correct,
+            "n_train": grid.n_train,
+            "n_test": grid.n_test,
+            **summary,
+            "activations": {k: meta[k] for k in ("shape", "dtype", "clipped")},
+        },
+    )
+    return run
+
+
+def probe_cells(table, rows, acts, embed, config: RunConfig, progress=True) -> tuple:
+    """(probe grid, input-embedding row or None, text controls) on the answers table's rows (with a valid exact
+    answer), of the store acts [answers, layers, positions, hidden] and embed [answers, 1, positions, hidden]."""
+    from truthmap.activations import RowView
+    from truthmap.probes import probe_grid
+
+    is_error = ~table["correct"].to_numpy()[rows]
+    groups = [table["group"].iloc[i] for i in rows]
+    grid = probe_grid(RowView(acts, rows), is_error, groups=groups, seeds=config.seeds, name=config.dataset,
+                      device=config.device, progress=progress)
+    embed_grid = None
+    if embed is not None:  # the token-identity floor: one more "layer", probed on the same rows and splits
+        embed_grid = probe_grid(RowView(embed, rows), is_error, groups=groups, seeds=config.seeds,
+                                name=f"{config.dataset} (input embedding)", device=config.device, progress=False)
+    # Not in a thread beside the grid: with the grid's two fits on the 2 CPUs that made the stage slower.
+    return grid, embed_grid, text_controls(table, rows, is_error, groups, config)
+
+
+def text_controls(table, rows, is_error, groups, config: RunConfig) -> dict:
+    """The text-only controls (controls.py) on the probe grid's rows, splits and bootstrap draws."""
+    from truthmap.controls import CONTROLS, control_grid
+    from truthmap.probes import bootstrap_weights, split_masks
+
+    texts = {name: [str(t) for t in table[column].iloc[rows]] for name, (column, _) in CONTROLS.items()}
+    train = split_masks(len(rows), groups, tuple(config.seeds), is_error, name=config.dataset)
+    return control_grid(texts, is_error, train, bootstrap_weights(is_error))
+
+
+def write_probe_outputs(out: ProbeFiles | Path, grid, embed_grid, controls: dict, title: str, dataset: str) -> dict:
+    """heatmap.png|svg|csv (embedding row below layer 0, grey dots where a cell's interval does not clear the best
+    control), selectivity.png|svg|csv, top_cells.json; returns the summary entries of probes.json."""
+    out = ProbeFiles(out.path if isinstance(out, ProbeFiles) else out)
+    from truthmap.controls import best_control, public, selectivity, verdict
+    from truthmap.heatmap import EMBED_ROW, plot_heatmap, top_cells, with_embedding, write_heatmap_csv
+    from truthmap.heatmap import write_selectivity_csv, write_top_cells
+
+    rows, labels = with_embedding(grid, embed_grid)
+    sel = selectivity(rows, controls)
+    best_name = best_control(controls)
+    control_auc = controls[best_name]["auc_mean"] if best_name else None
+    note = ""
+    if "clears" in sel:
+        note = f"· : 95% interval does not clear {controls[best_name]['label']} (AUC {control_auc:.3f})"
+    plot_heatmap(rows.mean, POSITIONS, title, out.heatmap_png, out.heatmap_svg, labels,
+                 marked=~sel["clears"] if "clears" in sel else None, note=note)
+    write_heatmap_csv(rows, POSITIONS, out.heatmap_csv, labels)
+    if best_name:
+        plot_heatmap(sel["mean"], POSITIONS, f"Selectivity: AUC minus {controls[best_name]['label']}\n{title}",
+                     out.selectivity_png, out.selectivity_svg, labels, marked=~sel["clears"] if "clears" in sel
+                     else None, diverging=True, note=note)
+        write_selectivity_csv(sel, POSITIONS, out.selectivity_csv, labels)
+    write_top_cells(grid, POSITIONS, out.top_cells, control_auc=control_auc)
+    best = top_cells(grid, POSITIONS, k=1, control_auc=control_auc)[0]
+    return {
+        "best": best,
+        "embedding_best": top_cells(embed_grid, POSITIONS, k=1, control_auc=control_auc)[0] | {"layer": EMBED_ROW}
+        if embed_grid else None,
+        "controls": public(controls),
+        "best_control": best_name,
+        "verdict": verdict(best, controls, dataset),
+    }
+
+
+def probes_wanted(config: RunConfig, run: RunDir) -> dict:
+    """What probes.json must have been made with: the answers the store belongs to, the site, seeds and outputs."""
+    from truthmap.activations import open_store
+
+    _, meta = open_store(run.activations(config.site))  # no store, or an unfinished one: the error says what to run
+    return {"answers": meta["answers"], "site": config.site, "seeds": list(config.seeds), "outputs": PROBE_OUTPUTS}
+
+
+def probes_made(config: RunConfig, run: RunDir) -> dict | None:
+    summary = run.probe_files(config.site).summary
+    return read_json(summary) if summary.exists() else None
