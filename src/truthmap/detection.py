@@ -115,7 +115,7 @@ def chosen_layer_probe(train: ProbeData, test: ProbeData, position: str, seeds, 
     scores = np.stack([probe_logits(fit, layer, s, read_test(layer)) for s, layer in enumerate(layers)])  # [seeds, n]
     test_aucs = [auc(test.is_error, row) for row in scores]
     low, high = interval_over_test_rows(scores, test.is_error)
-    return {
+    return field_metrics(test.is_error, scores) | {
         "auc_mean": float(np.mean(test_aucs)),
         "auc_std": float(np.std(test_aucs)),
         "auc_low": low,
@@ -162,16 +162,32 @@ def text_control_results(train_run: RunDir, test_run: RunDir, train: ProbeData, 
             scores = control_scores(train_texts[name], train.is_error, masks, test_texts[name])  # [seeds, test rows]
             aucs = [auc(test.is_error, row) for row in scores]
             low, high = interval_over_test_rows(scores, test.is_error)
-            outcome = {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "auc_low": low,
-                       "auc_high": high, "aucs": aucs}
+            outcome = field_metrics(test.is_error, scores) | {
+                "auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "auc_low": low, "auc_high": high,
+                "aucs": aucs}
         except ProbeError as err:
             outcome = {"auc_mean": float("nan"), "auc_std": float("nan"), "note": str(err)}
         results.append({"method": label} | outcome)
     return results
 
 
+def field_metrics(is_error, scores) -> dict:
+    """AUPRC, PRR, FPR at 95 % recall, AURC (means over the rows of scores [seeds, n]) and the accuracy of the kept
+    answers against the share kept (metrics.py), for the rows of the detection table beside their AUC."""
+    from truthmap.metrics import accuracy_curve, mean_metrics
+
+    values = mean_metrics(is_error, scores)
+    return {k: v for k, v in values.items() if k != "auroc"} | {"risk_coverage": accuracy_curve(is_error, scores)}
+
+
 def baseline_aucs(test_run: RunDir, test: ProbeData) -> dict[str, float]:
     """AUC of every baseline on the test rows with a valid exact answer (rows a baseline cannot score are left out)."""
+    return {name: row["auc_mean"] for name, row in baseline_results(test_run, test).items()}
+
+
+def baseline_results(test_run: RunDir, test: ProbeData) -> dict[str, dict]:
+    """AUC and field_metrics of every baseline on the test rows with a valid exact answer (rows a baseline cannot
+    score are left out)."""
     import pandas as pd
 
     from truthmap.baselines import BASELINE_NAMES
@@ -181,7 +197,11 @@ def baseline_aucs(test_run: RunDir, test: ProbeData) -> dict[str, float]:
     for column in BASELINE_NAMES:
         values = scores[column].to_numpy(dtype=float)
         known = np.isfinite(values)
-        out[column] = auc(test.is_error[known], values[known]) if len(set(test.is_error[known])) == 2 else float("nan")
+        if len(set(test.is_error[known])) == 2:
+            out[column] = {"auc_mean": auc(test.is_error[known], values[known])} | field_metrics(test.is_error[known],
+                                                                                               values[known])
+        else:
+            out[column] = {"auc_mean": float("nan")}
     return out
 
 
@@ -193,8 +213,8 @@ def evaluate_dataset(dataset: str, train_run: RunDir, test_run: RunDir, site: st
     test = probe_data(test_run, site, f"{dataset} (test)")
     common = {"dataset": dataset, "n_train": len(train.ids), "n_test": len(test.ids), "test_errors": int(test.is_error.sum())}
     results = [
-        common | {"method": BASELINE_NAMES[name], "auc_mean": value, "auc_std": float("nan")}
-        for name, value in baseline_aucs(test_run, test).items()
+        common | {"method": BASELINE_NAMES[name], "auc_std": float("nan")} | value
+        for name, value in baseline_results(test_run, test).items()
     ]
     results += [common | row for row in text_control_results(train_run, test_run, train, test, seeds)]
     for position in PROBE_TOKENS:
@@ -254,11 +274,18 @@ def write_detection_table(results: list[dict], directory, title: str) -> dict:
     mean, std = detection_frames(results)
     wide = mean.join(std, rsuffix="_std")
     write_atomic(out.csv, lambda tmp: wide.to_csv(tmp, float_format="%.4f"))
-    text = f"{title}\n\n" + markdown_table(mean, std) + verdicts(results)
+    from truthmap.metrics import metrics_frame, metrics_markdown, plot_risk_coverage
+
+    others = metrics_frame(results)
+    write_atomic(out.metrics_csv, lambda tmp: others.to_csv(tmp, index=False, float_format="%.4f"))
+    text = (f"{title}\n\n" + markdown_table(mean, std) + "\nEvery metric (metrics.py; FPR@95 and AURC: lower is "
+            "better):\n\n" + metrics_markdown(others) + verdicts(results))
     write_atomic(out.md, lambda tmp: tmp.write_text(text))
     plot_matrix(mean, title, out.png, 0.5, 1.0, bold=best_per_column(mean))
+    write_atomic(out.risk_coverage_png, lambda tmp: plot_risk_coverage(results, tmp))
     write_json(out.results, results)
-    return {"csv": str(out.csv), "md": str(out.md), "png": str(out.png)}
+    return {"csv": str(out.csv), "md": str(out.md), "png": str(out.png), "metrics_csv": str(out.metrics_csv),
+            "risk_coverage_png": str(out.risk_coverage_png)}
 
 
 def verdicts(results: list[dict]) -> str:
@@ -299,5 +326,8 @@ def write_detector_scores(detector, run: RunDir, in_train: bool) -> dict:
     errors = ~table["correct"].to_numpy()[usable]
     summary = {"rows": int(usable.sum())}
     if len(set(errors)) == 2:
+        from truthmap.metrics import all_metrics
+
         summary["auc"] = round(auc(errors, probability[usable]), 4)
+        summary |= {k: round(v, 4) for k, v in all_metrics(errors, probability[usable]).items() if k != "auroc"}
     return summary

@@ -155,3 +155,47 @@ def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[f
     centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
     half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+# ------------------------------------------------------------------------------ the detection table's second table
+
+LABELS = {"auc_mean": "AUROC", "auprc": "AUPRC", "prr": "PRR", "fpr_at_95_recall": "FPR@95", "aurc": "AURC"}
+
+
+def metrics_frame(results: list[dict]):
+    """One row per (dataset, method) of the detection results, with every metric (NaN where one is missing)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(results)
+    for column in LABELS:
+        if column not in frame:
+            frame[column] = np.nan
+    return frame[["dataset", "method", *LABELS]].rename(columns=LABELS)
+
+
+def metrics_markdown(frame) -> str:
+    lines = ["| dataset | method | " + " | ".join(LABELS.values()) + " |", "|---|---|" + "---:|" * len(LABELS)]
+    for row in frame.itertuples(index=False):
+        cells = ["n/a" if not np.isfinite(v) else f"{v:.3f}" for v in row[2:]]
+        lines.append(f"| {row[0]} | {row[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_risk_coverage(results: list[dict], png_path) -> None:
+    """Accuracy of the kept answers against the share kept, one line per method, one panel per dataset."""
+    from matplotlib.figure import Figure
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    fig = Figure(figsize=(4.2 * len(datasets), 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(datasets), squeeze=False)[0])
+    for ax, dataset in zip(axes, datasets):
+        for row in results:
+            if row["dataset"] == dataset and row.get("risk_coverage"):
+                curve = row["risk_coverage"]
+                ax.plot(curve["coverage"], curve["accuracy"], label=row["method"], linewidth=1)
+        ax.set_title(dataset, fontsize=9)
+        ax.set_xlabel("share of answers kept")
+        ax.set_ylabel("accuracy of the kept answers")
+        ax.tick_params(labelsize=8)
+    axes[-1].legend(fontsize=6, loc="lower left")
+    fig.savefig(png_path, dpi=110, format="png")  # write_atomic passes a temporary name without .png

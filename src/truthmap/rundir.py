@@ -239,6 +239,8 @@ class TableFiles(Folder):
     md = _file("detection_table.md")
     png = _file("detection_table.png")
     results = _file("detection_results.json")
+    metrics_csv = _file("detection_metrics.csv")  # AUPRC, PRR, FPR@95, AURC beside the AUROC (metrics.py)
+    risk_coverage_png = _file("risk_coverage.png")
 
 
 class GeneralizationFiles(Folder):
