@@ -97,14 +97,68 @@ class Detector(ClassifierMixin, BaseEstimator):
         return self.probe_.decision_function(X)
 
     def predict_proba(self, X):
-        """(n, 2) in classes_ order: with is_error labels, P(correct) then P(wrong)."""
+        """(n, 2) in classes_ order: with is_error labels, P(correct) then P(wrong); calibrated once calibrate ran."""
         X = self._cell(X)
-        return self.probe_.predict_proba(X)
+        if getattr(self, "calibrator_", None) is None:
+            return self.probe_.predict_proba(X)
+        wrong = self.calibrator_.predict(self.probe_.decision_function(X))
+        return np.column_stack([1 - wrong, wrong])
 
     def predict(self, X):
         """classes_[1] where P(error) > 0.5, else classes_[0]."""
-        X = self._cell(X)
-        return self.probe_.predict(X)
+        return self.classes_[(self.predict_proba(X)[:, 1] > 0.5).astype(int)]
+
+    # ------------------------------------------------------------------------------- calibration and decisions
+
+    def calibrate(self, X, y):
+        """Calibrate P(wrong) and set the thresholds (calibration.py) on rows the probe was not fitted on.
+
+        Fitted: calibrator_, calibration_ (method, counts, ECE and Brier before and after), thresholds_ (name ->
+        target and threshold on the log-odds, or why it was refused), calibration_scores_ and calibration_errors_
+        (the rows' log-odds and labels: a threshold at any other target is set from them)."""
+        from truthmap.calibration import fit_calibrator, quality, threshold_table
+
+        z = self.decision_function(X)
+        errors = np.asarray(y) == self.classes_[1]
+        self.calibrator_ = None
+        before = quality(errors, self.predict_proba(X)[:, 1])
+        self.calibrator_ = fit_calibrator(z, errors)
+        self.calibration_scores_, self.calibration_errors_ = z, errors
+        self.calibration_ = {"method": self.calibrator_.kind, "rows": int(z.size), "errors": int(errors.sum()),
+                             "correct": int((~errors).sum()), "before": before,
+                             "after": quality(errors, self.calibrator_.predict(z))}
+        self.thresholds_ = threshold_table(z, errors)
+        return self
+
+    def threshold(self, max_fpr=None, min_recall=None) -> float:
+        """The log-odds threshold (flag where decision_function >= it) at a target false-positive rate or recall."""
+        from truthmap.calibration import threshold_at_fpr, threshold_at_recall
+
+        if (max_fpr is None) == (min_recall is None):
+            raise ConfigError("Give one target: --max-fpr (such as 0.05) or --min-recall (such as 0.9).")
+        if getattr(self, "calibration_scores_", None) is None:
+            raise ConfigError("This detector has no calibration rows, so no threshold; refit it with "
+                              "`truthmap fit-detector` to flag answers.")
+        if max_fpr is not None:
+            return threshold_at_fpr(self.calibration_scores_, self.calibration_errors_, max_fpr)
+        return threshold_at_recall(self.calibration_scores_, self.calibration_errors_, min_recall)
+
+    def evaluate(self, X, y, n_boot: int = 500) -> dict:
+        """On held-out rows: every metric (metrics.py) with its 95 % bootstrap interval, calibration quality, and
+        the false-positive rate and recall each stored threshold really gives, with 95 % Wilson intervals."""
+        from truthmap.calibration import quality, realized
+        from truthmap.metrics import FUNCTIONS, bootstrap_interval
+
+        z = self.decision_function(X)
+        errors = np.asarray(y) == self.classes_[1]
+        out = {"rows": int(z.size), "errors": int(errors.sum()), "correct": int((~errors).sum())}
+        for name, metric in FUNCTIONS.items():
+            low, high = bootstrap_interval(metric, errors, z, n_boot=n_boot)
+            out[name] = {"value": round(metric(errors, z), 4), "low": round(low, 4), "high": round(high, 4)}
+        out["calibration"] = quality(errors, self.predict_proba(X)[:, 1])
+        out["thresholds"] = {name: realized(z, errors, row["threshold"])
+                             for name, row in getattr(self, "thresholds_", {}).items() if row["threshold"] is not None}
+        return out
 
     def auc(self, X, y) -> float:
         """ROC AUC with classes_[1] as positives (score keeps sklearn's accuracy)."""
