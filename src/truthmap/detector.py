@@ -106,7 +106,8 @@ class Detector(ClassifierMixin, BaseEstimator):
 
     def predict(self, X):
         """classes_[1] where P(error) > 0.5, else classes_[0]."""
-        return self.classes_[(self.predict_proba(X)[:, 1] > 0.5).astype(int)]
+        wrong = self.predict_proba(X)[:, 1] > 0.5  # first: it checks that the detector is fitted
+        return self.classes_[wrong.astype(int)]
 
     # ------------------------------------------------------------------------------- calibration and decisions
 
