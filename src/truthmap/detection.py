@@ -307,6 +307,30 @@ def verdicts(results: list[dict]) -> str:
     return "\nVerdict (95 % intervals over the test rows):\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
+CALIBRATION_SHARE = 0.25  # of a detector's training rows, grouped by question, kept apart to calibrate it
+
+
+def split_for_calibration(data: ProbeData, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows that fit the probe, rows that calibrate it): grouped, so that no question is on both sides."""
+    return grouped_split(len(data.ids), data.groups, CALIBRATION_SHARE, seed, stratify=data.is_error)
+
+
+def detector_test_results(detector, train_run: RunDir, test_run: RunDir, train: ProbeData, seeds) -> dict:
+    """The detector on the test split (Detector.evaluate: metrics with intervals, realized thresholds) and the best
+    text-only control fitted on the same train rows and scored on the same test rows."""
+    test = probe_data(test_run, detector.site, "the test split")
+    try:
+        out = detector.evaluate(test.layer_reader(detector.token)(detector.layer_), test.is_error)
+    except ProbeError as err:  # one class in the test split: no metric, but the detector is still saved
+        return {"rows": len(test.ids), "note": str(err)}
+    controls = [r for r in text_control_results(train_run, test_run, train, test, seeds) if np.isfinite(r["auc_mean"])]
+    if controls:
+        best = max(controls, key=lambda r: r["auc_mean"])
+        out["best_control"] = {"method": best["method"], "auc": round(best["auc_mean"], 4),
+                               "low": round(best["auc_low"], 4), "high": round(best["auc_high"], 4)}
+    return out
+
+
 def write_detector_scores(detector, run: RunDir, in_train: bool) -> dict:
     """detector_scores.parquet: the detector's error probability for each row (NaN without a valid exact answer)."""
     import numpy as np

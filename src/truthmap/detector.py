@@ -31,7 +31,8 @@ from truthmap.rundir import (EXACT_POSITIONS, POSITIONS, check_token, detector_w
 from truthmap.sites import SITES
 
 FORMAT = "truthmap-detector"
-FORMAT_VERSION = 2  # 1: the weights were lists inside the JSON (refused on load: refit)
+FORMAT_VERSION = 2  # 1: the weights were lists inside the JSON (refused on load: refit); 2: a .json and a .npz
+DIRECTORY_VERSION = 3  # a directory: config.json, model.safetensors, README.md (save_pretrained)
 ARRAYS = ("coef", "mean", "scale", "intercept")  # the .npz: coef, mean, scale [hidden]; intercept a scalar
 
 
@@ -243,16 +244,86 @@ class Detector(ClassifierMixin, BaseEstimator):
         write_json(path, self.to_dict() | {"weights_sha256": file_sha256(weights)})
         return path
 
+    def to_config(self) -> dict:
+        """config.json of a saved detector (format 3): to_dict's fields, the calibration and the thresholds."""
+        calibrated = getattr(self, "calibrator_", None) is not None
+        return self.to_dict() | {
+            "format_version": DIRECTORY_VERSION,
+            "calibration": getattr(self, "calibration_", None),
+            "thresholds": getattr(self, "thresholds_", {}),
+            "calibrator": self.calibrator_.kind if calibrated else None,
+        }
+
+    def save_pretrained(self, directory) -> Path:
+        """A directory as a Hugging Face model: config.json, model.safetensors, README.md (the model card). The
+        weights are written first and config.json names their hash, as in save."""
+        from safetensors.numpy import save_file
+
+        from truthmap.card import model_card
+        from truthmap.rundir import DetectorFiles
+
+        files = DetectorFiles(directory)
+        if files.path.suffix.lower() == ".json":
+            raise ConfigError(f"A detector is saved as a directory (config.json, model.safetensors, README.md); got "
+                              f"{files.path}. Name a directory, such as {files.path.with_suffix('')}.")
+        write_atomic(files.weights, lambda tmp: save_file(self._arrays(), str(tmp), metadata={"format": FORMAT}))
+        config = self.to_config() | {"weights_sha256": file_sha256(files.weights)}
+        write_json(files.config, config)
+        write_atomic(files.card, lambda tmp: tmp.write_text(model_card(config)))
+        return files.path
+
+    def _arrays(self) -> dict:
+        probe = self.probe_
+        arrays = {"coef": probe.coef_, "mean": probe.mean_, "scale": probe.scale_,
+                  "intercept": np.array([probe.intercept_])}
+        if getattr(self, "calibrator_", None) is not None:
+            arrays |= self.calibrator_.to_arrays()
+            arrays |= {"calibration_scores": self.calibration_scores_,
+                       "calibration_is_error": self.calibration_errors_.astype(np.uint8)}
+        return {k: np.ascontiguousarray(v, dtype=np.uint8 if v.dtype == np.uint8 else np.float64)
+                for k, v in arrays.items()}
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "Detector":
+        """A detector saved by save_pretrained, or a format-2 detector .json (its .npz beside it)."""
+        from truthmap.rundir import DetectorFiles
+
+        path = Path(directory)
+        if path.is_file() and path.suffix.lower() == ".json":
+            return cls.load(path)
+        files = DetectorFiles(path)
+        if not files.config.is_file():
+            raise StoreError(f"{path} is not a detector directory (no config.json in it). Make one with "
+                             "`truthmap fit-detector`.")
+        data = read_detector_json(files.config, DIRECTORY_VERSION)
+        check_fields(data, files.config)
+        arrays = read_safetensors(files, data)
+        detector = cls._from_parts(data, arrays | {"intercept": arrays["intercept"][0]})
+        if data.get("calibrator"):
+            from truthmap.calibration import CALIBRATORS
+
+            detector.calibrator_ = CALIBRATORS[data["calibrator"]].from_arrays(arrays)
+            detector.calibration_scores_ = arrays["calibration_scores"]
+            detector.calibration_errors_ = arrays["calibration_is_error"].astype(bool)
+            detector.calibration_, detector.thresholds_ = data["calibration"], data["thresholds"]
+        return detector
+
     @classmethod
     def load(cls, path) -> "Detector":
-        from truthmap.probes import ErrorProbe
-
+        """A format-2 detector (.json and .npz); a directory is read by from_pretrained."""
         path = Path(path)
+        if path.is_dir():
+            return cls.from_pretrained(path)
         data = read_detector_json(path)
         check_fields(data, path)
-        arrays = read_weights(path, data)
+        return cls._from_parts(data, read_weights(path, data))
+
+    @classmethod
+    def _from_parts(cls, data: dict, arrays: dict) -> "Detector":
+        from truthmap.probes import ErrorProbe
+
         fitted = ("format", "format_version", "truthmap_version", "weights_sha256", "probe", "validation_auc_by_layer",
-                  "site", "layer", "token", "n_layers", "hidden")
+                  "site", "layer", "token", "n_layers", "hidden", "calibration", "thresholds", "calibrator")
         info = {k: v for k, v in data.items() if k not in fitted}
         detector = cls(token=data["token"], layer=data["layer"], site=data["site"], C=data["probe"]["C"], info=info)
         probe = ErrorProbe(C=data["probe"]["C"])
@@ -333,7 +404,7 @@ def weights_path(path) -> Path:
     return detector_weights(path)
 
 
-def read_detector_json(path: Path) -> dict:
+def read_detector_json(path: Path, version: int = FORMAT_VERSION) -> dict:
     if not path.is_file():
         raise StoreError(f"Detector file {path} does not exist. Make one with `truthmap fit-detector`.")
     try:
@@ -346,9 +417,12 @@ def read_detector_json(path: Path) -> dict:
     if data.get("format_version") == 1:
         raise StoreError(f"{path} is a detector of format 1 (its weights inside the JSON); this truthmap reads "
                          f"format {FORMAT_VERSION} (a .json and a .npz). Refit it with `truthmap fit-detector`.")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") == DIRECTORY_VERSION and version != DIRECTORY_VERSION:
+        raise StoreError(f"{path} is the config.json of a detector directory; give the directory "
+                         f"{path.parent} instead.")
+    if data.get("format_version") != version:
         raise StoreError(f"{path} has detector format {data.get('format_version')}; this truthmap reads "
-                         f"{FORMAT_VERSION}. Refit it with `truthmap fit-detector`.")
+                         f"{version}. Refit it with `truthmap fit-detector`.")
     return data
 
 
@@ -419,6 +493,28 @@ def read_weights(path: Path, data: dict) -> dict:
                            f"{path.name}", "array")
         if not np.isfinite(arrays[key]).all():
             raise _invalid(weights, key, "holds NaN or inf", "array")
+    return arrays
+
+
+def read_safetensors(files, data: dict) -> dict:
+    """The arrays of model.safetensors, checked against config.json's hash and hidden size."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not files.weights.is_file():
+        raise StoreError(f"{files.weights} is missing: a detector directory holds config.json and model.safetensors. "
+                         "Copy the whole directory, or refit with `truthmap fit-detector`.")
+    if file_sha256(files.weights) != data["weights_sha256"]:
+        raise StoreError(f"{files.weights} is not the weights file of {files.config} (its sha256 differs from "
+                         "weights_sha256). Copy the directory whole, or refit with `truthmap fit-detector`.")
+    try:
+        arrays = load_file(str(files.weights))
+    except (OSError, SafetensorError) as err:
+        raise StoreError(f"{files.weights} is damaged ({err}); refit with `truthmap fit-detector`.") from None
+    for key in ARRAYS:
+        shape = (1,) if key == "intercept" else (data["hidden"],)
+        if key not in arrays or arrays[key].shape != shape or not np.isfinite(arrays[key]).all():
+            raise _invalid(files.weights, key, f"is missing, or not {shape} finite numbers", "array")
     return arrays
 
 

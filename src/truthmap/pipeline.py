@@ -555,43 +555,66 @@ def table(config: RunConfig, datasets: list[str], test_samples: int | None = Non
 
 @locked
 def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | None = None) -> dict:
-    """Fit a detector on a run, save it, and score that run's rows (and its test split's, when extracted)."""
+    """Fit a detector on a run's rows (a quarter of them, grouped by question, kept apart to calibrate it), test it
+    on the test split when extracted, save it as a directory, and score the rows of both runs."""
     import numpy as np
 
-    from truthmap.detection import probe_data, write_detector_scores
-    from truthmap.detector import Detector, weights_path
+    from truthmap.detection import (CALIBRATION_SHARE, detector_test_results, probe_data, split_for_calibration,
+                                    write_detector_scores)
+    from truthmap.detector import Detector
 
     check_token(token)
     run = run_dir(config)
     path = Path(out or run.detector(config.site))
-    weights_path(path)  # a bad --out fails before the fit
+    if path.suffix.lower() == ".json":
+        raise ConfigError(f"A detector is saved as a directory (config.json, model.safetensors, README.md); got --out "
+                          f"{path}. Name a directory, such as {path.with_suffix('')}.")
     data = probe_data(run, config.site, f"{config.dataset} ({config.split})")
     read = data.layer_reader(token)
     X = np.stack([read(layer_) for layer_ in range(data.acts.shape[1])], axis=1)  # [rows, layers, hidden]
+    fit, calibrate = split_for_calibration(data, config.seeds[0])
     made = read_json(run.run_json)
-    info = {
+    info = detector_info(config, run, made, data, fit, calibrate)
+    detector = Detector(token=token, layer=layer, site=config.site, seeds=config.seeds, info=info)
+    detector.fit(X[fit], data.is_error[fit], [data.groups[i] for i in fit])
+    detector.calibrate(X[calibrate], data.is_error[calibrate])
+    test_run = run_dir(dataclasses.replace(config, split="test"))
+    tested = config.split == "train" and extraction_done(test_run, config.site)
+    if tested:
+        detector.info["test"] = detector_test_results(detector, run, test_run, data, config.seeds)
+    detector.save_pretrained(path)
+    scored = {str(run.path): write_detector_scores(detector, run, in_train=True)}
+    if tested:
+        scored[str(test_run.path)] = write_detector_scores(detector, test_run, in_train=False)
+    return {"detector": str(path), "layer": detector.layer_, "token": token, "calibration": detector.calibration_,
+            "thresholds": {k: v["threshold"] for k, v in detector.thresholds_.items()},
+            "test": detector.info.get("test"), "scored": scored, "calibration_share": CALIBRATION_SHARE}
+
+
+def detector_info(config: RunConfig, run, made: dict, data, fit, calibrate) -> dict:
+    """What a saved detector records of where it comes from: model, dataset, prompt and extraction, counts."""
+    settings = made["settings"]
+    return {
         "model": config.model,
         "dataset": config.dataset,
+        "dataset_version": settings.get("dataset_version"),
+        # a custom or imported file's own hash; a built-in dataset: the hash of the answers the probe saw
+        "dataset_sha256": settings.get("custom_sha256") or settings.get("import_sha256") or file_sha256(run.answers),
         "chat_template": made["chat_template"],
         "model_identity": made.get("model_identity"),  # score refuses other weights under the same name
-        **{k: made["settings"].get(k) for k in ("locate", "extractor", "extraction_tries", "extraction_prompt")},
+        **{k: settings.get(k) for k in ("prompt_style", "max_new_tokens", "locate", "extractor", "extraction_tries",
+                                        "extraction_prompt")},
         "training": {
             "run": str(run.path),
             "rows": len(data.ids),
             "errors": int(data.is_error.sum()),
             "correct": int((~data.is_error).sum()),
+            "fit_rows": len(fit),
+            "calibration_rows": len(calibrate),
             "seeds": list(config.seeds),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     }
-    detector = Detector(token=token, layer=layer, site=config.site, seeds=config.seeds, info=info)
-    detector.fit(X, data.is_error, data.groups)
-    detector.save(path)
-    scored = {str(run.path): write_detector_scores(detector, run, in_train=True)}
-    test_run = run_dir(dataclasses.replace(config, split="test"))
-    if config.split == "train" and extraction_done(test_run, config.site):
-        scored[str(test_run.path)] = write_detector_scores(detector, test_run, in_train=False)
-    return {"detector": str(path), "layer": detector.layer_, "token": token, "scored": scored}
 
 
 def generalize(config: RunConfig, datasets: list[str], token: str, test_samples: int | None = None) -> dict:
