@@ -265,7 +265,7 @@ class Detector(ClassifierMixin, BaseEstimator):
         files = DetectorFiles(directory)
         if files.path.suffix.lower() == ".json":
             raise ConfigError(f"A detector is saved as a directory (config.json, model.safetensors, README.md); got "
-                              f"{files.path}. Name a directory, such as {files.path.with_suffix('')}.")
+                              f"{files.path}. Name a directory, such as {files.path.with_name(files.path.stem)}.")
         write_atomic(files.weights, lambda tmp: save_file(self._arrays(), str(tmp), metadata={"format": FORMAT}))
         config = self.to_config() | {"weights_sha256": file_sha256(files.weights)}
         write_json(files.config, config)

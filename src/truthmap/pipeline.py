@@ -568,7 +568,7 @@ def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | No
     path = Path(out or run.detector(config.site))
     if path.suffix.lower() == ".json":
         raise ConfigError(f"A detector is saved as a directory (config.json, model.safetensors, README.md); got --out "
-                          f"{path}. Name a directory, such as {path.with_suffix('')}.")
+                          f"{path}. Name a directory, such as {path.with_name(path.stem)}.")
     data = probe_data(run, config.site, f"{config.dataset} ({config.split})")
     read = data.layer_reader(token)
     X = np.stack([read(layer_) for layer_ in range(data.acts.shape[1])], axis=1)  # [rows, layers, hidden]
