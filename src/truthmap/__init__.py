@@ -4,4 +4,14 @@ from truthmap.errors import ConfigError, DataError, ModelError, ProbeError, Stor
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "DataError", "ModelError", "ProbeError", "StoreError", "TruthmapError", "__version__"]
+
+
+def answer(questions=None, detector=None, **options):
+    """Answer questions with a saved detector's model; each answer with error_probability and, given max_fpr or
+    min_recall, a flag (truthmap.answering.answer: the options, and what it returns)."""
+    from truthmap.answering import answer as answer_questions
+
+    return answer_questions(questions, detector, **options)
+
+
+__all__ = ["answer", "ConfigError", "DataError", "ModelError", "ProbeError", "StoreError", "TruthmapError", "__version__"]

@@ -602,15 +602,17 @@ def score_rows(detector: Detector, lm, rows, spans: dict, batch_size: int) -> li
         rows = rows.assign(**{position_column(k): [pos[k] for pos in positions] for k in POSITIONS},
                            exact_answer="", exact_answer_source="not_needed")
     column = position_column(detector.token)
-    results = [None] * len(rows)
+    results, logits = [None] * len(rows), [None] * len(rows)
     for batch in batches([i for i in range(len(rows)) if rows[column].iat[i] >= 0], batch_size):
         sequences = [list(rows["prompt_ids"].iat[i]) + list(rows["answer_ids"].iat[i]) for i in batch]
         values = read_positions(lm, sequences, rows[column].to_numpy()[batch][:, None], detector.site)[:, :, 0]
-        for i, p in zip(batch, detector.predict_proba(values)[:, 1]):
-            results[i] = float(p)
+        check_finite(values, [rows["id"].iat[i] for i in batch], detector)
+        for i, p, z in zip(batch, detector.predict_proba(values)[:, 1], detector.decision_function(values)):
+            results[i], logits[i] = float(p), float(z)
     return [
         {
             "error_probability": results[i],
+            "error_logit": logits[i],  # the probe's log-odds, before calibration: what a threshold compares
             "exact_answer": rows["exact_answer"].iat[i],
             "exact_answer_source": rows["exact_answer_source"].iat[i],
             "layer": detector.layer_,
@@ -618,6 +620,17 @@ def score_rows(detector: Detector, lm, rows, spans: dict, batch_size: int) -> li
         }
         for i in range(len(rows))
     ]
+
+
+def check_finite(values, ids, detector) -> None:
+    """NaN or inf activations (a float16 overflow) would give a meaningless probability: refused, naming a row.
+    values: [rows, layers, hidden] or [rows, hidden]."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if bad.any():
+        raise DataError(f"The activations of {ids[int(np.argmax(bad))]} at site {detector.site}, token "
+                        f"{detector.token} hold NaN or inf ({int(bad.sum())} of {len(values)} rows); run the model in "
+                        "float32 (--dtype float32).")
 
 
 def load_scoring_model(detector: Detector, model: str | None, device: str | None, dtype: str | None):
@@ -658,7 +671,8 @@ def read_pairs(path, question_column: str, answer_column: str):
     return frame
 
 
-def score_file(detector: Detector, lm, frame, path, output, question_column: str, answer_column: str, batch_size: int) -> str:
+def score_file(detector: Detector, lm, frame, path, output, question_column: str, answer_column: str, batch_size: int,
+               threshold: float | None = None) -> str:
     """Batch mode: every row of `frame` (from read_pairs) scored; written next to the input file (or to `output`)
     with the score columns added. Optional columns `exact_answer` and `gold` play the roles of --exact-answer/--gold."""
     optional = {key: list(frame[key].where(frame[key].notna(), None)) if key in frame else None for key in ("exact_answer", "gold")}
@@ -666,6 +680,8 @@ def score_file(detector: Detector, lm, frame, path, output, question_column: str
                                   exact_answers=optional["exact_answer"], batch_size=batch_size)
     for key in ("error_probability", "exact_answer", "exact_answer_source"):
         frame[key] = [s[key] for s in scores]
+    if threshold is not None:  # the flag at the target picked (Detector.threshold)
+        frame["flag"] = [s["error_logit"] is not None and s["error_logit"] >= threshold for s in scores]
     output = Path(output or Path(path).with_name(Path(path).stem + ".scored" + Path(path).suffix))
     if output.suffix.lower() == ".jsonl":
         write_atomic(output, lambda tmp: frame.to_json(tmp, orient="records", lines=True, force_ascii=False))
