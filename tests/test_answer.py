@@ -128,3 +128,23 @@ def test_input_without_the_question_column_is_one_line(saved, tmp_path):
     assert result.exit_code == 1
     assert result.output == (f"Error: {table} has no column 'question' (columns: prompt); name it with "
                              "--question-column.\n")
+
+
+def test_exact_answer_detector_locates_in_the_same_batch(saved):
+    """At an exact-answer token the constrained extractor finds the span in the batch the answer was written in;
+    the probability is that of the cell at the span's last token, as score reads it given the same span."""
+    detector = Detector.from_pretrained(saved["detector"])
+    detector.token, detector.info = "exact_answer_last", detector.info | {"extractor": "constrained", "locate": "blind"}
+    questions = saved["questions"][:8]
+    rows = answer(questions, detector, lm=saved["lm"], max_new_tokens=6, batch_size=4).rows
+    found = rows["exact_answer"].str.len() > 0
+    assert found.any() and rows.loc[found, "error_probability"].notna().all()
+    assert rows.loc[~found, "error_probability"].isna().all()
+    lm = saved["lm"]
+    same = [k for k in np.flatnonzero(found) if lm.tokenizer(rows["answer"][k], add_special_tokens=False)["input_ids"]
+            == list(rows["answer_ids"][k])]
+    assert same
+    scored = detector.score_texts([questions[k] for k in same], [rows["answer"][k] for k in same], lm,
+                                  exact_answers=[rows["exact_answer"][k] for k in same])
+    for k, s in zip(same, scored):
+        assert rows["error_probability"][k] == pytest.approx(s["error_probability"], abs=1e-3)

@@ -97,3 +97,30 @@ def test_detector_calibrates_and_flags():
         detector.threshold()
     with pytest.raises(ConfigError, match="no calibration rows"):
         Detector(token="-1").fit(X[:600], y[:600]).threshold(max_fpr=0.05)
+
+
+def test_calibration_rows_of_one_class_refuse_thresholds_with_the_counts(tmp_path):
+    from truthmap.detector import Detector
+
+    rng = np.random.default_rng(0)
+    y = rng.random(200) < 0.5
+    X = rng.normal(size=(200, 4)) + y[:, None]
+    detector = Detector(token="-1").fit(X[:100], y[:100]).calibrate(X[100:][~y[100:]], y[100:][~y[100:]])
+    assert detector.calibrator_ is None
+    assert detector.calibration_["refused"].startswith("The calibration rows hold 0 errors and ")
+    assert "they hold 0" in detector.thresholds_["recall_0.9"]["refused"]
+    result = detector.evaluate(X[:100], y[:100], n_boot=20)  # the AUC is still reported
+    assert 0.5 < result["auroc"]["value"] <= 1 and result["thresholds"].keys() <= {"fpr_0.05", "fpr_0.1"}
+    loaded = Detector.from_pretrained(detector.save_pretrained(tmp_path / "d"))
+    np.testing.assert_array_equal(loaded.predict_proba(X), detector.predict_proba(X))
+    with pytest.raises(DataError, match="needs at least 10 errors in the calibration rows; they hold 0"):
+        loaded.threshold(min_recall=0.9)
+
+
+def test_nan_activations_are_refused_naming_the_row():
+    from truthmap.detector import Detector, check_finite
+
+    values = np.ones((3, 2, 4))
+    values[1, 0, 2] = np.inf
+    with pytest.raises(DataError, match=r"^The activations of q-2 at site mlp, token -1 hold NaN or inf \(1 of 3 rows\)"):
+        check_finite(values, ["q-1", "q-2", "q-3"], Detector(token="-1"))

@@ -72,7 +72,9 @@ def _threshold_lines(config: dict) -> list[str]:
         lines.append(f"| {target} | {row['threshold']:.4f} | {_with_interval(got.get('fpr'))} | "
                      f"{_with_interval(got.get('recall'))} |")
     calibration = config.get("calibration") or {}
-    if calibration:
+    if calibration.get("refused"):
+        lines += ["", f"Not calibrated: {calibration['refused']} The probabilities are the probe's own."]
+    elif calibration:
         before, after = calibration.get("before", {}), calibration.get("after", {})
         lines += ["", f"Calibration: {calibration.get('method')} on {calibration.get('rows')} rows kept apart from "
                   f"the probe's fit ({calibration.get('errors')} errors); ECE {_number(before.get('ece'))} -> "

@@ -123,13 +123,16 @@ class Detector(ClassifierMixin, BaseEstimator):
         z = self.decision_function(X)
         errors = np.asarray(y) == self.classes_[1]
         self.calibrator_ = None
-        before = quality(errors, self.predict_proba(X)[:, 1])
-        self.calibrator_ = fit_calibrator(z, errors)
         self.calibration_scores_, self.calibration_errors_ = z, errors
-        self.calibration_ = {"method": self.calibrator_.kind, "rows": int(z.size), "errors": int(errors.sum()),
-                             "correct": int((~errors).sum()), "before": before,
-                             "after": quality(errors, self.calibrator_.predict(z))}
-        self.thresholds_ = threshold_table(z, errors)
+        self.calibration_ = {"method": None, "rows": int(z.size), "errors": int(errors.sum()),
+                             "correct": int((~errors).sum()), "before": quality(errors, self.predict_proba(X)[:, 1])}
+        self.thresholds_ = threshold_table(z, errors)  # too few rows of a class: refused there, with the counts
+        if errors.all() or not errors.any():  # nothing to calibrate on: the probe's own probability stays
+            self.calibration_["refused"] = (f"The calibration rows hold {int(errors.sum())} errors and "
+                                            f"{int((~errors).sum())} right answers; calibrating needs both.")
+            return self
+        self.calibrator_ = fit_calibrator(z, errors)
+        self.calibration_ |= {"method": self.calibrator_.kind, "after": quality(errors, self.calibrator_.predict(z))}
         return self
 
     def threshold(self, max_fpr=None, min_recall=None) -> float:
@@ -278,6 +281,7 @@ class Detector(ClassifierMixin, BaseEstimator):
                   "intercept": np.array([probe.intercept_])}
         if getattr(self, "calibrator_", None) is not None:
             arrays |= self.calibrator_.to_arrays()
+        if getattr(self, "calibration_scores_", None) is not None:
             arrays |= {"calibration_scores": self.calibration_scores_,
                        "calibration_is_error": self.calibration_errors_.astype(np.uint8)}
         return {k: np.ascontiguousarray(v, dtype=np.uint8 if v.dtype == np.uint8 else np.float64)
@@ -299,10 +303,11 @@ class Detector(ClassifierMixin, BaseEstimator):
         check_fields(data, files.config)
         arrays = read_safetensors(files, data)
         detector = cls._from_parts(data, arrays | {"intercept": arrays["intercept"][0]})
-        if data.get("calibrator"):
+        if "calibration_scores" in arrays:
             from truthmap.calibration import CALIBRATORS
 
-            detector.calibrator_ = CALIBRATORS[data["calibrator"]].from_arrays(arrays)
+            calibrator = data.get("calibrator")
+            detector.calibrator_ = CALIBRATORS[calibrator].from_arrays(arrays) if calibrator else None
             detector.calibration_scores_ = arrays["calibration_scores"]
             detector.calibration_errors_ = arrays["calibration_is_error"].astype(bool)
             detector.calibration_, detector.thresholds_ = data["calibration"], data["thresholds"]
@@ -624,7 +629,7 @@ def score_rows(detector: Detector, lm, rows, spans: dict, batch_size: int) -> li
 
 def check_finite(values, ids, detector) -> None:
     """NaN or inf activations (a float16 overflow) would give a meaningless probability: refused, naming a row.
-    values: [rows, layers, hidden] or [rows, hidden]."""
+    values: [rows, layers, hidden] or [rows, hidden]; detector: anything with the site and token read."""
     values = np.asarray(values, dtype=np.float64)
     bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
     if bad.any():

@@ -561,7 +561,7 @@ def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | No
 
     from truthmap.detection import (CALIBRATION_SHARE, detector_test_results, probe_data, split_for_calibration,
                                     write_detector_scores)
-    from truthmap.detector import Detector
+    from truthmap.detector import Detector, check_finite
 
     check_token(token)
     run = run_dir(config)
@@ -572,6 +572,7 @@ def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | No
     data = probe_data(run, config.site, f"{config.dataset} ({config.split})")
     read = data.layer_reader(token)
     X = np.stack([read(layer_) for layer_ in range(data.acts.shape[1])], axis=1)  # [rows, layers, hidden]
+    check_finite(X, data.ids, Detector(token=token, site=config.site))
     fit, calibrate = split_for_calibration(data, config.seeds[0])
     made = read_json(run.run_json)
     info = detector_info(config, run, made, data, fit, calibrate)
