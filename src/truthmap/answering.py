@@ -104,7 +104,7 @@ def answer_records(detector, lm, spec, records, batch_size: int, max_new_tokens:
 
     from truthmap.datasets import build_prompt
     from truthmap.generate import answer_stop, generate_answers
-    from truthmap.rundir import Checkpoints
+    from truthmap.rundir import Checkpoints, Work
 
     info = detector.info or {}
     chat = bool(info.get("chat_template", lm.is_chat)) and lm.is_chat
@@ -113,21 +113,22 @@ def answer_records(detector, lm, spec, records, batch_size: int, max_new_tokens:
     by_id = {r.id: r for r in records}
     scored = []
     with tempfile.TemporaryDirectory() as scratch:  # answers are not kept: no run directory, nothing to resume
-        extract = extractor(lm, info, batch_size, Path(scratch))
+        work = Work(Path(scratch))
+        extract = extractor(lm, info, batch_size, work)
 
         def after_batch(frame, recording):
             scored.append(score_batch(detector, lm, spec, [by_id[i] for i in frame["id"]], frame, recording, info,
                                       extract))
 
         generate_answers(lm, [r.id for r in records], prompts, max_new_tokens, batch_size,
-                         Checkpoints(Path(scratch) / "generations", {}), answer_stop(spec, chat), detector.site,
+                         Checkpoints(work.generations.path, {}), answer_stop(spec, chat), detector.site,
                          after_batch)
     frame = pd.concat(scored, ignore_index=True).set_index("id").loc[[r.id for r in records]].reset_index()
     frame.insert(1, "question", [r.question for r in records])
     return frame
 
 
-def extractor(lm, info: dict, batch_size: int, scratch: Path):
+def extractor(lm, info: dict, batch_size: int, work):
     """extract(rows) for label_and_locate: the detector's extractor, in the batch it is called on."""
     from truthmap.locate import extract_spans, extraction_prefix
     from truthmap.rundir import Checkpoints
@@ -139,7 +140,7 @@ def extractor(lm, info: dict, batch_size: int, scratch: Path):
             loaded["prefix"] = extraction_prefix(lm)
         tries = int(info.get("extraction_tries") or 1)
         method = info.get("extractor") or "free"  # detectors saved before the constrained extractor used free text
-        return extract_spans(lm, pending, batch_size, Checkpoints(scratch / "extractions", {}), method, tries, 0,
+        return extract_spans(lm, pending, batch_size, Checkpoints(work.extractions.path, {}), method, tries, 0,
                              loaded["prefix"], progress=False)
 
     return extract
