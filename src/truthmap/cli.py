@@ -552,9 +552,10 @@ def generalize(ctx: typer.Context, **options):
 @reports_errors
 @takes(*ADDRESSED, "site", "token", "layer", "seeds", "out")
 def fit_detector(ctx: typer.Context, **options):
-    """Fit an error detector on a finished run; save it as a JSON file of settings and a .npz of weights beside it.
+    """Fit an error detector on a finished run: a quarter of its rows (grouped by question) calibrate it and set its
+    thresholds; saved as a directory (config.json, model.safetensors, README.md: docs/guide/detector.md).
 
-    Also writes detector_scores.parquet in the run (and in its test split's run, when that one is extracted).
+    Tested on the test split when that one is extracted. Also writes detector_scores.parquet in both runs.
 
     Example: truthmap fit-detector --dataset geography --token exact_answer_last
     """
@@ -572,7 +573,7 @@ def fit_detector(ctx: typer.Context, **options):
 def score(**options):
     """Probability that an answer is wrong, from the detector's probe on the model's own activations.
 
-    Example: truthmap score --detector runs/smollm2/geography/train/detector_mlp.json --question "What is the capital of Peru?" --answer "The capital of Peru is Lima."
+    Example: truthmap score --detector runs/smollm2/geography/train/detector_mlp --question "What is the capital of Peru?" --answer "The capital of Peru is Lima." --max-fpr 0.05
     """
     from truthmap.detector import Detector, check_texts, load_scoring_model, read_pairs, score_file
 
