@@ -51,8 +51,8 @@ def _test_lines(config: dict) -> list[str]:
     control = test.get("best_control")
     if control:
         lines += ["", f"Best text-only control on the same rows ({control.get('method')}, a classifier that sees only "
-                  f"the text): AUROC {_number(control.get('auc'))}. The probe adds over the text what its AUROC "
-                  "exceeds this by."]
+                  f"the text): AUROC {_number(control.get('auc'))}. The probe's AUROC minus this is what the activations "
+                  "add beyond the text."]
     return lines + [""]
 
 
