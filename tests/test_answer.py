@@ -108,6 +108,7 @@ def test_answer_cli(saved, tmp_path):
      "more questions, or pick a lower recall."),
     (["--question", "Q?", "--model", "smollm2"], "Error: This detector was fitted on model"),
     ([], "Error: Give the questions one way: --question TEXT, --input FILE or --dataset NAME."),
+    (["--question", "Q?", "--abstain"], "Error: --abstain replaces the flagged answers: pick the flag's threshold"),
     (["--question", "Q?", "--dataset", "geography"],
      "Error: Give the questions one way: --question TEXT, --input FILE or --dataset NAME (got --question and "
      "--dataset)."),

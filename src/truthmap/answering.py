@@ -85,6 +85,9 @@ def answer(questions=None, detector=None, *, golds=None, records=None, spec=None
         check_texts(questions, ["-"] * len(questions))
         records = question_records(questions, golds)
     spec = spec or get_spec((found.info or {}).get("dataset", "geography"))
+    if abstain and (max_fpr, min_recall) == (None, None):
+        raise ConfigError("--abstain replaces the flagged answers: pick the flag's threshold with --max-fpr (such as "
+                          "0.05) or --min-recall (such as 0.9).")
     threshold = found.threshold(max_fpr, min_recall) if (max_fpr, min_recall) != (None, None) else None
     target = f"max_fpr {max_fpr:g}" if max_fpr is not None else f"min_recall {min_recall:g}" if min_recall else None
     lm = lm or load_scoring_model(found, model, device, dtype)
