@@ -146,11 +146,11 @@ def bootstrap_interval(metric, is_error, scores, n_boot: int = 1000, seed: int =
 
 def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a binomial rate; (0, 1) when there are no trials."""
-    from scipy.stats import norm
+    from statistics import NormalDist
 
     if trials == 0:
         return 0.0, 1.0
-    z = float(norm.ppf(0.5 + level / 2))
+    z = NormalDist().inv_cdf(0.5 + level / 2)
     p = successes / trials
     centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
     half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
