@@ -149,3 +149,17 @@ def test_exact_answer_detector_locates_in_the_same_batch(saved):
                                   exact_answers=[rows["exact_answer"][k] for k in same])
     for k, s in zip(same, scored):
         assert rows["error_probability"][k] == pytest.approx(s["error_probability"], abs=1e-3)
+
+
+def test_score_prints_the_flag_at_the_target_picked(saved):
+    args = ["score", "--detector", str(saved["detector"]), "--question", "What is the capital of France? 0",
+            "--answer", "Paris"]
+    result = CliRunner().invoke(app, [*args, "--min-recall", "0.5"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)
+    threshold = Detector.from_pretrained(saved["detector"]).threshold(min_recall=0.5)
+    assert row["flag"] == (row["error_logit"] >= threshold)
+    refused = CliRunner().invoke(app, [*args, "--max-fpr", "0"])
+    assert refused.exit_code == 1
+    assert refused.output == ("Error: Invalid --max-fpr 0.0: a target rate must lie strictly between 0 and 1, such as "
+                              "0.05.\n")
