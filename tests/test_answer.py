@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from truthmap.answering import REFUSAL, answer, selective_accuracy
+from truthmap.flagged import REFUSAL, answer, selective_accuracy
 from truthmap.cli import app
 from truthmap.config import RunConfig
 from truthmap.detector import Detector

@@ -78,7 +78,7 @@ LAYERS = {
     "stages": {"generate", "label", "locate", "activations", "importer", "resample", "stages", "baselines", "probes",
                "controls", "heatmap", "error_types", "selection", "detection", "generalize", "detector", "report",
                "metrics", "calibration", "card"},
-    "api": {"pipeline", "answering", "cli"},
+    "api": {"pipeline", "flagged", "cli"},
 }
 
 

@@ -626,7 +626,7 @@ def answer(ctx: typer.Context, **o):
 
     Example: truthmap answer --detector runs/smollm2/geography/train/detector_mlp --question "What is the capital of Peru?" --max-fpr 0.05
     """
-    from truthmap import answering
+    from truthmap import flagged
 
     given_dataset = given(ctx, "dataset")
     sources = [name for name, value in (("--question", o["question"]), ("--input", o["input_path"]),
@@ -638,19 +638,19 @@ def answer(ctx: typer.Context, **o):
     if o["question"]:
         questions, golds = [o["question"]], [o["gold"]] if o["gold"] else None
     elif o["input_path"]:
-        questions, golds = answering.read_questions(o["input_path"], o["question_column"])
+        questions, golds = flagged.read_questions(o["input_path"], o["question_column"])
     else:
         from truthmap.pipeline import load_config_records
 
         spec, records = load_config_records(run_config({k: v for k, v in o.items() if k != "model"}))
-    result = answering.answer(questions, o["detector"], golds=golds, records=records, spec=spec,
+    result = flagged.answer(questions, o["detector"], golds=golds, records=records, spec=spec,
                               max_fpr=o["max_fpr"], min_recall=o["min_recall"], abstain=o["abstain"],
                               model=o["model"], device=o["device"], dtype=o["dtype"], batch_size=o["batch_size"],
                               max_new_tokens=o["max_new_tokens"])
-    text = answering.write_rows(result.rows, o["output"])
+    text = flagged.write_rows(result.rows, o["output"])
     if text:
         typer.echo(text)
-    for line in answering.summary_lines(result):
+    for line in flagged.summary_lines(result):
         typer.echo(line, err=True)
 
 
