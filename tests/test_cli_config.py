@@ -203,8 +203,8 @@ def test_every_command_groups_its_options_in_panels_of_its_help():
 
 
 # The two defaults that are not RunConfig's, on purpose: answers made elsewhere label by their gold aliases, and
-# score uses the detector's own model.
-NOT_RUNCONFIG_DEFAULTS = {("import", "dataset"): "custom", ("score", "model"): None}
+# score and answer use the detector's own model.
+NOT_RUNCONFIG_DEFAULTS = {("import", "dataset"): "custom", ("score", "model"): None, ("answer", "model"): None}
 
 
 def test_every_default_the_cli_shows_is_runconfigs():

@@ -146,6 +146,31 @@ def test_evaluate_dataset_and_table(tmp_path):
     best = max(results, key=lambda r: r["auc_mean"])
     assert f"| {best['method']} | **{best['auc_mean']:.3f}" in md
     assert (tmp_path / "tables" / "detection_table.png").stat().st_size > 1000
+    assert (tmp_path / "tables" / "risk_coverage.png").stat().st_size > 1000
+
+
+def test_every_row_carries_the_field_metrics(tmp_path):
+    """AUPRC, PRR, FPR@95 and AURC beside each AUC: in the results, the second table and the metrics CSV."""
+    from truthmap.metrics import all_metrics
+
+    train_run, _ = fake_run(tmp_path, "train", 160, 0)
+    test_run, _ = fake_run(tmp_path, "test", 80, 1)
+    results = evaluate_dataset("toy", train_run, test_run, "mlp", (0, 5))
+    informative = {r["method"]: r for r in results}["Logits-min-exact"]
+    scores = pd.read_parquet(test_run.baselines).set_index("id")["logits_min_exact"]
+    table = pd.read_parquet(test_run.answers).set_index("id")
+    valid = table.index[table["exact_answer_valid"]]
+    expected = all_metrics(~table.loc[valid, "correct"].to_numpy(), scores.loc[valid].to_numpy())
+    for name in ("auprc", "prr", "fpr_at_95_recall", "aurc"):
+        assert informative[name] == pytest.approx(expected[name])
+    assert informative["risk_coverage"]["coverage"][-1] == 1.0
+    written = write_detection_table(results, tmp_path / "tables", "toy table")
+    frame = pd.read_csv(written["metrics_csv"])
+    assert list(frame.columns) == ["dataset", "method", "AUROC", "AUPRC", "PRR", "FPR@95", "AURC"]
+    row = frame[frame["method"] == "Logits-min-exact"].iloc[0]
+    assert row["PRR"] == pytest.approx(expected["prr"], abs=1e-4)
+    assert f"| toy | Logits-min-exact | {expected['auroc']:.3f} | {expected['auprc']:.3f} | {expected['prr']:.3f}" \
+        in open(written["md"]).read()
 
 
 @pytest.mark.parametrize("text_signal", [False, True])

@@ -88,7 +88,7 @@ def test_round_trip_gives_the_generated_run_back(generated, tmp_path):
     fitted = CliRunner().invoke(app, ["fit-detector", "--model", str(model_dir), "--dataset", "custom", "--runs-dir",
                                       str(runs), "--token", "-1", "--layer", "1", "--seeds", "0,1"])
     assert fitted.exit_code == 0, fitted.output
-    assert json.loads((imported / "detector_mlp.json").read_text())["model_identity"] == made["model_identity"]
+    assert json.loads((imported / "detector_mlp" / "config.json").read_text())["model_identity"] == made["model_identity"]
 
 
 def test_answer_text_alone_is_re_encoded(generated, tmp_path):

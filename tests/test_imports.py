@@ -81,13 +81,14 @@ LAYERS = {
     "lm": {"models", "sites", "decoding"},  # loading a model, naming its layers, batched decoding
     "config": {"config"},
     "numerics": {"solver", "cpuload", "evaluation"},  # the L-BFGS fit, CPU load, AUCs / splits / bootstrap
+    "metrics": {"metrics", "calibration"},  # the field's metrics; calibration and thresholds at target rates
     "scheduler": {"scheduler"},  # batches of probe cells on the CPUs or a GPU
     # one module per stage of a run, each reading what the one before wrote in the run directory
     "stages": {"generate", "locate", "label", "activations", "probes", "heatmap", "baselines", "controls",
                "error_types", "report"},
-    "analysis": {"detection", "selection", "generalize", "detector"},  # tables, selection, transfer, detectors
+    "analysis": {"detection", "selection", "generalize", "card", "detector"},  # tables, selection, transfer, detectors
     "workflows": {"stages"},  # the Stage contract and the shards the executor runs
-    "runs": {"answering", "probing", "importer", "resample"},  # the run functions of the stages  # stages that chain several stage modules
+    "runs": {"answering", "probing", "importer", "resample", "flagged"},  # the run functions of the stages
     "api": {"", "pipeline"},
     "cli": {"cli", "results"},  # entry points: the command line and the results pages
 }
@@ -101,6 +102,8 @@ SIDEWAYS = {
     ("report", "activations"): "the fix named for a damaged store's meta.json",
     ("generalize", "detection"): "transfer fits the probes of the detection table",
     ("detector", "detection"): "a detector chooses its layers as the detection table does",
+    ("detector", "card"): "a saved detector writes its model card",
+    ("calibration", "metrics"): "thresholds are reported with the metrics' intervals",
 }
 
 

@@ -76,8 +76,12 @@ def test_table_fit_detector_and_score_end_to_end(study, tmp_path):
     fitted = CliRunner().invoke(app, ["fit-detector", "--dataset", "custom", "--token", "-1", "--layer", "1",
                                       "--model", str(model_dir), "--runs-dir", str(runs)])
     assert fitted.exit_code == 0, fitted.output
-    detector = runs / "tiny-model" / "custom" / "train" / "detector_mlp.json"
-    assert json.loads(detector.read_text())["layer"] == 1 and detector.with_suffix(".npz").is_file()
+    detector = runs / "tiny-model" / "custom" / "train" / "detector_mlp"
+    config = json.loads((detector / "config.json").read_text())
+    assert config["layer"] == 1 and (detector / "model.safetensors").is_file()
+    assert config["test"]["rows"] == len(pd.read_parquet(runs / "tiny-model" / "custom" / "test" / "answers.parquet")
+                                         .query("exact_answer_valid"))
+    assert f"AUROC | {config['test']['auroc']['value']:.3f} [" in (detector / "README.md").read_text()
     for split in ("train", "test"):
         scores = pd.read_parquet(runs / "tiny-model" / "custom" / split / "detector_scores.parquet")
         assert scores["error_probability"].between(0, 1).all() and (scores["in_train"] == (split == "train")).all()

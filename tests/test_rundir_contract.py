@@ -58,7 +58,7 @@ def test_every_file_of_a_study_is_declared_by_rundir(study):
     # The walk saw each kind of artifact (so the check above is not passing on a half-made study).
     kinds = {p.parts[0] if p.parts[0] in ("tables", "generalization") else p.parts[2] for p in found}
     assert {"answers.parquet", "run.json", "resolved_config.json", "report.html", "activations", "probes",
-            "resamples", "work", "baselines.parquet", "detector_mlp.json", "detector_mlp.npz",
+            "resamples", "work", "baselines.parquet", "detector_mlp",
             "detector_scores.parquet", "tables", "generalization"} <= kinds
 
 

@@ -32,6 +32,7 @@ _API = {
     "ResampleConfig": ("truthmap.resample", "ResampleConfig"),
     "ImportSource": ("truthmap.importer", "ImportSource"),
     "Detector": ("truthmap.detector", "Detector"),
+    "answer": ("truthmap.flagged", "answer"),
     "ErrorProbe": ("truthmap.probes", "ErrorProbe"),
     "probe_grid": ("truthmap.probes", "probe_grid"),
     "probe_cells": ("truthmap.probing", "probe_cells"),

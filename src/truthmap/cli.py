@@ -98,7 +98,8 @@ OPTIONS = {
     "custom_path": Option("With --dataset custom: a CSV or JSONL file of questions and answers.", DATASET),
     "question_column": Option("With --dataset custom: the question column.", DATASET,
                               help_in={"import": "The question column.",
-                                       "score": "Batch mode: the question column of the --input file."}),
+                                       "score": "Batch mode: the question column of the --input file.",
+                                       "answer": "The question column of the --input file (or of --custom-path)."}),
     "answer_column": Option("With --dataset custom: the column of correct answers (a string or a list).", DATASET,
                             help_in={"import": "The column of the model's answers.",
                                      "score": "Batch mode: the column of answers to score."}),
@@ -139,19 +140,28 @@ OPTIONS = {
                     help_in={"fit-detector": "Layer of the probe; default: chosen on validation splits.",
                              "resample": "Layer of the probed cell; default: the train run's best cell's."}),
     # Scoring
-    "detector": Option("A detector .json from `truthmap fit-detector` (its .npz beside it).", SCORING, str, ...),
+    "detector": Option("A detector directory from `truthmap fit-detector` (or a format-2 .json, its .npz beside "
+                       "it).", SCORING, str, ...),
+    "max_fpr": Option("Flag answers at the threshold whose false-positive rate (right answers flagged) on the "
+                      "calibration rows is at most this, such as 0.05.", SCORING, Optional[float], None),
+    "min_recall": Option("Flag answers at the threshold that flags at least this share of the calibration rows' "
+                         "errors, such as 0.9.", SCORING, Optional[float], None),
+    "abstain": Option("Replace each flagged answer with a refusal (the row says so).", SCORING, bool, False,
+                      "--abstain"),
     "question": Option("The question (single mode).", SCORING, Optional[str], None),
     "answer": Option("The answer to score (single mode).", SCORING, Optional[str], None),
     "exact_answer": Option("The span of the answer that answers (skips extraction).", SCORING, Optional[str], None),
     "gold": Option("A correct answer; used as the exact answer when the answer contains it.", SCORING,
                    Optional[str], None),
     "input_path": Option("Batch mode: a CSV or JSONL file of questions and answers.", SCORING, Optional[str], None,
-                         "--input"),
+                         "--input", help_in={"answer": "A CSV, JSONL or Parquet file of questions (an optional gold "
+                                                       "column grades the answers)."}),
     # Output
-    "out": Option("Detector file (.json, with a .npz of the same name beside it); default: "
-                  "<run>/detector_<site>.json.", OUTPUT, Optional[str], None),
+    "out": Option("Detector directory (config.json, model.safetensors, README.md); default: "
+                  "<run>/detector_<site>.", OUTPUT, Optional[str], None),
     "output": Option("Batch mode: write the rows with their scores here (.csv or .jsonl).", OUTPUT, Optional[str],
-                     None),
+                     None, help_in={"answer": "Write the answers here (.csv or .jsonl); default: JSON lines on "
+                                              "stdout."}),
 }
 RUN_FIELDS = {field.name: field for field in dataclasses.fields(RunConfig)}
 RUN_TYPES = typing.get_type_hints(RunConfig)
@@ -546,9 +556,10 @@ def generalize(ctx: typer.Context, **options):
 @reports_errors
 @takes(*ADDRESSED, "site", "token", "layer", "seeds", "out")
 def fit_detector(ctx: typer.Context, **options):
-    """Fit an error detector on a finished run; save it as a JSON file of settings and a .npz of weights beside it.
+    """Fit an error detector on a finished run: a quarter of its rows (grouped by question) calibrate it and set its
+    thresholds; saved as a directory (config.json, model.safetensors, README.md: docs/guide/detector.md).
 
-    Also writes detector_scores.parquet in the run (and in its test split's run, when that one is extracted).
+    Tested on the test split when that one is extracted. Also writes detector_scores.parquet in both runs.
 
     Example: truthmap fit-detector --dataset geography --token exact_answer_last
     """
@@ -562,11 +573,11 @@ def fit_detector(ctx: typer.Context, **options):
 @reports_errors
 # --model: None, the detector's own model (score refuses another one), as RunConfig's default would not be.
 @takes("detector", "question", "answer", "exact_answer", "gold", "input_path", "question_column", "answer_column",
-       "output", "model", "device", "dtype", "batch_size", defaults={"model": None})
+       "output", "model", "device", "dtype", "batch_size", "max_fpr", "min_recall", defaults={"model": None})
 def score(**options):
     """Probability that an answer is wrong, from the detector's probe on the model's own activations.
 
-    Example: truthmap score --detector runs/smollm2/geography/train/detector_mlp.json --question "What is the capital of Peru?" --answer "The capital of Peru is Lima."
+    Example: truthmap score --detector runs/smollm2/geography/train/detector_mlp --question "What is the capital of Peru?" --answer "The capital of Peru is Lima." --max-fpr 0.05
     """
     from truthmap.detector import Detector, check_texts, load_scoring_model, read_pairs, score_file
     from truthmap.models import check_device
@@ -581,12 +592,13 @@ def score(**options):
             "file's columns exact_answer and gold play the roles of --exact-answer and --gold)."
         )
     found = Detector.load(o["detector"])
+    threshold = picked_threshold(found, o["max_fpr"], o["min_recall"])  # a bad target fails before the model loads
     if o["input_path"]:
         # Bad input fails before the model loads.
         frame = read_pairs(o["input_path"], o["question_column"], o["answer_column"])
         lm = load_scoring_model(found, o["model"], o["device"], o["dtype"])
         typer.echo(score_file(found, lm, frame, o["input_path"], o["output"], o["question_column"], o["answer_column"],
-                              o["batch_size"]))
+                              o["batch_size"], threshold))
         return
     if o["question"] is None or o["answer"] is None:
         raise typer.BadParameter("give --question and --answer, or --input FILE for batch mode", param_hint="--answer")
@@ -594,7 +606,58 @@ def score(**options):
     lm = load_scoring_model(found, o["model"], o["device"], o["dtype"])
     result = found.score_texts([o["question"]], [o["answer"]], lm, golds=[o["gold"]] if o["gold"] else None,
                                exact_answers=[o["exact_answer"]] if o["exact_answer"] else None)
+    if threshold is not None:
+        result[0]["flag"] = result[0]["error_logit"] is not None and result[0]["error_logit"] >= threshold
     typer.echo(json.dumps(result[0], indent=2))
+
+
+def picked_threshold(detector, max_fpr, min_recall):
+    """The detector's log-odds threshold at --max-fpr or --min-recall; None when neither is given."""
+    if max_fpr is None and min_recall is None:
+        return None
+    return detector.threshold(max_fpr, min_recall)
+
+
+@app.command()
+@reports_errors
+# --model: None, the detector's own model, as in score. --dataset: only when typed (else --question or --input).
+@takes("detector", "question", "gold", "input_path", "max_fpr", "min_recall", "abstain", "output", "dataset", "split",
+       "n_samples", "seed", "data_dir", *CUSTOM, "max_new_tokens", "model", "device", "dtype", "batch_size",
+       defaults={"model": None})
+def answer(ctx: typer.Context, **o):
+    """Answer questions with the detector's model; each answer carries its error probability and a flag.
+
+    The detector reads the activations recorded while each answer is written (no second pass). With --abstain,
+    flagged answers are replaced by a refusal. With gold answers, prints the accuracy of the answers kept.
+
+    Example: truthmap answer --detector runs/smollm2/geography/train/detector_mlp --question "What is the capital of Peru?" --max-fpr 0.05
+    """
+    from truthmap import flagged
+
+    given_dataset = given(ctx, "dataset")
+    sources = [name for name, value in (("--question", o["question"]), ("--input", o["input_path"]),
+                                        ("--dataset", given_dataset or None)) if value]
+    if len(sources) != 1:
+        raise ConfigError("Give the questions one way: --question TEXT, --input FILE or --dataset NAME"
+                          + (f" (got {' and '.join(sources)})." if sources else "."))
+    questions, golds, records, spec = None, None, None, None
+    if o["question"]:
+        questions, golds = [o["question"]], [o["gold"]] if o["gold"] else None
+    elif o["input_path"]:
+        questions, golds = flagged.read_questions(o["input_path"], o["question_column"])
+    else:
+        from truthmap.pipeline import load_config_records
+
+        spec, records = load_config_records(run_config({k: v for k, v in o.items() if k != "model"}))
+    result = flagged.answer(questions, o["detector"], golds=golds, records=records, spec=spec,
+                              max_fpr=o["max_fpr"], min_recall=o["min_recall"], abstain=o["abstain"],
+                              model=o["model"], device=o["device"], dtype=o["dtype"], batch_size=o["batch_size"],
+                              max_new_tokens=o["max_new_tokens"])
+    text = flagged.write_rows(result.rows, o["output"])
+    if text:
+        typer.echo(text)
+    for line in flagged.summary_lines(result):
+        typer.echo(line, err=True)
 
 
 @app.command()

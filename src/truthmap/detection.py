@@ -116,7 +116,7 @@ def chosen_layer_probe(train: ProbeData, test: ProbeData, position: str, seeds, 
     scores = np.stack([probe_logits(fit, layer, s, read_test(layer)) for s, layer in enumerate(layers)])  # [seeds, n]
     test_aucs = [auc(test.is_error, row) for row in scores]
     low, high = interval_over_test_rows(scores, test.is_error)
-    return {
+    return field_metrics(test.is_error, scores) | {
         "auc_mean": float(np.mean(test_aucs)),
         "auc_std": float(np.std(test_aucs)),
         "auc_low": low,
@@ -163,16 +163,32 @@ def text_control_results(train_run: RunDir, test_run: RunDir, train: ProbeData, 
             scores = control_scores(train_texts[name], train.is_error, masks, test_texts[name])  # [seeds, test rows]
             aucs = [auc(test.is_error, row) for row in scores]
             low, high = interval_over_test_rows(scores, test.is_error)
-            outcome = {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "auc_low": low,
-                       "auc_high": high, "aucs": aucs}
+            outcome = field_metrics(test.is_error, scores) | {
+                "auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "auc_low": low, "auc_high": high,
+                "aucs": aucs}
         except ProbeError as err:
             outcome = {"auc_mean": float("nan"), "auc_std": float("nan"), "note": str(err)}
         results.append({"method": label} | outcome)
     return results
 
 
+def field_metrics(is_error, scores) -> dict:
+    """AUPRC, PRR, FPR at 95 % recall, AURC (means over the rows of scores [seeds, n]) and the accuracy of the kept
+    answers against the share kept (metrics.py), for the rows of the detection table beside their AUC."""
+    from truthmap.metrics import accuracy_curve, mean_metrics
+
+    values = mean_metrics(is_error, scores)
+    return {k: v for k, v in values.items() if k != "auroc"} | {"risk_coverage": accuracy_curve(is_error, scores)}
+
+
 def baseline_aucs(test_run: RunDir, test: ProbeData) -> dict[str, float]:
     """AUC of every baseline on the test rows with a valid exact answer (rows a baseline cannot score are left out)."""
+    return {name: row["auc_mean"] for name, row in baseline_results(test_run, test).items()}
+
+
+def baseline_results(test_run: RunDir, test: ProbeData) -> dict[str, dict]:
+    """AUC and field_metrics of every baseline on the test rows with a valid exact answer (rows a baseline cannot
+    score are left out)."""
     import pandas as pd
 
     from truthmap.baselines import BASELINE_NAMES
@@ -182,7 +198,11 @@ def baseline_aucs(test_run: RunDir, test: ProbeData) -> dict[str, float]:
     for column in BASELINE_NAMES:
         values = scores[column].to_numpy(dtype=float)
         known = np.isfinite(values)
-        out[column] = auc(test.is_error[known], values[known]) if len(set(test.is_error[known])) == 2 else float("nan")
+        if len(set(test.is_error[known])) == 2:
+            out[column] = {"auc_mean": auc(test.is_error[known], values[known])} | field_metrics(test.is_error[known],
+                                                                                               values[known])
+        else:
+            out[column] = {"auc_mean": float("nan")}
     return out
 
 
@@ -194,8 +214,8 @@ def evaluate_dataset(dataset: str, train_run: RunDir, test_run: RunDir, site: st
     test = probe_data(test_run, site, f"{dataset} (test)")
     common = {"dataset": dataset, "n_train": len(train.ids), "n_test": len(test.ids), "test_errors": int(test.is_error.sum())}
     results = [
-        common | {"method": BASELINE_NAMES[name], "auc_mean": value, "auc_std": float("nan")}
-        for name, value in baseline_aucs(test_run, test).items()
+        common | {"method": BASELINE_NAMES[name], "auc_std": float("nan")} | value
+        for name, value in baseline_results(test_run, test).items()
     ]
     results += [common | row for row in text_control_results(train_run, test_run, train, test, seeds)]
     for position in PROBE_TOKENS:
@@ -255,11 +275,18 @@ def write_detection_table(results: list[dict], directory, title: str) -> dict:
     mean, std = detection_frames(results)
     wide = mean.join(std, rsuffix="_std")
     write_atomic(out.csv, lambda tmp: wide.to_csv(tmp, float_format="%.4f"))
-    text = f"{title}\n\n" + markdown_table(mean, std) + verdicts(results)
+    from truthmap.metrics import metrics_frame, metrics_markdown, plot_risk_coverage
+
+    others = metrics_frame(results)
+    write_atomic(out.metrics_csv, lambda tmp: others.to_csv(tmp, index=False, float_format="%.4f"))
+    text = (f"{title}\n\n" + markdown_table(mean, std) + "\nEvery metric (metrics.py; FPR@95 and AURC: lower is "
+            "better):\n\n" + metrics_markdown(others) + verdicts(results))
     write_atomic(out.md, lambda tmp: tmp.write_text(text))
     plot_matrix(mean, title, out.png, 0.5, 1.0, bold=best_per_column(mean))
+    write_atomic(out.risk_coverage_png, lambda tmp: plot_risk_coverage(results, tmp))
     write_json(out.results, results)
-    return {"csv": str(out.csv), "md": str(out.md), "png": str(out.png)}
+    return {"csv": str(out.csv), "md": str(out.md), "png": str(out.png), "metrics_csv": str(out.metrics_csv),
+            "risk_coverage_png": str(out.risk_coverage_png)}
 
 
 def verdicts(results: list[dict]) -> str:
@@ -281,6 +308,30 @@ def verdicts(results: list[dict]) -> str:
     return "\nVerdict (95 % intervals over the test rows):\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
+CALIBRATION_SHARE = 0.25  # of a detector's training rows, grouped by question, kept apart to calibrate it
+
+
+def split_for_calibration(data: ProbeData, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows that fit the probe, rows that calibrate it): grouped, so that no question is on both sides."""
+    return grouped_split(len(data.ids), data.groups, CALIBRATION_SHARE, seed, stratify=data.is_error)
+
+
+def detector_test_results(detector, train_run: RunDir, test_run: RunDir, train: ProbeData, seeds) -> dict:
+    """The detector on the test split (Detector.evaluate: metrics with intervals, realized thresholds) and the best
+    text-only control fitted on the same train rows and scored on the same test rows."""
+    test = probe_data(test_run, detector.site, "the test split")
+    try:
+        out = detector.evaluate(test.layer_reader(detector.token)(detector.layer_), test.is_error)
+    except ProbeError as err:  # one class in the test split: no metric, but the detector is still saved
+        return {"rows": len(test.ids), "note": str(err)}
+    controls = [r for r in text_control_results(train_run, test_run, train, test, seeds) if np.isfinite(r["auc_mean"])]
+    if controls:
+        best = max(controls, key=lambda r: r["auc_mean"])
+        out["best_control"] = {"method": best["method"], "auc": round(best["auc_mean"], 4),
+                               "low": round(best["auc_low"], 4), "high": round(best["auc_high"], 4)}
+    return out
+
+
 def write_detector_scores(detector, run: RunDir, in_train: bool) -> dict:
     """detector_scores.parquet: the detector's error probability for each row (NaN without a valid exact answer)."""
     import numpy as np
@@ -300,5 +351,8 @@ def write_detector_scores(detector, run: RunDir, in_train: bool) -> dict:
     errors = ~table["correct"].to_numpy()[usable]
     summary = {"rows": int(usable.sum())}
     if len(set(errors)) == 2:
+        from truthmap.metrics import all_metrics
+
         summary["auc"] = round(auc(errors, probability[usable]), 4)
+        summary |= {k: round(v, 4) for k, v in all_metrics(errors, probability[usable]).items() if k != "auroc"}
     return summary

@@ -31,7 +31,8 @@ from truthmap.rundir import (EXACT_POSITIONS, POSITIONS, check_token, detector_w
 from truthmap.sites import SITES
 
 FORMAT = "truthmap-detector"
-FORMAT_VERSION = 2  # 1: the weights were lists inside the JSON (refused on load: refit)
+FORMAT_VERSION = 2  # 1: the weights were lists inside the JSON (refused on load: refit); 2: a .json and a .npz
+DIRECTORY_VERSION = 3  # a directory: config.json, model.safetensors, README.md (save_pretrained)
 ARRAYS = ("coef", "mean", "scale", "intercept")  # the .npz: coef, mean, scale [hidden]; intercept a scalar
 
 
@@ -97,14 +98,72 @@ class Detector(ClassifierMixin, BaseEstimator):
         return self.probe_.decision_function(X)
 
     def predict_proba(self, X):
-        """(n, 2) in classes_ order: with is_error labels, P(correct) then P(wrong)."""
+        """(n, 2) in classes_ order: with is_error labels, P(correct) then P(wrong); calibrated once calibrate ran."""
         X = self._cell(X)
-        return self.probe_.predict_proba(X)
+        if getattr(self, "calibrator_", None) is None:
+            return self.probe_.predict_proba(X)
+        wrong = self.calibrator_.predict(self.probe_.decision_function(X))
+        return np.column_stack([1 - wrong, wrong])
 
     def predict(self, X):
         """classes_[1] where P(error) > 0.5, else classes_[0]."""
-        X = self._cell(X)
-        return self.probe_.predict(X)
+        wrong = self.predict_proba(X)[:, 1] > 0.5  # first: it checks that the detector is fitted
+        return self.classes_[wrong.astype(int)]
+
+    # ------------------------------------------------------------------------------- calibration and decisions
+
+    def calibrate(self, X, y):
+        """Calibrate P(wrong) and set the thresholds (calibration.py) on rows the probe was not fitted on.
+
+        Fitted: calibrator_, calibration_ (method, counts, ECE and Brier before and after), thresholds_ (name ->
+        target and threshold on the log-odds, or why it was refused), calibration_scores_ and calibration_errors_
+        (the rows' log-odds and labels: a threshold at any other target is set from them)."""
+        from truthmap.calibration import fit_calibrator, quality, threshold_table
+
+        z = self.decision_function(X)
+        errors = np.asarray(y) == self.classes_[1]
+        self.calibrator_ = None
+        self.calibration_scores_, self.calibration_errors_ = z, errors
+        self.calibration_ = {"method": None, "rows": int(z.size), "errors": int(errors.sum()),
+                             "correct": int((~errors).sum()), "before": quality(errors, self.predict_proba(X)[:, 1])}
+        self.thresholds_ = threshold_table(z, errors)  # too few rows of a class: refused there, with the counts
+        if errors.all() or not errors.any():  # nothing to calibrate on: the probe's own probability stays
+            self.calibration_["refused"] = (f"The calibration rows hold {int(errors.sum())} errors and "
+                                            f"{int((~errors).sum())} right answers; calibrating needs both.")
+            return self
+        self.calibrator_ = fit_calibrator(z, errors)
+        self.calibration_ |= {"method": self.calibrator_.kind, "after": quality(errors, self.calibrator_.predict(z))}
+        return self
+
+    def threshold(self, max_fpr=None, min_recall=None) -> float:
+        """The log-odds threshold (flag where decision_function >= it) at a target false-positive rate or recall."""
+        from truthmap.calibration import threshold_at_fpr, threshold_at_recall
+
+        if (max_fpr is None) == (min_recall is None):
+            raise ConfigError("Give one target: --max-fpr (such as 0.05) or --min-recall (such as 0.9).")
+        if getattr(self, "calibration_scores_", None) is None:
+            raise ConfigError("This detector has no calibration rows, so no threshold; refit it with "
+                              "`truthmap fit-detector` to flag answers.")
+        if max_fpr is not None:
+            return threshold_at_fpr(self.calibration_scores_, self.calibration_errors_, max_fpr)
+        return threshold_at_recall(self.calibration_scores_, self.calibration_errors_, min_recall)
+
+    def evaluate(self, X, y, n_boot: int = 500) -> dict:
+        """On held-out rows: every metric (metrics.py) with its 95 % bootstrap interval, calibration quality, and
+        the false-positive rate and recall each stored threshold really gives, with 95 % Wilson intervals."""
+        from truthmap.calibration import quality, realized
+        from truthmap.metrics import FUNCTIONS, bootstrap_interval
+
+        z = self.decision_function(X)
+        errors = np.asarray(y) == self.classes_[1]
+        out = {"rows": int(z.size), "errors": int(errors.sum()), "correct": int((~errors).sum())}
+        for name, metric in FUNCTIONS.items():
+            low, high = bootstrap_interval(metric, errors, z, n_boot=n_boot)
+            out[name] = {"value": round(metric(errors, z), 4), "low": round(low, 4), "high": round(high, 4)}
+        out["calibration"] = quality(errors, self.predict_proba(X)[:, 1])
+        out["thresholds"] = {name: realized(z, errors, row["threshold"])
+                             for name, row in getattr(self, "thresholds_", {}).items() if row["threshold"] is not None}
+        return out
 
     def auc(self, X, y) -> float:
         """ROC AUC with classes_[1] as positives (score keeps sklearn's accuracy)."""
@@ -188,16 +247,88 @@ class Detector(ClassifierMixin, BaseEstimator):
         write_json(path, self.to_dict() | {"weights_sha256": file_sha256(weights)})
         return path
 
+    def to_config(self) -> dict:
+        """config.json of a saved detector (format 3): to_dict's fields, the calibration and the thresholds."""
+        calibrated = getattr(self, "calibrator_", None) is not None
+        return self.to_dict() | {
+            "format_version": DIRECTORY_VERSION,
+            "calibration": getattr(self, "calibration_", None),
+            "thresholds": getattr(self, "thresholds_", {}),
+            "calibrator": self.calibrator_.kind if calibrated else None,
+        }
+
+    def save_pretrained(self, directory) -> Path:
+        """A directory as a Hugging Face model: config.json, model.safetensors, README.md (the model card). The
+        weights are written first and config.json names their hash, as in save."""
+        from safetensors.numpy import save_file
+
+        from truthmap.card import model_card
+        from truthmap.rundir import DetectorFiles
+
+        files = DetectorFiles(directory)
+        if files.path.suffix.lower() == ".json":
+            raise ConfigError(f"A detector is saved as a directory (config.json, model.safetensors, README.md); got "
+                              f"{files.path}. Name a directory, such as {files.path.with_name(files.path.stem)}.")
+        write_atomic(files.weights, lambda tmp: save_file(self._arrays(), str(tmp), metadata={"format": FORMAT}))
+        config = self.to_config() | {"weights_sha256": file_sha256(files.weights)}
+        write_json(files.config, config)
+        write_atomic(files.card, lambda tmp: tmp.write_text(model_card(config)))
+        return files.path
+
+    def _arrays(self) -> dict:
+        probe = self.probe_
+        arrays = {"coef": probe.coef_, "mean": probe.mean_, "scale": probe.scale_,
+                  "intercept": np.array([probe.intercept_])}
+        if getattr(self, "calibrator_", None) is not None:
+            arrays |= self.calibrator_.to_arrays()
+        if getattr(self, "calibration_scores_", None) is not None:
+            arrays |= {"calibration_scores": self.calibration_scores_,
+                       "calibration_is_error": self.calibration_errors_.astype(np.uint8)}
+        return {k: np.ascontiguousarray(v, dtype=np.uint8 if v.dtype == np.uint8 else np.float64)
+                for k, v in arrays.items()}
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "Detector":
+        """A detector saved by save_pretrained, or a format-2 detector .json (its .npz beside it)."""
+        from truthmap.rundir import DetectorFiles
+
+        path = Path(directory)
+        if path.is_file() and path.suffix.lower() == ".json":
+            return cls.load(path)
+        files = DetectorFiles(path)
+        if not files.config.is_file():
+            raise StoreError(f"{path} is not a detector directory (no config.json in it). Make one with "
+                             "`truthmap fit-detector`.")
+        data = read_detector_json(files.config, DIRECTORY_VERSION)
+        check_fields(data, files.config)
+        arrays = read_safetensors(files, data)
+        detector = cls._from_parts(data, arrays | {"intercept": arrays["intercept"][0]})
+        if "calibration_scores" in arrays:
+            from truthmap.calibration import CALIBRATORS
+
+            calibrator = data.get("calibrator")
+            detector.calibrator_ = CALIBRATORS[calibrator].from_arrays(arrays) if calibrator else None
+            detector.calibration_scores_ = arrays["calibration_scores"]
+            detector.calibration_errors_ = arrays["calibration_is_error"].astype(bool)
+            detector.calibration_, detector.thresholds_ = data["calibration"], data["thresholds"]
+        return detector
+
     @classmethod
     def load(cls, path) -> "Detector":
-        from truthmap.probes import ErrorProbe
-
+        """A format-2 detector (.json and .npz); a directory is read by from_pretrained."""
         path = Path(path)
+        if path.is_dir():
+            return cls.from_pretrained(path)
         data = read_detector_json(path)
         check_fields(data, path)
-        arrays = read_weights(path, data)
+        return cls._from_parts(data, read_weights(path, data))
+
+    @classmethod
+    def _from_parts(cls, data: dict, arrays: dict) -> "Detector":
+        from truthmap.probes import ErrorProbe
+
         fitted = ("format", "format_version", "truthmap_version", "weights_sha256", "probe", "validation_auc_by_layer",
-                  "site", "layer", "token", "n_layers", "hidden")
+                  "site", "layer", "token", "n_layers", "hidden", "calibration", "thresholds", "calibrator")
         info = {k: v for k, v in data.items() if k not in fitted}
         detector = cls(token=data["token"], layer=data["layer"], site=data["site"], C=data["probe"]["C"], info=info)
         probe = ErrorProbe(C=data["probe"]["C"])
@@ -278,7 +409,7 @@ def weights_path(path) -> Path:
     return detector_weights(path)
 
 
-def read_detector_json(path: Path) -> dict:
+def read_detector_json(path: Path, version: int = FORMAT_VERSION) -> dict:
     if not path.is_file():
         raise StoreError(f"Detector file {path} does not exist. Make one with `truthmap fit-detector`.")
     try:
@@ -291,9 +422,12 @@ def read_detector_json(path: Path) -> dict:
     if data.get("format_version") == 1:
         raise StoreError(f"{path} is a detector of format 1 (its weights inside the JSON); this truthmap reads "
                          f"format {FORMAT_VERSION} (a .json and a .npz). Refit it with `truthmap fit-detector`.")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") == DIRECTORY_VERSION and version != DIRECTORY_VERSION:
+        raise StoreError(f"{path} is the config.json of a detector directory; give the directory "
+                         f"{path.parent} instead.")
+    if data.get("format_version") != version:
         raise StoreError(f"{path} has detector format {data.get('format_version')}; this truthmap reads "
-                         f"{FORMAT_VERSION}. Refit it with `truthmap fit-detector`.")
+                         f"{version}. Refit it with `truthmap fit-detector`.")
     return data
 
 
@@ -366,6 +500,28 @@ def read_weights(path: Path, data: dict) -> dict:
             raise _invalid(weights, key, "holds NaN or inf", "array")
         if key == "scale" and (arrays[key] <= 0).any():  # else scores are NaN, with only a RuntimeWarning
             raise _invalid(weights, key, "holds 0 or a negative value (it divides the activations)", "array")
+    return arrays
+
+
+def read_safetensors(files, data: dict) -> dict:
+    """The arrays of model.safetensors, checked against config.json's hash and hidden size."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not files.weights.is_file():
+        raise StoreError(f"{files.weights} is missing: a detector directory holds config.json and model.safetensors. "
+                         "Copy the whole directory, or refit with `truthmap fit-detector`.")
+    if file_sha256(files.weights) != data["weights_sha256"]:
+        raise StoreError(f"{files.weights} is not the weights file of {files.config} (its sha256 differs from "
+                         "weights_sha256). Copy the directory whole, or refit with `truthmap fit-detector`.")
+    try:
+        arrays = load_file(str(files.weights))
+    except (OSError, SafetensorError) as err:
+        raise StoreError(f"{files.weights} is damaged ({err}); refit with `truthmap fit-detector`.") from None
+    for key in ARRAYS:
+        shape = (1,) if key == "intercept" else (data["hidden"],)
+        if key not in arrays or arrays[key].shape != shape or not np.isfinite(arrays[key]).all():
+            raise _invalid(files.weights, key, f"is missing, or not {shape} finite numbers", "array")
     return arrays
 
 
@@ -453,15 +609,17 @@ def score_rows(detector: Detector, lm, rows, spans: dict, batch_size: int) -> li
         rows = rows.assign(**{position_column(k): [pos[k] for pos in positions] for k in POSITIONS},
                            exact_answer="", exact_answer_source="not_needed")
     column = position_column(detector.token)
-    results = [None] * len(rows)
+    results, logits = [None] * len(rows), [None] * len(rows)
     for batch in batches([i for i in range(len(rows)) if rows[column].iat[i] >= 0], batch_size):
         sequences = [list(rows["prompt_ids"].iat[i]) + list(rows["answer_ids"].iat[i]) for i in batch]
         values = read_positions(lm, sequences, rows[column].to_numpy()[batch][:, None], detector.site)[:, :, 0]
-        for i, p in zip(batch, detector.predict_proba(values)[:, 1]):
-            results[i] = float(p)
+        check_finite(values, [rows["id"].iat[i] for i in batch], detector)
+        for i, p, z in zip(batch, detector.predict_proba(values)[:, 1], detector.decision_function(values)):
+            results[i], logits[i] = float(p), float(z)
     return [
         {
             "error_probability": results[i],
+            "error_logit": logits[i],  # the probe's log-odds, before calibration: what a threshold compares
             "exact_answer": rows["exact_answer"].iat[i],
             "exact_answer_source": rows["exact_answer_source"].iat[i],
             "layer": detector.layer_,
@@ -469,6 +627,17 @@ def score_rows(detector: Detector, lm, rows, spans: dict, batch_size: int) -> li
         }
         for i in range(len(rows))
     ]
+
+
+def check_finite(values, ids, detector) -> None:
+    """NaN or inf activations (a float16 overflow) would give a meaningless probability: refused, naming a row.
+    values: [rows, layers, hidden] or [rows, hidden]; detector: anything with the site and token read."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if bad.any():
+        raise DataError(f"The activations of {ids[int(np.argmax(bad))]} at site {detector.site}, token "
+                        f"{detector.token} hold NaN or inf ({int(bad.sum())} of {len(values)} rows); run the model in "
+                        "float32 (--dtype float32).")
 
 
 def load_scoring_model(detector: Detector, model: str | None, device: str | None, dtype: str | None):
@@ -501,7 +670,8 @@ def read_pairs(path, question_column: str, answer_column: str):
     return pd.DataFrame([{k: None if v == "" else v for k, v in row.items()} for _, row in rows])
 
 
-def score_file(detector: Detector, lm, frame, path, output, question_column: str, answer_column: str, batch_size: int) -> str:
+def score_file(detector: Detector, lm, frame, path, output, question_column: str, answer_column: str, batch_size: int,
+               threshold: float | None = None) -> str:
     """Batch mode: every row of `frame` (from read_pairs) scored; written next to the input file (or to `output`)
     with the score columns added. Optional columns `exact_answer` and `gold` play the roles of --exact-answer/--gold."""
     optional = {key: list(frame[key].where(frame[key].notna(), None)) if key in frame else None for key in ("exact_answer", "gold")}
@@ -509,6 +679,8 @@ def score_file(detector: Detector, lm, frame, path, output, question_column: str
                                   exact_answers=optional["exact_answer"], batch_size=batch_size)
     for key in ("error_probability", "exact_answer", "exact_answer_source"):
         frame[key] = [s[key] for s in scores]
+    if threshold is not None:  # the flag at the target picked (Detector.threshold)
+        frame["flag"] = [s["error_logit"] is not None and s["error_logit"] >= threshold for s in scores]
     output = Path(output or Path(path).with_name(Path(path).stem + ".scored" + Path(path).suffix))
     if output.suffix.lower() == ".jsonl":
         write_atomic(output, lambda tmp: frame.to_json(tmp, orient="records", lines=True, force_ascii=False))

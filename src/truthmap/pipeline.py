@@ -116,45 +116,9 @@ def resample(config: RunConfig, resampling=None, lm=None, **options) -> dict:
 
 @locked
 def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | None = None) -> dict:
-    """Fit a detector on a run, save it, and score that run's rows (and its test split's, when extracted)."""
-    import time
-
-    import numpy as np
-
-    from truthmap.detection import probe_data, write_detector_scores
-    from truthmap.detector import Detector, weights_path
-
-    check_token(token)
-    run = run_dir(config)
-    path = Path(out or run.detector(config.site))
-    weights_path(path)  # a bad --out fails before the fit
-    data = probe_data(run, config.site, f"{config.dataset} ({config.split})")
-    read = data.layer_reader(token)
-    X = np.stack([read(layer_) for layer_ in range(data.acts.shape[1])], axis=1)  # [rows, layers, hidden]
-    made = read_json(run.run_json)
-    info = {
-        "model": config.model,
-        "dataset": config.dataset,
-        "chat_template": made["chat_template"],
-        "model_identity": made.get("model_identity"),  # score refuses other weights under the same name
-        **{k: made["settings"].get(k) for k in ("locate", "extractor", "extraction_tries", "extraction_prompt")},
-        "training": {
-            "run": str(run.path),
-            "rows": len(data.ids),
-            "errors": int(data.is_error.sum()),
-            "correct": int((~data.is_error).sum()),
-            "seeds": list(config.seeds),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
-    }
-    detector = Detector(token=token, layer=layer, site=config.site, seeds=config.seeds, info=info)
-    detector.fit(X, data.is_error, data.groups)
-    detector.save(path)
-    scored = {str(run.path): write_detector_scores(detector, run, in_train=True)}
-    test_run = run_dir(dataclasses.replace(config, split="test"))
-    if config.split == "train" and extraction_done(test_run, config.site):
-        scored[str(test_run.path)] = write_detector_scores(detector, test_run, in_train=False)
-    return {"detector": str(path), "layer": detector.layer_, "token": token, "scored": scored}
+    """Fit a detector on a run's rows (a quarter of them, grouped by question, kept apart to calibrate it), test it
+    on the test split when extracted, save it as a directory, and score the rows of both runs (probing.fit_detector)."""
+    return probing.fit_detector(config, token, layer, out)
 
 
 @locked

@@ -120,3 +120,76 @@ def probes_wanted(config: RunConfig, run: RunDir) -> dict:
 def probes_made(config: RunConfig, run: RunDir) -> dict | None:
     summary = run.probe_files(config.site).summary
     return read_json(summary) if summary.exists() else None
+
+
+def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | None = None) -> dict:
+    """Fit a detector on a run's rows (a quarter of them, grouped by question, kept apart to calibrate it), test it
+    on the test split when extracted, save it as a directory, and score the rows of both runs."""
+    import dataclasses
+
+    import numpy as np
+
+    from truthmap.detection import (CALIBRATION_SHARE, detector_test_results, probe_data, split_for_calibration,
+                                    write_detector_scores)
+    from truthmap.detector import Detector, check_finite
+    from truthmap.errors import ConfigError
+    from truthmap.rundir import check_token
+    from truthmap.stages import extraction_done
+
+    check_token(token)
+    run = run_dir(config)
+    path = Path(out or run.detector(config.site))
+    if path.suffix.lower() == ".json":
+        raise ConfigError(f"A detector is saved as a directory (config.json, model.safetensors, README.md); got --out "
+                          f"{path}. Name a directory, such as {path.with_name(path.stem)}.")
+    data = probe_data(run, config.site, f"{config.dataset} ({config.split})")
+    read = data.layer_reader(token)
+    X = np.stack([read(layer_) for layer_ in range(data.acts.shape[1])], axis=1)  # [rows, layers, hidden]
+    check_finite(X, data.ids, Detector(token=token, site=config.site))
+    fit, calibrate = split_for_calibration(data, config.seeds[0])
+    made = read_json(run.run_json)
+    info = detector_info(config, run, made, data, fit, calibrate)
+    detector = Detector(token=token, layer=layer, site=config.site, seeds=config.seeds, info=info)
+    detector.fit(X[fit], data.is_error[fit], [data.groups[i] for i in fit])
+    detector.calibrate(X[calibrate], data.is_error[calibrate])
+    test_run = run_dir(dataclasses.replace(config, split="test"))
+    tested = config.split == "train" and extraction_done(test_run, config.site)
+    if tested:
+        detector.info["test"] = detector_test_results(detector, run, test_run, data, config.seeds)
+    detector.save_pretrained(path)
+    scored = {str(run.path): write_detector_scores(detector, run, in_train=True)}
+    if tested:
+        scored[str(test_run.path)] = write_detector_scores(detector, test_run, in_train=False)
+    return {"detector": str(path), "layer": detector.layer_, "token": token, "calibration": detector.calibration_,
+            "thresholds": {k: v["threshold"] for k, v in detector.thresholds_.items()},
+            "test": detector.info.get("test"), "scored": scored, "calibration_share": CALIBRATION_SHARE}
+
+
+def detector_info(config: RunConfig, run, made: dict, data, fit, calibrate) -> dict:
+    """What a saved detector records of where it comes from: model, dataset, prompt and extraction, counts."""
+    import time
+
+    from truthmap.rundir import file_sha256
+
+    settings = made["settings"]
+    return {
+        "model": config.model,
+        "dataset": config.dataset,
+        "dataset_version": settings.get("dataset_version"),
+        # a custom or imported file's own hash; a built-in dataset: the hash of the answers the probe saw
+        "dataset_sha256": settings.get("custom_sha256") or settings.get("import_sha256") or file_sha256(run.answers),
+        "chat_template": made["chat_template"],
+        "model_identity": made.get("model_identity"),  # score refuses other weights under the same name
+        **{k: settings.get(k) for k in ("prompt_style", "max_new_tokens", "locate", "extractor", "extraction_tries",
+                                        "extraction_prompt")},
+        "training": {
+            "run": str(run.path),
+            "rows": len(data.ids),
+            "errors": int(data.is_error.sum()),
+            "correct": int((~data.is_error).sum()),
+            "fit_rows": len(fit),
+            "calibration_rows": len(calibrate),
+            "seeds": list(config.seeds),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    }

@@ -226,7 +226,7 @@ def _probe_facts(probes: dict) -> str:
 
 def detection_section(run: RunDir) -> str:
     tables = run.table_files
-    return _files_section([tables.png, tables.csv]) + _table_verdicts(tables)
+    return _files_section([tables.png, tables.csv, tables.risk_coverage_png, tables.metrics_csv]) + _table_verdicts(tables)
 
 
 def _table_verdicts(tables: TableFiles) -> str:

@@ -17,7 +17,8 @@
         probes/<site>/              ProbeFiles: heatmap.png|svg|csv, selectivity.png|svg|csv (AUC minus the best
                                     text-only control), top_cells.json, probes.json (counts, controls, verdict)
         baselines.parquet           per-row error scores of the logit baselines and p(True) (`truthmap table`)
-        detector_<site>.json|.npz   a saved detector fitted on this run (`truthmap fit-detector`)
+        detector_<site>/            DetectorFiles: a saved detector fitted on this run (`truthmap fit-detector`):
+                                    config.json, model.safetensors, README.md (format 2: detector_<site>.json|.npz)
         detector_scores.parquet     DETECTOR_SCORE_COLUMNS: that detector applied to this run's rows
         resamples/                  ResampleFiles (`truthmap resample`): resamples.json (the steps done),
                                     answers.parquet (RESAMPLE_COLUMNS), cell_acts.npy, greedy_cell_acts.npy,
@@ -241,6 +242,8 @@ class TableFiles(Folder):
     md = _file("detection_table.md")
     png = _file("detection_table.png")
     results = _file("detection_results.json")
+    metrics_csv = _file("detection_metrics.csv")  # AUPRC, PRR, FPR@95, AURC beside the AUROC (metrics.py)
+    risk_coverage_png = _file("risk_coverage.png")
 
 
 class GeneralizationFiles(Folder):
@@ -294,7 +297,8 @@ class RunDir:
     generalization_files = property(lambda self: GeneralizationFiles(self.generalization))
 
     def detector(self, site: str) -> Path:
-        return self.path / f"detector_{site}.json"
+        """The directory of the detector fitted on this run (DetectorFiles); format 2 was detector_<site>.json."""
+        return self.path / f"detector_{site}"
 
     def shard(self, k: int, n: int) -> Path:
         return self.work.shard(k, n).path
@@ -319,8 +323,10 @@ class RunDir:
         return sorted(p.name for p in (self.path / "probes").glob("*") if p.is_dir())
 
     def detector_sites(self) -> list[str]:
-        """Sites of the detectors saved in this run (detector_<site>.json)."""
-        return sorted(p.stem.removeprefix("detector_") for p in self.path.glob("detector_*.json"))
+        """Sites of the detectors saved in this run (detector_<site>/config.json, or format 2's detector_<site>.json)."""
+        found = {p.parent.name for p in self.path.glob("detector_*/config.json")}
+        found |= {p.stem for p in self.path.glob("detector_*.json")}
+        return sorted(name.removeprefix("detector_") for name in found)
 
 
 def tables_dir(model_dir: str | Path) -> Path:
@@ -329,6 +335,14 @@ def tables_dir(model_dir: str | Path) -> Path:
 
 def generalization_dir(model_dir: str | Path) -> Path:
     return Path(model_dir) / "generalization"
+
+
+class DetectorFiles(Folder):
+    """A saved detector (`Detector.save_pretrained`): a folder that `huggingface_hub.upload_folder` publishes as is."""
+
+    config = _file("config.json")  # settings, model and dataset identity, calibration, thresholds, test metrics
+    weights = _file("model.safetensors")  # the probe's arrays and the calibration's parameters
+    card = _file("README.md")  # the model card, written from config.json
 
 
 def detector_weights(path: str | Path) -> Path:
@@ -365,8 +379,9 @@ def _work_patterns(prefix: str, stages: tuple[str, ...], store: bool) -> list[st
 
 ARTIFACTS = [
     *files(RunDir),
-    "detector_*.json",
+    "detector_*.json",  # format 2
     "detector_*.npz",
+    *_patterns("detector_*/", DetectorFiles),
     *_work_patterns("work/", ("generations", "extractions", "imports"), store=False),
     *_work_patterns("work/shards/*/", ("generations", "extractions"), store=True),
     *_patterns("activations/*/", Store),
