@@ -347,7 +347,7 @@ def extract(config: RunConfig, lm=None) -> RunDir:
     return run
 
 
-PROBE_OUTPUTS = 2  # bump when the probe stage writes new files: 2 = embedding row, controls, intervals
+PROBE_OUTPUTS = 3  # bump when the probe stage writes new files: 2 = embedding row, controls, intervals; 3 = fair verdict
 
 
 @locked
@@ -366,10 +366,13 @@ def probe(config: RunConfig) -> RunDir:
     if out.summary.exists() and all(read_json(out.summary).get(k) == v for k, v in made_by.items()):
         return run
     rows = np.flatnonzero(table["exact_answer_valid"].to_numpy())
-    grid, embed_grid, controls = probe_cells(table, rows, acts, open_embedding(run.activations(config.site), meta),
-                                             config)
+    embed = open_embedding(run.activations(config.site), meta)
+    grid, embed_grid, controls = probe_cells(table, rows, acts, embed, config)
     title = f"{model_slug(config.model)} · {config.dataset} ({config.split}) · {config.site} · n={len(rows)}"
     summary = write_probe_outputs(out, grid, embed_grid, controls, title, config.dataset)
+    from truthmap.verdict import run_verdict  # the cell chosen on validation rows, the embedding row a control
+
+    summary |= run_verdict(table, rows, acts, embed, config.seeds, config.dataset, config.device)
     write_json(
         out.summary,
         made_by
