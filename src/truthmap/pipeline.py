@@ -531,9 +531,10 @@ def prepare(config: RunConfig, get_lm) -> RunDir:
     return baselines(config, get_lm) if config.split == "test" else run
 
 
-def prepare_splits(config: RunConfig, datasets: list[str], test_samples: int | None) -> dict[str, tuple[RunDir, RunDir]]:
+def prepare_splits(config: RunConfig, datasets: list[str], test_samples: int | None,
+                   get_lm=None) -> dict[str, tuple[RunDir, RunDir]]:
     """The (train, test) runs of each dataset, made where missing; the model loads only if something is."""
-    get_lm = model_loader(config)
+    get_lm = get_lm or model_loader(config)
     sizes = {"train": config.n_samples, "test": test_samples or config.n_samples}
     return {
         dataset: tuple(prepare(dataclasses.replace(config, dataset=dataset, split=s, n_samples=n), get_lm) for s, n in sizes.items())
@@ -541,19 +542,44 @@ def prepare_splits(config: RunConfig, datasets: list[str], test_samples: int | N
     }
 
 
-def table(config: RunConfig, datasets: list[str], test_samples: int | None = None) -> dict:
-    """The detection table over datasets: each dataset's train run fits the probes, its test run scores them."""
+def table(config: RunConfig, datasets: list[str], test_samples: int | None = None, n_resamples: int | None = None,
+          temperature: float = 1.0) -> dict:
+    """The detection table over datasets: each dataset's train run fits the probes, its test run scores them.
+    n_resamples: also the sampling baselines, from that many sampled answers per test question."""
     from truthmap.detection import evaluate_dataset, write_detection_table
     from truthmap.models import model_slug
 
     if not datasets:
         raise ConfigError("No datasets: pass --datasets NAME [NAME ...].")
     results = []
-    for dataset, (train, test) in prepare_splits(config, datasets, test_samples).items():
+    get_lm = model_loader(config)
+    for dataset, (train, test) in prepare_splits(config, datasets, test_samples, get_lm).items():
         results += evaluate_dataset(dataset, train, test, config.site, config.seeds)
+        if n_resamples:
+            results += sampling_rows(dataclasses.replace(config, dataset=dataset, split="test"), results[-1],
+                                     n_resamples, temperature, get_lm)
     slug = model_slug(config.model)
     title = f"Error detection AUC (test split) · {slug} · {config.site}"
     return write_detection_table(results, tables_dir(Path(config.runs_dir) / slug), title)
+
+
+def sampling_rows(config: RunConfig, last_row: dict, n_resamples: int, temperature: float, get_lm) -> list[dict]:
+    """The sampling baselines' rows of the detection table for the test run of `config`, from the answers that
+    `truthmap resample` samples (and reuses: resamples/ of that run, all its questions, seed --seed)."""
+    from truthmap import resample as resampling
+    from truthmap.datasets.rules import RULES
+    from truthmap.detection import probe_data
+    from truthmap.sampling_baselines import rule_match, sampling_cost, sampling_results, sampling_scores
+
+    job, load_records, answer_models, _ = resampling_job(config, n_resamples, temperature, config.seed, None, None,
+                                                         with_cell=False, get_lm=get_lm)
+    answers, state = resampling.sampled_answers(job, load_records, answer_models)
+    spec, _ = load_records()
+    scores = sampling_scores(job.greedy, answers, rule_match(RULES[spec.rule]) if spec.rule in RULES else None)
+    common = {k: last_row[k] for k in ("dataset", "n_train", "n_test", "test_errors")}
+    common |= {"n_resamples": n_resamples, "temperature": temperature}
+    test = probe_data(run_dir(config), config.site, f"{config.dataset} (test)")
+    return sampling_results(scores, test, common, sampling_cost(answers, state, job.extraction))
 
 
 @locked
@@ -619,6 +645,17 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
     token are given); writes run.resamples/ and returns its resamples.json. Finished steps are not redone, and
     the model is loaded only when answers or activations are missing.
     """
+    from truthmap import resample as resampling
+
+    job, load_records, answer_models, get_lm = resampling_job(config, n_resamples, temperature, seed, layer, token,
+                                                               lm, n_questions)
+    return resampling.resample_stage(job, load_records, answer_models, get_lm)
+
+
+def resampling_job(config: RunConfig, n_resamples: int, temperature: float, seed: int, layer: int | None,
+                   token: str | None, lm=None, n_questions: int | None = None, with_cell: bool = True, get_lm=None):
+    """(resample.Resampling, load_records, answer_models, get_lm) of resample; with_cell=False: no cell to read
+    (the sampling baselines read the answers alone), so no probes.json is needed."""
     import pandas as pd
 
     from truthmap import resample as resampling
@@ -639,13 +676,16 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
     every = pd.read_parquet(run.answers)
     rows = resampling.choose_questions(len(every), n_questions, seed)
     greedy = every.iloc[rows].reset_index(drop=True)
-    store, meta = open_store(run.activations(config.site))
-    probes_json = run_dir(dataclasses.replace(config, split="train")).probe_files(config.site).summary
-    cell = resampling.resolve_cell(probes_json, config.site, layer, token, meta["shape"][0])
+    cell, greedy_acts = None, None
+    if with_cell:
+        store, meta = open_store(run.activations(config.site))
+        probes_json = run_dir(dataclasses.replace(config, split="train")).probe_files(config.site).summary
+        cell = resampling.resolve_cell(probes_json, config.site, layer, token, meta["shape"][0])
+        greedy_acts = resampling.greedy_cell(store, cell)[rows]
     settings = made["settings"] | {"n_resamples": n_resamples, "temperature": temperature, "resample_seed": seed}
     # Resamples are located as the greedy answers were (runs made before "locate" existed: these flags).
     extraction = {k: made["settings"].get(k, v) for k, v in locating_settings(config).items()}
-    get_lm = model_loader(config) if lm is None else (lambda: lm)
+    get_lm = get_lm or (model_loader(config) if lm is None else (lambda: lm))
 
     def load_records():
         greedy_config = _greedy_records_config(config, made["config"])
@@ -667,13 +707,14 @@ def resample(config: RunConfig, n_resamples: int = 10, temperature: float = 1.0,
 
         return model, load_model(extraction["extraction_model"], config.device, config.dtype)
 
-    title = (f"{model_slug(config.model)} · {config.dataset} ({config.split}) · K={n_resamples}, T={temperature}\n"
-             f"cell: {config.site} layer {cell['layer']}, {cell['token']}")
+    title = f"{model_slug(config.model)} · {config.dataset} ({config.split}) · K={n_resamples}, T={temperature}"
+    if cell:
+        title += f"\ncell: {config.site} layer {cell['layer']}, {cell['token']}"
     job = resampling.Resampling(
-        run.resample_files, greedy, resampling.greedy_cell(store, cell)[rows], cell, settings, extraction,
-        generation_settings(settings), config.batch_size, config.seeds, title,
+        run.resample_files, greedy, greedy_acts, cell, settings, extraction, generation_settings(settings),
+        config.batch_size, config.seeds, title,
     )
-    return resampling.resample_stage(job, load_records, answer_models, get_lm)
+    return job, load_records, answer_models, get_lm
 
 
 def _greedy_records_config(config: RunConfig, saved: dict) -> RunConfig:

@@ -371,19 +371,9 @@ def resample_stage(job: Resampling, load_records, answer_models, get_lm) -> dict
     get_lm(): the model for the cell's activations.
     """
     import numpy as np
-    import pandas as pd
 
     files = job.files
-    made_by = job.settings | job.extraction | {"n_questions": len(job.greedy)}
-    state = read_json(files.state) if files.state.exists() else {}
-    if state.get("settings") != json.loads(json.dumps(made_by)) or not files.answers.exists():
-        spec, records = load_records()
-        model, extractor = answer_models()
-        answers = resample_answers(model, extractor, spec, records, job.greedy, job.generation, files.work,
-                                   job.batch_size, job.extraction)
-        write_parquet(files.answers, answers)
-        state = save_state(files, {"settings": made_by})
-    answers = pd.read_parquet(files.answers)
+    answers, state = sampled_answers(job, load_records, answer_models)
     cell = job.cell
     if state.get("cell") != cell or not files.cell_acts.exists():
         keyed = answers.assign(key=[row_key(i, k) for i, k in zip(answers["id"], answers["sample"])])
@@ -395,10 +385,34 @@ def resample_stage(job: Resampling, load_records, answer_models, get_lm) -> dict
         )
         save_npy(files.cell_acts, acts)
         save_npy(files.greedy_cell_acts, job.greedy_acts)
-        state = save_state(files, {"settings": state["settings"], "cell": cell})
+        kept = {k: state[k] for k in ("settings", "sampling_seconds") if k in state}
+        state = save_state(files, kept | {"cell": cell})
     summary = analyse(job.greedy, answers, job.greedy_acts, np.load(files.cell_acts), cell["token"], job.seeds, files,
                       job.title)
     return save_state(files, state | summary)
+
+
+def sampled_answers(job: Resampling, load_records, answer_models):
+    """The first step of resample_stage, also what the sampling baselines read: (resamples/answers.parquet's frame,
+    resamples.json's content). Sampled, labelled and located only when resamples.json's settings differ; the
+    checkpoints make a killed sampling resume. The seconds this process spent sampling are kept in
+    resamples.json ("sampling_seconds"; a resumed sampling counts its last part only)."""
+    import time
+
+    import pandas as pd
+
+    files = job.files
+    made_by = job.settings | job.extraction | {"n_questions": len(job.greedy)}
+    state = read_json(files.state) if files.state.exists() else {}
+    if state.get("settings") != json.loads(json.dumps(made_by)) or not files.answers.exists():
+        started = time.perf_counter()
+        spec, records = load_records()
+        model, extractor = answer_models()
+        answers = resample_answers(model, extractor, spec, records, job.greedy, job.generation, files.work,
+                                   job.batch_size, job.extraction)
+        write_parquet(files.answers, answers)
+        state = save_state(files, {"settings": made_by, "sampling_seconds": round(time.perf_counter() - started, 2)})
+    return pd.read_parquet(files.answers), state
 
 
 def save_state(files: ResampleFiles, state: dict) -> dict:
