@@ -340,10 +340,14 @@ def extract(config: RunConfig, lm=None) -> RunDir:
                              config.batch_size)
     columns = ["prompt_ids", "answer_ids", *(position_column(p) for p in POSITIONS)]
     job = Extracting(table[columns], settings, config.site, config.batch_size, run)
+    started = time.perf_counter()
     with runner(config, model_state(config, lm), len(cut)) as workers:
         shards = workers.map(functools.partial(extract_shard, job=job), cut, f"Extracting {config.site} activations")
     if config.executor == "ray":
         merge_stores(shards, run.activations(config.site), len(table))
+    from truthmap.costs import record_seconds  # the probes' cost, beside the detection table
+
+    record_seconds(run.costs, "extract", time.perf_counter() - started, len(table))
     return run
 
 
@@ -514,7 +518,11 @@ def baselines(config: RunConfig, get_lm) -> RunDir:
     if run.baselines.exists() and set(pd.read_parquet(run.baselines, columns=["id"])["id"]) == set(table["id"]):
         return run
     lm = dataclasses.replace(get_lm(), is_chat=read_json(run.run_json)["chat_template"])
+    started = time.perf_counter()
     write_parquet(run.baselines, baseline_scores(lm, table, config.batch_size))
+    from truthmap.costs import record_seconds  # p(True)'s cost, beside the detection table
+
+    record_seconds(run.costs, "baselines", time.perf_counter() - started, len(table))
     return run
 
 
@@ -546,6 +554,7 @@ def table(config: RunConfig, datasets: list[str], test_samples: int | None = Non
           temperature: float = 1.0) -> dict:
     """The detection table over datasets: each dataset's train run fits the probes, its test run scores them.
     n_resamples: also the sampling baselines, from that many sampled answers per test question."""
+    from truthmap.costs import add_costs
     from truthmap.detection import evaluate_dataset, write_detection_table
     from truthmap.models import model_slug
 
@@ -554,10 +563,11 @@ def table(config: RunConfig, datasets: list[str], test_samples: int | None = Non
     results = []
     get_lm = model_loader(config)
     for dataset, (train, test) in prepare_splits(config, datasets, test_samples, get_lm).items():
-        results += evaluate_dataset(dataset, train, test, config.site, config.seeds)
+        rows = evaluate_dataset(dataset, train, test, config.site, config.seeds)
         if n_resamples:
-            results += sampling_rows(dataclasses.replace(config, dataset=dataset, split="test"), results[-1],
-                                     n_resamples, temperature, get_lm)
+            rows += sampling_rows(dataclasses.replace(config, dataset=dataset, split="test"), rows[-1], n_resamples,
+                                  temperature, get_lm)
+        results += add_costs(rows, test)
     slug = model_slug(config.model)
     title = f"Error detection AUC (test split) · {slug} · {config.site}"
     return write_detection_table(results, tables_dir(Path(config.runs_dir) / slug), title)

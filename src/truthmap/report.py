@@ -228,7 +228,7 @@ def _probe_facts(probes: dict) -> str:
 
 def detection_section(run: RunDir) -> str:
     tables = run.table_files
-    return _files_section([tables.png, tables.csv]) + _table_verdicts(tables)
+    return _files_section([tables.png, tables.cost_png, tables.csv, tables.cost_csv]) + _table_verdicts(tables)
 
 
 def _table_verdicts(tables: TableFiles) -> str:

@@ -239,6 +239,8 @@ class TableFiles(Folder):
     md = _file("detection_table.md")
     png = _file("detection_table.png")
     results = _file("detection_results.json")
+    cost_csv = _file("cost_table.csv")  # AUC, interval and cost per answer of each method (costs.py)
+    cost_png = _file("auroc_vs_cost.png")
 
 
 class GeneralizationFiles(Folder):
@@ -278,6 +280,7 @@ class RunDir:
     report = _file("report.html")
     baselines = _file("baselines.parquet")
     detector_scores = _file("detector_scores.parquet")
+    costs = _file("costs.json")  # seconds per answer of the stages that cost model time (costs.record_seconds)
 
     work = property(lambda self: Work(self.path / "work"))
     generation_parts = property(lambda self: self.work.generations.path)
