@@ -511,8 +511,8 @@ def table(ctx: typer.Context, **options):
 
     sampling = {name: options.pop(name) for name in ("sampling_baselines", "n_resamples", "temperature")}
     config, names, test_questions = study(ctx, options)
-    written = pipeline.table(config, names, test_questions,
-                             sampling["n_resamples"] if sampling["sampling_baselines"] else None, sampling["temperature"])
+    written = pipeline.table(config, names, test_questions, temperature=sampling["temperature"],
+                             n_resamples=sampling["n_resamples"] if sampling["sampling_baselines"] else None)
     typer.echo(open(written["md"]).read())
     typer.echo(f"Table: {written['csv']}, {written['md']}, {written['png']}")
 
