@@ -76,7 +76,8 @@ LAYERS = {
     "lm": {"models", "sites", "decoding"},
     "config": {"config"},
     "stages": {"generate", "label", "locate", "activations", "importer", "resample", "stages", "baselines", "probes",
-               "controls", "heatmap", "error_types", "selection", "detection", "generalize", "detector", "report"},
+               "controls", "heatmap", "error_types", "selection", "detection", "generalize", "detector", "report",
+               "verdict", "sampling_baselines", "costs"},
     "api": {"pipeline", "cli"},
 }
 
