@@ -104,8 +104,8 @@ def test_the_answers_of_resample_are_reused_not_generated_again(greedy_run, tiny
         return real(model, tokenizer, prompts, *args, **kwargs)
 
     monkeypatch.setattr(resampling, "generate_batch", spy)
-    row = {"dataset": "custom", "n_train": 0, "n_test": 0, "test_errors": 0}
-    rows = pipeline.sampling_rows(greedy_run, row, K, 1.0, lambda: tiny)
+    row = {"dataset": "custom", "method": "Logits-mean", "n_train": 0, "n_test": 0, "test_errors": 0}
+    rows = pipeline.sampling_rows(greedy_run, [row], K, 1.0, lambda: tiny)
     assert calls == []
     assert [r["method"] for r in rows] == list(SAMPLING_NAMES.values())
     assert all(r["cost"]["generations"] == K and r["temperature"] == 1.0 for r in rows)
@@ -118,6 +118,6 @@ def test_the_answers_of_resample_are_reused_not_generated_again(greedy_run, tiny
     files = pipeline.run_dir(greedy_run).resample_files
     files.answers.unlink()
     files.state.unlink()
-    again = pipeline.sampling_rows(greedy_run, row, K, 1.0, lambda: tiny)
+    again = pipeline.sampling_rows(greedy_run, [row], K, 1.0, lambda: tiny)
     assert calls == [] and [r["auc_mean"] for r in again] == [r["auc_mean"] for r in rows]
     pd.testing.assert_frame_equal(pd.read_parquet(files.answers), written)

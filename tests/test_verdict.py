@@ -118,3 +118,20 @@ def test_run_verdict_on_constructed_activations():
     assert v["probe"]["cell"].startswith("layer 1,") and v["probe"]["auc_mean"] > 0.9
     assert v["conclusion"] == "beats" and out["verdict"] == v["text"]
     assert v["combined"]["auc_mean"] > v["bar"]["auc_mean"]
+
+
+def test_probe_versus_a_baseline_is_paired_on_the_same_rows(seed):
+    from truthmap.verdict import best_probe_row, probe_versus
+
+    rng, y, _ = rows(seed)
+    baseline = scored(rng, y, 1.0)
+    same = probe_versus(np.stack([baseline, baseline]), baseline, y)
+    assert same["difference"] == {"mean": 0.0, "low": 0.0, "high": 0.0}  # paired: identical scores never differ
+    better = scored(rng, y, 3.0)
+    v = probe_versus(better[None], baseline, y)
+    assert v["probe_auc"] == round(roc_auc_score(y, better), 4) and v["baseline_auc"] == round(roc_auc_score(y, baseline), 4)
+    assert 0 < v["difference"]["low"] < v["difference"]["mean"] < v["difference"]["high"]
+    table = [{"method": "Probe @ -1", "validation_auc": [0.7, 0.8], "auc_mean": 0.9},
+             {"method": "Probe @ last_q", "validation_auc": [0.8, 0.8], "auc_mean": 0.6},
+             {"method": "Text @ answer", "auc_mean": 0.99}, {"method": "Probe @ -2", "auc_mean": float("nan")}]
+    assert best_probe_row(table)["method"] == "Probe @ last_q"  # validation, not the test AUC, picks the row

@@ -96,6 +96,29 @@ def cost_markdown(frame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def versus_markdown(results: list[dict]) -> str:
+    """Per sampling baseline, the best probe (chosen on validation) against it on the same test rows: both AUCs,
+    the paired interval of the difference, and what each costs per answer."""
+    costs = {(r["dataset"], r["method"]): r.get("cost") or {} for r in results}
+    lines = []
+    for r in results:
+        v = r.get("versus_probe")
+        if not v:
+            continue
+        d, probe_cost, cost = v["difference"], costs.get((r["dataset"], v["probe"]), {}), r.get("cost") or {}
+        seconds = [c.get("seconds") for c in (probe_cost, cost)]
+        ratio = (f"; the probe takes {seconds[0] / seconds[1]:.3g} of its seconds" if None not in seconds
+                 and seconds[1] > 0 else "")
+        lines.append(f"- {r['dataset']}: {v['probe']} AUC {v['probe_auc']:.3f} against {r['method']} "
+                     f"{v['baseline_auc']:.3f} (K={r.get('n_resamples')}, T={r.get('temperature')}), difference "
+                     f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]; per answer the probe needs no extra "
+                     f"pass, {r['method']} {cost.get('generations')} generations and {cost.get('extractions')} "
+                     f"extractions ({cost.get('generated_tokens')} generated tokens){ratio}.")
+    if not lines:
+        return ""
+    return "\nThe probe against the sampling baselines (same test rows, paired 95 % intervals):\n\n" + "\n".join(lines) + "\n"
+
+
 def plot_auc_vs_cost(frame, title: str, png_path) -> None:
     """AUC against seconds per answer (log scale; methods that cost nothing sit at the left edge), one marker per
     dataset, the interval as a vertical bar."""

@@ -254,10 +254,10 @@ def write_detection_table(results: list[dict], directory, title: str) -> dict:
     mean, std = detection_frames(results)
     wide = mean.join(std, rsuffix="_std")
     write_atomic(out.csv, lambda tmp: wide.to_csv(tmp, float_format="%.4f"))
-    from truthmap.costs import cost_frame, cost_markdown, plot_auc_vs_cost
+    from truthmap.costs import cost_frame, cost_markdown, plot_auc_vs_cost, versus_markdown
 
     costs = cost_frame(results)
-    text = f"{title}\n\n" + markdown_table(mean, std) + verdicts(results) + cost_markdown(costs)
+    text = f"{title}\n\n" + markdown_table(mean, std) + verdicts(results) + versus_markdown(results) + cost_markdown(costs)
     write_atomic(out.md, lambda tmp: tmp.write_text(text))
     plot_matrix(mean, title, out.png, 0.5, 1.0, bold=best_per_column(mean))
     write_atomic(out.cost_csv, lambda tmp: costs.to_csv(tmp, index=False, float_format="%.5g"))

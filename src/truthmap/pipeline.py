@@ -565,7 +565,7 @@ def table(config: RunConfig, datasets: list[str], test_samples: int | None = Non
     for dataset, (train, test) in prepare_splits(config, datasets, test_samples, get_lm).items():
         rows = evaluate_dataset(dataset, train, test, config.site, config.seeds)
         if n_resamples:
-            rows += sampling_rows(dataclasses.replace(config, dataset=dataset, split="test"), rows[-1], n_resamples,
+            rows += sampling_rows(dataclasses.replace(config, dataset=dataset, split="test"), rows, n_resamples,
                                   temperature, get_lm)
         results += add_costs(rows, test)
     slug = model_slug(config.model)
@@ -573,23 +573,30 @@ def table(config: RunConfig, datasets: list[str], test_samples: int | None = Non
     return write_detection_table(results, tables_dir(Path(config.runs_dir) / slug), title)
 
 
-def sampling_rows(config: RunConfig, last_row: dict, n_resamples: int, temperature: float, get_lm) -> list[dict]:
+def sampling_rows(config: RunConfig, rows: list[dict], n_resamples: int, temperature: float, get_lm) -> list[dict]:
     """The sampling baselines' rows of the detection table for the test run of `config`, from the answers that
-    `truthmap resample` samples (and reuses: resamples/ of that run, all its questions, seed --seed)."""
+    `truthmap resample` samples (and reuses: resamples/ of that run, all its questions, seed --seed); rows: the
+    dataset's other rows, whose best probe on validation (verdict.best_probe_row) each is set against."""
     from truthmap import resample as resampling
     from truthmap.datasets.rules import RULES
     from truthmap.detection import probe_data
     from truthmap.sampling_baselines import rule_match, sampling_cost, sampling_results, sampling_scores
+    from truthmap.verdict import best_probe_row, chosen_probe_scores
 
     job, load_records, answer_models, _ = resampling_job(config, n_resamples, temperature, config.seed, None, None,
                                                          with_cell=False, get_lm=get_lm)
     answers, state = resampling.sampled_answers(job, load_records, answer_models)
     spec, _ = load_records()
     scores = sampling_scores(job.greedy, answers, rule_match(RULES[spec.rule]) if spec.rule in RULES else None)
-    common = {k: last_row[k] for k in ("dataset", "n_train", "n_test", "test_errors")}
+    common = {k: rows[-1][k] for k in ("dataset", "n_train", "n_test", "test_errors")}
     common |= {"n_resamples": n_resamples, "temperature": temperature}
     test = probe_data(run_dir(config), config.site, f"{config.dataset} (test)")
-    return sampling_results(scores, test, common, sampling_cost(answers, state, job.extraction))
+    probe = best_probe_row(rows)
+    if probe is not None:
+        train = probe_data(run_dir(dataclasses.replace(config, split="train")), config.site, f"{config.dataset} (train)")
+        scores_of_probe = chosen_probe_scores(train, test, probe["method"].removeprefix("Probe @ "), config.seeds)
+        probe = {"method": probe["method"], "scores": scores_of_probe}
+    return sampling_results(scores, test, common, sampling_cost(answers, state, job.extraction), probe)
 
 
 @locked

@@ -134,11 +134,13 @@ def sampling_scores(greedy, answers, same=None):
     return pd.DataFrame(rows, columns=["id", *SAMPLING_NAMES])
 
 
-def sampling_results(scores, test, common: dict, cost: dict | None = None) -> list[dict]:
+def sampling_results(scores, test, common: dict, cost: dict | None = None, probe: dict | None = None) -> list[dict]:
     """Rows of the detection table: each score's AUC and 95 % interval on the test rows (detection.ProbeData)
-    that have samples; cost: the sampling's cost per answer, added to every row."""
+    that have samples; cost: the sampling's cost per answer, added to every row. probe: {"method", "scores"
+    [seeds, test rows]}: each row also gets "versus_probe", the probe against it on the same rows (paired)."""
     from truthmap.detection import interval_over_test_rows
     from truthmap.probes import auc
+    from truthmap.verdict import probe_versus
 
     indexed = scores.set_index("id")
     known = np.array([i in indexed.index for i in test.ids])
@@ -150,6 +152,8 @@ def sampling_results(scores, test, common: dict, cost: dict | None = None) -> li
             values = indexed.loc[[i for i, k in zip(test.ids, known) if k], column].to_numpy(dtype=float)
             low, high = interval_over_test_rows(values[None], y)
             row |= {"auc_mean": auc(y, values), "auc_low": low, "auc_high": high, "scored_rows": int(known.sum())}
+            if probe is not None:
+                row["versus_probe"] = {"probe": probe["method"]} | probe_versus(probe["scores"][:, known], values, y)
         rows.append(row | ({"cost": cost} if cost else {}))
     return rows
 

@@ -306,3 +306,38 @@ def run_verdict(table, rows, acts, embed, seeds, dataset: str, device=None) -> d
                                     positions, [POSITIONS[p] for _, p in positions], y, splits, device))
     details = fair_verdict(y, splits.train, probe, controls, dataset, bootstrap_weights(y))
     return {"verdict": details["text"], "verdict_details": details}
+
+
+# --------------------------------------------------------------------- the probe against a baseline (detection table)
+
+
+def chosen_probe_scores(train, test, position: str, seeds) -> np.ndarray:
+    """[seeds, test rows] error log-odds of the probe at `position` whose layer each seed chose on validation rows
+    of the train run (detection.chosen_layer_probe's choice), on the test run's rows (detection.ProbeData)."""
+    from truthmap.detection import choose_layers, probe_logits
+
+    fit, _, val = choose_layers(train.layer_reader(position), train.acts.shape[1], train.is_error, train.groups,
+                                seeds, train.name)
+    read = test.layer_reader(position)
+    return np.stack([probe_logits(fit, layer, s, read(layer)) for s, layer in enumerate(val.argmax(1))])
+
+
+def best_probe_row(rows: list[dict]) -> dict | None:
+    """The probe row of the detection table whose chosen layers scored best on validation rows (never test)."""
+    probes = [r for r in rows if r["method"].startswith("Probe @ ") and r.get("validation_auc")]
+    return max(probes, key=lambda r: float(np.mean(r["validation_auc"]))) if probes else None
+
+
+def probe_versus(probe_scores, baseline_scores, is_error, weights=None) -> dict:
+    """The probe (scores [seeds, n]) against a baseline (scores [n]) on the same test rows: both AUCs and the
+    paired 95 % interval of probe minus baseline (the same rows drawn for both)."""
+    from truthmap.probes import bootstrap_aucs, bootstrap_weights
+
+    y = np.asarray(is_error, dtype=bool)
+    probe_scores = np.asarray(probe_scores, dtype=np.float64)
+    stacked = np.stack([probe_scores, np.broadcast_to(baseline_scores, probe_scores.shape)])  # [2, seeds, n]
+    everything = np.zeros(probe_scores.shape, dtype=bool)  # no train rows: every row is a test row
+    boot = bootstrap_aucs(stacked, y, everything, bootstrap_weights(y) if weights is None else weights)
+    aucs = [float(np.mean(heldout_aucs(s, y, everything))) for s in stacked]
+    return {"probe_auc": round(aucs[0], 4), "baseline_auc": round(aucs[1], 4),
+            "difference": {"mean": round(aucs[0] - aucs[1], 4)} | paired(boot[:, 0], boot[:, 1])}
