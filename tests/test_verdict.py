@@ -121,7 +121,8 @@ def test_run_verdict_on_constructed_activations():
 
 
 def test_probe_versus_a_baseline_is_paired_on_the_same_rows(seed):
-    from truthmap.verdict import best_probe_row, probe_versus
+    from truthmap.detection import best_probe_row
+    from truthmap.verdict import probe_versus
 
     rng, y, _ = rows(seed)
     baseline = scored(rng, y, 1.0)

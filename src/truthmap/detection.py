@@ -266,8 +266,14 @@ def write_detection_table(results: list[dict], directory, title: str) -> dict:
     return {"csv": str(out.csv), "md": str(out.md), "png": str(out.png)}
 
 
+def best_probe_row(rows: list[dict]) -> dict | None:
+    """The probe row of the detection table whose chosen layers scored best on validation rows (never test)."""
+    probes = [r for r in rows if r["method"].startswith("Probe @ ") and r.get("validation_auc")]
+    return max(probes, key=lambda r: float(np.mean(r["validation_auc"]))) if probes else None
+
+
 def verdicts(results: list[dict]) -> str:
-    """Per dataset, in words: the best probe row against the best text-only control row, with their 95 % intervals
+    """Per dataset, in words: the best probe row (on validation rows) against the best text-only control row, with their 95 % intervals
     over the test rows; the probe beats the control when its interval lies above the control's AUC."""
     from truthmap.controls import CONTROLS, compare
 
@@ -279,7 +285,7 @@ def verdicts(results: list[dict]) -> str:
         controls = [r for r in rows if r["method"] in labels]
         if not probes:
             continue
-        probe = max(probes, key=lambda r: r["auc_mean"])
+        probe = best_probe_row(probes) or max(probes, key=lambda r: r["auc_mean"])  # chosen on validation rows
         control = max(controls, key=lambda r: r["auc_mean"]) if controls else None
         lines.append(f"- {dataset}: " + compare(f"best probe {probe['method']}", probe, control))
     return "\nVerdict (95 % intervals over the test rows):\n\n" + "\n".join(lines) + "\n" if lines else ""

@@ -576,12 +576,12 @@ def table(config: RunConfig, datasets: list[str], test_samples: int | None = Non
 def sampling_rows(config: RunConfig, rows: list[dict], n_resamples: int, temperature: float, get_lm) -> list[dict]:
     """The sampling baselines' rows of the detection table for the test run of `config`, from the answers that
     `truthmap resample` samples (and reuses: resamples/ of that run, all its questions, seed --seed); rows: the
-    dataset's other rows, whose best probe on validation (verdict.best_probe_row) each is set against."""
+    dataset's other rows, whose best probe on validation (detection.best_probe_row) each is set against."""
     from truthmap import resample as resampling
     from truthmap.datasets.rules import RULES
-    from truthmap.detection import probe_data
+    from truthmap.detection import best_probe_row, probe_data
     from truthmap.sampling_baselines import rule_match, sampling_cost, sampling_results, sampling_scores
-    from truthmap.verdict import best_probe_row, chosen_probe_scores
+    from truthmap.verdict import chosen_probe_scores
 
     job, load_records, answer_models, _ = resampling_job(config, n_resamples, temperature, config.seed, None, None,
                                                          with_cell=False, get_lm=get_lm)

@@ -322,12 +322,6 @@ def chosen_probe_scores(train, test, position: str, seeds) -> np.ndarray:
     return np.stack([probe_logits(fit, layer, s, read(layer)) for s, layer in enumerate(val.argmax(1))])
 
 
-def best_probe_row(rows: list[dict]) -> dict | None:
-    """The probe row of the detection table whose chosen layers scored best on validation rows (never test)."""
-    probes = [r for r in rows if r["method"].startswith("Probe @ ") and r.get("validation_auc")]
-    return max(probes, key=lambda r: float(np.mean(r["validation_auc"]))) if probes else None
-
-
 def probe_versus(probe_scores, baseline_scores, is_error, weights=None) -> dict:
     """The probe (scores [seeds, n]) against a baseline (scores [n]) on the same test rows: both AUCs and the
     paired 95 % interval of probe minus baseline (the same rows drawn for both)."""
