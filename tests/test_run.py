@@ -133,4 +133,4 @@ def test_run_writes_controls_embedding_row_selectivity_and_intervals(study, tmp_
     assert set(summary["verdict_details"]["controls"]) == {*summary["controls"], "input_embedding"}
     assert f"Verdict: {summary['verdict']}" in result.output
     report = (tmp_path / "runs" / "tiny-model" / "custom" / "train" / "report.html").read_text()
-    assert html.escape(summary["verdict"]) in report and "Selectivity" in report
+    assert html.escape(summary["verdict"]) in report and "Selectivity" in report and "Controls of the verdict" in report
