@@ -213,7 +213,8 @@ def method_order(methods) -> list[str]:
 
     controls = [label for _, label in CONTROLS.values()]
     known = list(BASELINE_NAMES.values()) + controls + [f"Probe @ {p}" for p in PROBE_TOKENS]
-    return [m for m in known if m in set(methods)] + sorted(set(methods) - set(known))
+    # others (the sampling baselines) after them, in the order they came
+    return [m for m in known if m in set(methods)] + [m for m in dict.fromkeys(methods) if m not in known]
 
 
 def detection_frames(results: list[dict]):
