@@ -65,10 +65,13 @@ class Family:
         return np.asarray(array, dtype=np.float64)[self.chosen(), seeds]
 
     def member(self) -> str:
-        """The member chosen most often over the seeds, with how often when the seeds disagree."""
-        counts = Counter(self.labels[i] for i in self.chosen())
-        label, k = counts.most_common(1)[0]
-        return label if k == len(self.val_auc) else f"{label} (chosen in {k} of {len(self.val_auc)} splits)"
+        """The member chosen most often over the seeds."""
+        return Counter(self.labels[i] for i in self.chosen()).most_common(1)[0][0]
+
+    def agreement(self) -> str:
+        """'' when every seed chose the same member, else 'in k of n splits' (k: how often member() was chosen)."""
+        k = Counter(self.labels[i] for i in self.chosen()).most_common(1)[0][1]
+        return "" if k == len(self.val_auc) else f"in {k} of {len(self.val_auc)} splits"
 
 
 def heldout_aucs(scores, is_error, train) -> list[float]:
@@ -131,9 +134,10 @@ def fair_verdict(is_error, train, probe: Family, controls: list[Family], dataset
     low, high = interval(boot)
     entry = lambda i: {"auc_mean": round(means[i], 4), "auc_low": round(float(low[i]), 4),  # noqa: E731
                        "auc_high": round(float(high[i]), 4)}
-    out["probe"] = {"cell": probe.member(), "validation_auc": round(probe.validation(), 4)} | entry(0)
+    out["probe"] = {"cell": probe.member(), "chosen": probe.agreement(),
+                    "validation_auc": round(probe.validation(), 4)} | entry(0)
     if bar is not None:
-        out["bar"] = {"name": bar.name, "label": bar.label, "member": bar.member()} | entry(1)
+        out["bar"] = {"name": bar.name, "label": bar.label, "member": bar.member(), "chosen": bar.agreement()} | entry(1)
         out["difference"] = {"mean": round(means[0] - means[1], 4)} | paired(boot[:, 0], boot[:, 1])
     if len(candidates) == 3:
         out["combined"] = entry(2)
@@ -165,12 +169,14 @@ def _gap(entry: dict) -> str:
 def sentence(v: dict) -> str:
     """The verdict in words: the test rows' counts, the probe, the bar, the difference and the combination."""
     where = f"{v['dataset']}: " if v["dataset"] else ""
-    said = (f"{where}probe at {v['probe']['cell']} (chosen on validation rows of the train part), {_auc(v['probe'])} "
-            f"on the test rows")
+    chosen = f"; {v['probe']['chosen']}" if v["probe"]["chosen"] else ""
+    said = (f"{where}probe at {v['probe']['cell']} (chosen on validation rows of the train part{chosen}), "
+            f"{_auc(v['probe'])} on the test rows")
     if "bar" in v:
         said += f"; bar: {v['bar']['label']}"
         if v["bar"]["member"] != v["bar"]["label"]:
             said += f" at {v['bar']['member']}"
+        said += f" ({v['bar']['chosen']})" if v["bar"]["chosen"] else ""
         said += f", {_auc(v['bar'])}; probe minus bar {_gap(v['difference'])}"
     if "gain" in v:
         said += f"; probe and bar combined {_auc(v['combined'])}, gain over the bar {_gap(v['gain'])}"
