@@ -1,9 +1,11 @@
 """Cost beside accuracy (costs.py): seconds recorded per stage, a cost per method, the table and the plot."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
-
 from test_detection import fake_run
+
 from truthmap.costs import add_costs, record_seconds
 from truthmap.detection import evaluate_dataset, write_detection_table
 from truthmap.rundir import read_json, write_json
@@ -26,7 +28,7 @@ def test_costs_per_method_in_the_table_and_the_plot(tmp_path):
     table = pd.read_csv(tmp_path / "tables" / "cost_table.csv")
     probe = table.set_index("method").loc["Probe @ exact_answer_last"]
     assert probe["seconds"] == 0.025 and probe["auc_low"] <= probe["auc"] <= probe["auc_high"]
-    md = open(written["md"]).read()
+    md = Path(written["md"]).read_text()
     row = next(r for r in results if r["method"] == "Probe @ exact_answer_last")
     assert (f"| toy | Probe @ exact_answer_last | {row['auc_mean']:.3f} [{row['auc_low']:.3f}, {row['auc_high']:.3f}]"
             " | 0 | 0.0 | 0.0 | 0.0250 |") in md

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-
 from tiny import half_right_qa
+
 from truthmap import pipeline
 from truthmap import resample as resampling
 from truthmap.config import RunConfig

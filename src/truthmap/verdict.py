@@ -115,7 +115,7 @@ def fair_verdict(is_error, train, probe: Family, controls: list[Family], dataset
     test_correct = int(min((~y[~mask]).sum() for mask in train))
     fitted = [c for c in controls if np.isfinite(c.val_auc).any()]
     out = {"dataset": dataset, "test_errors": test_errors, "test_correct": test_correct,
-           "seeds": int(len(train)), "controls": {}}
+           "seeds": len(train), "controls": {}}
     for c in controls:
         out["controls"][c.name] = {"label": c.label, "member": c.member() if c in fitted else None,
                                    "validation_auc": round(c.validation(), 4) if c in fitted else None,
@@ -132,8 +132,10 @@ def fair_verdict(is_error, train, probe: Family, controls: list[Family], dataset
     means = [float(np.mean(heldout_aucs(s, y, train))) for s in stacked]
     boot = bootstrap_aucs(stacked, y, train, weights)  # [n_boot, methods], the same rows drawn for every method
     low, high = interval(boot)
-    entry = lambda i: {"auc_mean": round(means[i], 4), "auc_low": round(float(low[i]), 4),  # noqa: E731
-                       "auc_high": round(float(high[i]), 4)}
+
+    def entry(i):  # method i's AUC on the test rows and its interval
+        return {"auc_mean": round(means[i], 4), "auc_low": round(float(low[i]), 4), "auc_high": round(float(high[i]), 4)}
+
     out["probe"] = {"cell": probe.member(), "chosen": probe.agreement(),
                     "validation_auc": round(probe.validation(), 4)} | entry(0)
     if bar is not None:
@@ -300,7 +302,7 @@ def run_verdict(table, rows, acts, embed, seeds, dataset: str, device=None) -> d
         return {"verdict": f"{dataset}: {err}", "verdict_details": None}
     view = RowView(acts, rows)
     cells = [(layer, p) for layer in range(view.shape[1]) for p in range(view.shape[2])]
-    read = lambda cell: view[:, cell[0], cell[1], :]  # noqa: E731
+    read = lambda cell: view[:, cell[0], cell[1], :]
     probe = cell_family("probe", "Probe", read, cells, [f"layer {la}, {POSITIONS[p]}" for la, p in cells], y, splits,
                         device)
     controls = [text_family(name, label, [str(t) for t in table[column].iloc[rows]], y, splits)
