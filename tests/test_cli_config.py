@@ -304,3 +304,13 @@ def test_score_help_names_only_its_own_flags():
     shown = help_text("score")
     assert "--dataset" not in shown and "--custom-path" not in shown
     assert "Batch mode: the question column of the --input file." in shown
+
+
+def test_table_asks_for_sampling_baselines_only_when_told(captured):
+    CliRunner().invoke(app, ["table", "--datasets", "geography"])
+    assert captured["table"][2] == {"temperature": 1.0, "n_resamples": None}
+    CliRunner().invoke(app, ["table", "--datasets", "geography", "--sampling-baselines"])
+    assert captured["table"][2] == {"temperature": 1.0, "n_resamples": 10}  # K = 10 when asked
+    CliRunner().invoke(app, ["table", "--datasets", "geography", "--sampling-baselines", "--n-resamples", "4",
+                             "--temperature", "0.7"])
+    assert captured["table"][2] == {"temperature": 0.7, "n_resamples": 4}

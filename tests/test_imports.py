@@ -86,7 +86,8 @@ LAYERS = {
     # one module per stage of a run, each reading what the one before wrote in the run directory
     "stages": {"generate", "locate", "label", "activations", "probes", "heatmap", "baselines", "controls",
                "error_types", "report"},
-    "analysis": {"detection", "selection", "generalize", "card", "detector"},  # tables, selection, transfer, detectors
+    "analysis": {"detection", "selection", "generalize", "card", "detector", "costs"},  # tables, selection, transfer, detectors, costs
+    "verdicts": {"verdict", "sampling_baselines"},  # the fair verdict; semantic entropy and sampling consistency
     "workflows": {"stages"},  # the Stage contract and the shards the executor runs
     "runs": {"answering", "probing", "importer", "resample", "flagged"},  # the run functions of the stages
     "api": {"", "pipeline"},
@@ -103,6 +104,8 @@ SIDEWAYS = {
     ("generalize", "detection"): "transfer fits the probes of the detection table",
     ("detector", "detection"): "a detector chooses its layers as the detection table does",
     ("detector", "card"): "a saved detector writes its model card",
+    ("detection", "costs"): "the detection table shows each method's cost",
+    ("sampling_baselines", "verdict"): "a sampling baseline is set against the probe as the verdict sets the bar",
     ("calibration", "metrics"): "thresholds are reported with the metrics' intervals",
 }
 

@@ -1,5 +1,6 @@
 """The real models on small subsets: SmolLM2 (tokenizer, answers on real datasets), Gemma-3-270M end to end."""
 
+import html
 import json
 
 import pandas as pd
@@ -91,5 +92,6 @@ def test_gemma3_end_to_end(gemma3, tmp_path):
     assert len(cells) == 18 * 15 and cells[str(best["layer"]), best["token"]] == pytest.approx(cells.max(), abs=1e-6)
     assert best["auc_low"] <= best["auc_mean"] <= best["auc_high"]
     assert not any("token limit" in flag for flag in red_flags(run))
-    html = write_report(run.path).read_text()
-    assert f"layer {best['layer']}, {best['token']}, AUC {best['auc_mean']:.3f}" in html  # the verdict names that cell
+    page = write_report(run.path).read_text()
+    assert html.escape(summary["verdict"]) in page  # the fair verdict: its cell chosen on validation rows
+    assert f"probe at {summary['verdict_details']['probe']['cell']} (chosen on validation rows" in summary["verdict"]

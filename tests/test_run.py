@@ -133,7 +133,8 @@ def test_run_writes_controls_embedding_row_selectivity_and_intervals(study, tmp_
     assert (probes / "selectivity.svg").stat().st_size > 0
     top = json.loads((probes / "top_cells.json").read_text())
     assert {"auc_low", "auc_high", "selectivity", "beats_control"} <= set(top[0])
-    assert summary["verdict"].startswith("custom: best cell layer") and "best text-only control" in summary["verdict"]
+    assert summary["verdict"] == summary["verdict_details"]["text"] and summary["verdict"].startswith("custom: probe at layer")
+    assert set(summary["verdict_details"]["controls"]) == {*summary["controls"], "input_embedding"}
     assert f"Verdict: {summary['verdict']}" in result.output
     report = (tmp_path / "runs" / "tiny-model" / "custom" / "train" / "report.html").read_text()
-    assert html.escape(summary["verdict"]) in report and "Selectivity" in report
+    assert html.escape(summary["verdict"]) in report and "Selectivity" in report and "Controls of the verdict" in report

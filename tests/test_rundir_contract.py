@@ -35,7 +35,7 @@ def study(tmp_path_factory):
                        batch_size=8, seeds=(0, 1), extraction_tries=1)
     pipeline.run_all(config)
     pipeline.resample(config, n_resamples=2, layer=1, token="exact_answer_first")
-    pipeline.table(config, ["custom"])  # makes the test split's run and its baselines
+    pipeline.table(config, ["custom"], n_resamples=2)  # makes the test split's run, its baselines and samples
     pipeline.fit_detector(config, "exact_answer_last", None)  # scores the train run and the test run
     run = pipeline.run_dir(config)
     # generalize needs two datasets: the same runs under a second name stand in for one (the files are the same).

@@ -175,10 +175,14 @@ def extract(config: RunConfig, lm=None) -> RunDir:
                              config.batch_size)
     columns = ["prompt_ids", "answer_ids", *(position_column(p) for p in POSITIONS)]
     job = Extracting(table[columns], settings, config.site, config.batch_size, run)
+    started = time.perf_counter()
     with runner(config, model_state(config, lm), len(cut)) as workers:
         shards = workers.map(functools.partial(extract_shard, job=job), cut, f"Extracting {config.site} activations")
     if config.executor == "ray":
         merge_stores(shards, run.activations(config.site), len(table))
+    from truthmap.rundir import record_seconds  # the probes' cost, beside the detection table
+
+    record_seconds(run.costs, "extract", time.perf_counter() - started, len(table))
     return run
 
 

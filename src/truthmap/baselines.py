@@ -13,6 +13,7 @@ generation. Every score is an error score: higher means more likely wrong, the d
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -125,7 +126,11 @@ def run_baselines(config, get_lm):
     run = run_dir(config)
     table = answers_table(run)
     lm = dataclasses.replace(get_lm(), is_chat=read_json(run.run_json)["chat_template"])
+    started = time.perf_counter()
     write_parquet(run.baselines, baseline_scores(lm, table, config.batch_size))
+    from truthmap.rundir import record_seconds  # p(True)'s cost, beside the detection table
+
+    record_seconds(run.costs, "baselines", time.perf_counter() - started, len(table))
     return run
 
 

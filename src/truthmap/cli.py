@@ -120,8 +120,12 @@ OPTIONS = {
     # Generation
     "prompt_style": Option("auto (chat template if the model has one), instruct or base.", GENERATION),
     "max_new_tokens": Option("Default: the dataset's (100; 200 for math).", GENERATION),
-    "n_resamples": Option("Sampled answers per question (K; the paper uses 30).", GENERATION, int, 10),
+    "n_resamples": Option("Sampled answers per question (K; the paper uses 30).", GENERATION, int, 10,
+                          help_in={"table": "With --sampling-baselines: sampled answers per test question (K)."}),
     "temperature": Option("Sampling temperature, > 0.", GENERATION, float, 1.0),
+    "sampling_baselines": Option("Also the sampling baselines (semantic entropy, distinct answers, self-consistency) "
+                                 "from --n-resamples sampled answers per test question, those `truthmap resample` "
+                                 "writes (reused when there).", GENERATION, bool, False, "--sampling-baselines"),
     # Locating the exact answer
     "locate": Option("blind (the extractor locates every open answer, right or wrong) or gold (a gold alias in "
                      "correct answers, the extractor for the rest: the paper's way).", LOCATING),
@@ -507,7 +511,8 @@ def study(ctx: typer.Context, options: dict) -> tuple[RunConfig, list[str], int 
 
 @app.command(context_settings=EXTRA_DATASETS)
 @reports_errors
-@takes(*STUDY, defaults={"n_questions": STUDY_QUESTIONS}, renamed=("n_samples", "test_samples"))
+@takes(*STUDY, "sampling_baselines", "n_resamples", "temperature", defaults={"n_questions": STUDY_QUESTIONS},
+       renamed=("n_samples", "test_samples"))
 def table(ctx: typer.Context, **options):
     """The paper's Table 1: baselines and chosen-layer probes, trained on each train split, scored on its test split.
 
@@ -518,8 +523,10 @@ def table(ctx: typer.Context, **options):
     """
     from truthmap import pipeline
 
+    sampling = {name: options.pop(name) for name in ("sampling_baselines", "n_resamples", "temperature")}
     config, names, test_questions = study(ctx, options)
-    written = pipeline.table(config, names, test_questions)
+    written = pipeline.table(config, names, test_questions, temperature=sampling["temperature"],
+                             n_resamples=sampling["n_resamples"] if sampling["sampling_baselines"] else None)
     typer.echo(open(written["md"]).read())
     typer.echo(f"Table: {written['csv']}, {written['md']}, {written['png']}")
 

@@ -234,7 +234,8 @@ def method_order(methods) -> list[str]:
 
     controls = [label for _, label in CONTROLS.values()]
     known = list(BASELINE_NAMES.values()) + controls + [f"Probe @ {p}" for p in PROBE_TOKENS]
-    return [m for m in known if m in set(methods)] + sorted(set(methods) - set(known))
+    # others (the sampling baselines) after them, in the order they came
+    return [m for m in known if m in set(methods)] + [m for m in dict.fromkeys(methods) if m not in known]
 
 
 def detection_frames(results: list[dict]):
@@ -275,22 +276,33 @@ def write_detection_table(results: list[dict], directory, title: str) -> dict:
     mean, std = detection_frames(results)
     wide = mean.join(std, rsuffix="_std")
     write_atomic(out.csv, lambda tmp: wide.to_csv(tmp, float_format="%.4f"))
+    from truthmap.costs import cost_frame, cost_markdown, plot_auc_vs_cost, versus_markdown
     from truthmap.metrics import metrics_frame, metrics_markdown, plot_risk_coverage
 
-    others = metrics_frame(results)
+    others, costs = metrics_frame(results), cost_frame(results)
     write_atomic(out.metrics_csv, lambda tmp: others.to_csv(tmp, index=False, float_format="%.4f"))
+    write_atomic(out.cost_csv, lambda tmp: costs.to_csv(tmp, index=False, float_format="%.5g"))
     text = (f"{title}\n\n" + markdown_table(mean, std) + "\nEvery metric (metrics.py; FPR@95 and AURC: lower is "
-            "better):\n\n" + metrics_markdown(others) + verdicts(results))
+            "better):\n\n" + metrics_markdown(others) + verdicts(results) + versus_markdown(results)
+            + cost_markdown(costs))
     write_atomic(out.md, lambda tmp: tmp.write_text(text))
     plot_matrix(mean, title, out.png, 0.5, 1.0, bold=best_per_column(mean))
     write_atomic(out.risk_coverage_png, lambda tmp: plot_risk_coverage(results, tmp))
+    write_atomic(out.cost_png, lambda tmp: plot_auc_vs_cost(costs, title, tmp))
     write_json(out.results, results)
     return {"csv": str(out.csv), "md": str(out.md), "png": str(out.png), "metrics_csv": str(out.metrics_csv),
+            "cost_csv": str(out.cost_csv), "cost_png": str(out.cost_png),
             "risk_coverage_png": str(out.risk_coverage_png)}
 
 
+def best_probe_row(rows: list[dict]) -> dict | None:
+    """The probe row of the detection table whose chosen layers scored best on validation rows (never test)."""
+    probes = [r for r in rows if r["method"].startswith("Probe @ ") and r.get("validation_auc")]
+    return max(probes, key=lambda r: float(np.mean(r["validation_auc"]))) if probes else None
+
+
 def verdicts(results: list[dict]) -> str:
-    """Per dataset, in words: the best probe row against the best text-only control row, with their 95 % intervals
+    """Per dataset, in words: the best probe row (on validation rows) against the best text-only control row, with their 95 % intervals
     over the test rows; the probe beats the control when its interval lies above the control's AUC."""
     from truthmap.controls import CONTROLS, compare
 
@@ -302,7 +314,7 @@ def verdicts(results: list[dict]) -> str:
         controls = [r for r in rows if r["method"] in labels]
         if not probes:
             continue
-        probe = max(probes, key=lambda r: r["auc_mean"])
+        probe = best_probe_row(probes) or max(probes, key=lambda r: r["auc_mean"])  # chosen on validation rows
         control = max(controls, key=lambda r: r["auc_mean"]) if controls else None
         lines.append(f"- {dataset}: " + compare(f"best probe {probe['method']}", probe, control))
     return "\nVerdict (95 % intervals over the test rows):\n\n" + "\n".join(lines) + "\n" if lines else ""

@@ -179,3 +179,11 @@ def type_counts(table) -> dict[str, int]:
         "none": int((~flags.any(axis=1)).sum()),
         "questions": len(table),
     }
+
+
+def vote_text(source: str, valid: bool, exact_answer: str) -> str | None:
+    """The exact answer an answer stands for in the error types and the vote: NO_ANSWER for a refusal, None when
+    it has none."""
+    if source == "no_answer":
+        return NO_ANSWER
+    return exact_answer if valid else None

@@ -170,9 +170,10 @@ def prepare(config: RunConfig, get_lm) -> RunDir:
     return baselines(config, get_lm) if config.split == "test" else run
 
 
-def prepare_splits(config: RunConfig, datasets: list[str], test_samples: int | None) -> dict[str, tuple[RunDir, RunDir]]:
+def prepare_splits(config: RunConfig, datasets: list[str], test_samples: int | None,
+                   get_lm=None) -> dict[str, tuple[RunDir, RunDir]]:
     """The (train, test) runs of each dataset, made where missing; the model loads only if something is."""
-    get_lm = model_loader(config)
+    get_lm = get_lm or model_loader(config)
     sizes = {"train": config.n_samples, "test": test_samples or config.n_samples}
     configs = {dataset: [dataclasses.replace(config, dataset=dataset, split=s, n_samples=n) for s, n in sizes.items()]
                for dataset in datasets}
@@ -192,16 +193,24 @@ def check_study_input(config: RunConfig) -> None:
         load_config_records(config)
 
 
-def table(config: RunConfig, datasets: list[str], test_samples: int | None = None) -> dict:
-    """The detection table over datasets: each dataset's train run fits the probes, its test run scores them."""
+def table(config: RunConfig, datasets: list[str], test_samples: int | None = None, n_resamples: int | None = None,
+          temperature: float = 1.0) -> dict:
+    """The detection table over datasets: each dataset's train run fits the probes, its test run scores them.
+    n_resamples: also the sampling baselines, from that many sampled answers per test question."""
+    from truthmap.costs import add_costs
     from truthmap.detection import evaluate_dataset, write_detection_table
     from truthmap.models import model_slug
+    from truthmap.resample import sampling_rows
 
     if not datasets:
         raise ConfigError("No datasets: pass --datasets NAME [NAME ...].")
-    results = []
-    for dataset, (train, test) in prepare_splits(config, datasets, test_samples).items():
-        results += evaluate_dataset(dataset, train, test, config.site, config.seeds)
+    results, get_lm = [], model_loader(config)
+    for dataset, (train, test) in prepare_splits(config, datasets, test_samples, get_lm).items():
+        rows = evaluate_dataset(dataset, train, test, config.site, config.seeds)
+        if n_resamples:
+            rows += sampling_rows(dataclasses.replace(config, dataset=dataset, split="test"), rows, n_resamples,
+                                  temperature, get_lm)
+        results += add_costs(rows, test)
     slug = model_slug(config.model)
     title = f"Error detection AUC (test split) · {slug} · {config.site}"
     return write_detection_table(results, tables_dir(Path(config.runs_dir) / slug), title)

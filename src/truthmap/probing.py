@@ -9,7 +9,7 @@ from truthmap.config import RunConfig, run_dir
 from truthmap.rundir import POSITIONS, ProbeFiles, RunDir, read_json, write_json
 from truthmap.stages import answers_table
 
-PROBE_OUTPUTS = 2  # bump when the probe stage writes new files: 2 = embedding row, controls, intervals
+PROBE_OUTPUTS = 3  # bump when the probe stage writes new files: 2 = embedding row, controls, intervals; 3 = fair verdict
 
 
 def probe(config: RunConfig, lm=None) -> RunDir:
@@ -19,6 +19,7 @@ def probe(config: RunConfig, lm=None) -> RunDir:
 
     from truthmap.activations import open_embedding, open_store
     from truthmap.models import model_slug
+    from truthmap.verdict import run_verdict  # the cell chosen on validation rows, the embedding row a control
 
     run = run_dir(config)
     out = run.probe_files(config.site)
@@ -26,10 +27,12 @@ def probe(config: RunConfig, lm=None) -> RunDir:
     acts, meta = open_store(run.activations(config.site))
     made_by = probes_wanted(config, run)
     rows = np.flatnonzero(table["exact_answer_valid"].to_numpy())
-    grid, embed_grid, controls = probe_cells(table, rows, acts, open_embedding(run.activations(config.site), meta),
-                                             config)
+    embed = open_embedding(run.activations(config.site), meta)
+    grid, embed_grid, controls = probe_cells(table, rows, acts, embed, config)
     title = f"{model_slug(config.model)} · {config.dataset} ({config.split}) · {config.site} · n={len(rows)}"
     summary = write_probe_outputs(out, grid, embed_grid, controls, title, config.dataset)
+
+    summary |= run_verdict(table, rows, acts, embed, config.seeds, config.dataset, config.device)
     write_json(
         out.summary,
         made_by

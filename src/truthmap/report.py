@@ -198,6 +198,10 @@ def controls_parts(folder: ProbeFiles) -> str:
     parts = []
     if probes.get("verdict"):
         parts.append(f"<h3>Verdict</h3><p>{html.escape(probes['verdict'])}</p>")
+    if probes.get("verdict_details"):  # the controls of the verdict: validation AUC chose each, test AUC scored it
+        records = [{"control": c["label"], "chosen": c["member"], "validation_auc": c["validation_auc"],
+                    "test_auc": c["auc_mean"]} for c in probes["verdict_details"]["controls"].values()]
+        parts.append("<h3>Controls of the verdict (the bar: best on validation rows)</h3>" + _records_table(records))
     if probes.get("controls"):
         keys = ["label", "auc_mean", "auc_std", "auc_low", "auc_high"]
         keys += ["note"] * any("note" in c for c in probes["controls"].values())
@@ -226,7 +230,8 @@ def _probe_facts(probes: dict) -> str:
 
 def detection_section(run: RunDir) -> str:
     tables = run.table_files
-    return _files_section([tables.png, tables.csv, tables.risk_coverage_png, tables.metrics_csv]) + _table_verdicts(tables)
+    return _files_section([tables.png, tables.csv, tables.risk_coverage_png, tables.metrics_csv, tables.cost_png,
+                           tables.cost_csv]) + _table_verdicts(tables)
 
 
 def _table_verdicts(tables: TableFiles) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from truthmap.activations import FLOAT16_MAX  # as the greedy store: values beyond float16's range are clipped
 from truthmap.batches import load_in_order, run_batches
 from truthmap.decoding import generate_batch
-from truthmap.error_types import ERROR_TYPES, NO_ANSWER
+from truthmap.error_types import ERROR_TYPES, vote_text
 from truthmap.generate import answer_stop, generation_columns, stop_at_text
 from truthmap.errors import ConfigError, ProbeError, StoreError
 from truthmap import rundir, runstate
@@ -72,14 +72,6 @@ def sample_answers(lm, greedy, n_resamples: int, temperature: float, seed: int, 
                 key=lambda item: item[0], length=lambda item: len(item[3]))
     keys = [key for key, *_ in todo]  # greedy's ids, then k
     return load_in_order(checkpoints, keys).reset_index(drop=True).rename(columns={"question_id": "id"})
-
-
-def vote_text(source: str, valid: bool, exact_answer: str) -> str | None:
-    """The exact answer an answer stands for in the error types and the vote: NO_ANSWER for a refusal, None when
-    it has none."""
-    if source == "no_answer":
-        return NO_ANSWER
-    return exact_answer if valid else None
 
 
 def cell_activations(lm, frame, site: str, layer: int, token: str, batch_size: int, checkpoints: Checkpoints):
@@ -343,22 +335,12 @@ def resample_stage(job: Resampling, load_records, answer_models, get_lm) -> dict
     get_lm(): the model for the cell's activations.
     """
     import numpy as np
-    import pandas as pd
 
     from truthmap.stages import stage_done
 
     files = job.files
-    made_by = job.settings | job.extraction | {"n_questions": len(job.greedy)}
-    state = read_json(files.state) if files.state.exists() else {}
-    sampled, read = resample_steps(json.loads(json.dumps(made_by)), job.cell)
-    if not stage_done(sampled, None, files):
-        spec, records = load_records()
-        model, extractor = answer_models()
-        answers = resample_answers(model, extractor, spec, records, job.greedy, job.generation, files.work,
-                                   job.batch_size, job.extraction)
-        write_parquet(files.answers, answers)
-        state = save_state(files, {"settings": made_by})
-    answers = pd.read_parquet(files.answers)
+    answers, state = sampled_answers(job, load_records, answer_models)
+    _, read = resample_steps(made_by(job), job.cell)
     cell = job.cell
     if not stage_done(read, None, files):
         keyed = answers.assign(key=[row_key(i, k) for i, k in zip(answers["id"], answers["sample"])])
@@ -370,10 +352,16 @@ def resample_stage(job: Resampling, load_records, answer_models, get_lm) -> dict
         )
         save_npy(files.cell_acts, acts)
         save_npy(files.greedy_cell_acts, job.greedy_acts)
-        state = save_state(files, {"settings": state["settings"], "cell": cell})
+        kept = {k: state[k] for k in ("settings", "sampling_seconds") if k in state}
+        state = save_state(files, kept | {"cell": cell})
     summary = analyse(job.greedy, answers, job.greedy_acts, np.load(files.cell_acts), cell["token"], job.seeds, files,
                       job.title)
     return save_state(files, state | summary)
+
+
+def made_by(job: Resampling) -> dict:
+    """What the sampled answers are made with, as resamples.json keeps it (JSON's types)."""
+    return json.loads(json.dumps(job.settings | job.extraction | {"n_questions": len(job.greedy)}))
 
 
 def resample_steps(made_by: dict, cell: dict):
@@ -391,6 +379,31 @@ def resample_steps(made_by: dict, cell: dict):
                      finished=lambda config, files: getattr(files, file).exists())
 
     return step("resampled answers", "settings", made_by, "answers"), step("cell activations", "cell", cell, "cell_acts")
+
+
+def sampled_answers(job: Resampling, load_records, answer_models):
+    """The first step of resample_stage, also what the sampling baselines read: (resamples/answers.parquet's frame,
+    resamples.json's content). Sampled, labelled and located only when resamples.json's settings differ; the
+    checkpoints make a killed sampling resume. The seconds this process spent sampling are kept in
+    resamples.json ("sampling_seconds"; a resumed sampling counts its last part only)."""
+    import time
+
+    import pandas as pd
+
+    from truthmap.stages import stage_done
+
+    files = job.files
+    state = read_json(files.state) if files.state.exists() else {}
+    sampled, _ = resample_steps(made_by(job), job.cell)
+    if not stage_done(sampled, None, files):
+        started = time.perf_counter()
+        spec, records = load_records()
+        model, extractor = answer_models()
+        answers = resample_answers(model, extractor, spec, records, job.greedy, job.generation, files.work,
+                                   job.batch_size, job.extraction)
+        write_parquet(files.answers, answers)
+        state = save_state(files, {"settings": made_by(job), "sampling_seconds": round(time.perf_counter() - started, 2)})
+    return pd.read_parquet(files.answers), state
 
 
 def save_state(files: ResampleFiles, state: dict) -> dict:
@@ -427,15 +440,18 @@ def resample(config, resampling: ResampleConfig, lm=None) -> dict:
     token are given); writes run.resamples/ and returns its resamples.json. Finished steps are not redone, and
     the model is loaded only when answers or activations are missing.
     """
+    job, load_records, load_answer_models, get_lm = resampling_job(config, resampling, lm)
+    return resample_stage(job, load_records, load_answer_models, get_lm)
 
-    from truthmap.activations import open_store
+
+def resampling_job(config, resampling: ResampleConfig, lm=None, with_cell: bool = True, get_lm=None):
+    """(Resampling, load_records, answer_models, get_lm) of resample; with_cell=False: no cell to read (the
+    sampling baselines read the answers alone), so no probes.json is needed."""
+    from truthmap.answering import check_finished_store, check_models
     from truthmap.config import run_dir
     from truthmap.generate import generation_settings, locating_settings
-    from truthmap.models import model_slug
-    from truthmap.stages import model_loader
-
-    from truthmap.answering import check_finished_store, check_models
     from truthmap.rundir import ANSWERS_FIX, read_parquet
+    from truthmap.stages import model_loader
 
     run = run_dir(config)
     check_models(config, lm)
@@ -452,19 +468,59 @@ def resample(config, resampling: ResampleConfig, lm=None) -> dict:
     every = read_parquet(run.answers, fix=ANSWERS_FIX)
     rows = choose_questions(len(every), resampling.n_questions, resampling.seed)
     greedy = every.iloc[rows].reset_index(drop=True)
-    store, meta = open_store(run.activations(config.site))
-    probes_json = run_dir(dataclasses.replace(config, split="train")).probe_files(config.site).summary
-    cell = resolve_cell(probes_json, config.site, resampling.layer, resampling.token, meta["shape"][0])
+    cell, greedy_acts = greedy_cell_of(config, resampling, rows) if with_cell else (None, None)
     settings = made["settings"] | {"n_resamples": resampling.n_resamples, "temperature": resampling.temperature,
                                    "resample_seed": resampling.seed}
-    get_lm = model_loader(config) if lm is None else (lambda: lm)
-    title = (f"{model_slug(config.model)} · {config.dataset} ({config.split}) · K={resampling.n_resamples}, "
-             f"T={resampling.temperature}\ncell: {config.site} layer {cell['layer']}, {cell['token']}")
-    job = Resampling(run.resample_files, greedy, greedy_cell(store, cell)[rows], cell, settings, extraction,
-                     generation_settings(settings), config.batch_size, config.seeds, title)
-    return resample_stage(job, functools.partial(greedy_records, config, made, greedy),
-                          functools.partial(answer_models, config, made, extraction, get_lm), get_lm)
+    get_lm = get_lm or (model_loader(config) if lm is None else (lambda: lm))
+    job = Resampling(run.resample_files, greedy, greedy_acts, cell, settings, extraction,
+                     generation_settings(settings), config.batch_size, config.seeds, job_title(config, resampling, cell))
+    return (job, functools.partial(greedy_records, config, made, greedy),
+            functools.partial(answer_models, config, made, extraction, get_lm), get_lm)
 
+
+def greedy_cell_of(config, resampling: ResampleConfig, rows):
+    """(the probe cell resampling reads, the greedy answers' activations there) for the questions at rows."""
+    from truthmap.activations import open_store
+    from truthmap.config import run_dir
+
+    store, meta = open_store(run_dir(config).activations(config.site))
+    probes_json = run_dir(dataclasses.replace(config, split="train")).probe_files(config.site).summary
+    cell = resolve_cell(probes_json, config.site, resampling.layer, resampling.token, meta["shape"][0])
+    return cell, greedy_cell(store, cell)[rows]
+
+
+def job_title(config, resampling: ResampleConfig, cell: dict | None) -> str:
+    from truthmap.models import model_slug
+
+    title = (f"{model_slug(config.model)} · {config.dataset} ({config.split}) · K={resampling.n_resamples}, "
+             f"T={resampling.temperature}")
+    return title + (f"\ncell: {config.site} layer {cell['layer']}, {cell['token']}" if cell else "")
+
+
+def sampling_rows(config, rows: list[dict], n_resamples: int, temperature: float, get_lm) -> list[dict]:
+    """The sampling baselines' rows of the detection table for the test run of `config`, from the answers that
+    `truthmap resample` samples (and reuses: resamples/ of that run, all its questions, seed --seed); rows: the
+    dataset's other rows, whose best probe on validation (detection.best_probe_row) each is set against."""
+    from truthmap.config import run_dir
+    from truthmap.datasets.rules import RULES
+    from truthmap.detection import best_probe_row, probe_data
+    from truthmap.sampling_baselines import rule_match, sampling_cost, sampling_results, sampling_scores
+    from truthmap.verdict import chosen_probe_scores
+
+    resampling = ResampleConfig(n_resamples=n_resamples, temperature=temperature, seed=config.seed)
+    job, load_records, load_answer_models, _ = resampling_job(config, resampling, with_cell=False, get_lm=get_lm)
+    answers, state = sampled_answers(job, load_records, load_answer_models)
+    spec, _ = load_records()
+    scores = sampling_scores(job.greedy, answers, rule_match(RULES[spec.rule]) if spec.rule in RULES else None)
+    common = {k: rows[-1][k] for k in ("dataset", "n_train", "n_test", "test_errors")}
+    common |= {"n_resamples": n_resamples, "temperature": temperature}
+    test = probe_data(run_dir(config), config.site, f"{config.dataset} (test)")
+    probe = best_probe_row(rows)
+    if probe is not None:
+        train = probe_data(run_dir(dataclasses.replace(config, split="train")), config.site, f"{config.dataset} (train)")
+        probe = {"method": probe["method"],
+                 "scores": chosen_probe_scores(train, test, probe["method"].removeprefix("Probe @ "), config.seeds)}
+    return sampling_results(scores, test, common, sampling_cost(answers, state, job.extraction), probe)
 
 def check_resample_extractor(config, run, used: str | None) -> None:
     """Resamples are located as the greedy answers were: another --extraction-model given would be ignored."""

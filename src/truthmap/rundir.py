@@ -244,6 +244,8 @@ class TableFiles(Folder):
     results = _file("detection_results.json")
     metrics_csv = _file("detection_metrics.csv")  # AUPRC, PRR, FPR@95, AURC beside the AUROC (metrics.py)
     risk_coverage_png = _file("risk_coverage.png")
+    cost_csv = _file("cost_table.csv")  # AUC, interval and cost per answer of each method (costs.py)
+    cost_png = _file("auroc_vs_cost.png")
 
 
 class GeneralizationFiles(Folder):
@@ -283,6 +285,7 @@ class RunDir:
     report = _file("report.html")
     baselines = _file("baselines.parquet")
     detector_scores = _file("detector_scores.parquet")
+    costs = _file("costs.json")  # seconds per answer of the stages that cost model time (record_seconds)
 
     work = property(lambda self: Work(self.path / "work"))
     generation_parts = property(lambda self: self.work.generations.path)
@@ -531,3 +534,9 @@ def answers_table(run: RunDir):
     """answers.parquet of run, refused with one line when missing or damaged."""
     require_answers(run)
     return read_parquet(run.answers, fix=ANSWERS_FIX)
+
+
+def record_seconds(path: Path, stage: str, seconds: float, answers: int) -> None:
+    """Add a stage's seconds per answer to a run's costs.json (RunDir.costs; costs.py reads it)."""
+    saved = read_json(path) if path.exists() else {}
+    write_json(path, saved | {stage: {"seconds_per_answer": round(seconds / max(1, answers), 5), "answers": answers}})
