@@ -133,7 +133,9 @@ def warm_up(lm, configs) -> None:
     import sklearn.metrics  # noqa: F401
     import torch
 
-    from truthmap import activations, heatmap, pipeline, probes  # noqa: F401
+    from truthmap import pipeline  # noqa: F401
+    from truthmap.analysis import heatmap, probes  # noqa: F401
+    from truthmap.stages import activations  # noqa: F401
 
     for config in configs:
         pipeline.load_config_records(config)
@@ -154,7 +156,6 @@ def run_truthmap(config, lm, sampler):
     import pandas as pd
 
     from truthmap import pipeline
-
     measured = begin(sampler, "truthmap")
     run = pipeline.run_dir(config)
     if run.answers.exists() or (run.generation_parts.exists() and any(run.generation_parts.iterdir())):
@@ -173,7 +174,6 @@ def run_two_pass(config, lm, sampler):
     import shutil
 
     from truthmap import pipeline
-
     run = pipeline.run_dir(config)
     copy = dataclasses.replace(config, runs_dir=str(Path(config.runs_dir) / "two-pass"))
     target = pipeline.run_dir(copy)
@@ -209,8 +209,8 @@ def plain_forward_seconds(lm, table, batch_size: int) -> float:
     """A batched forward pass over the same sequences and batches as `extract`, without hooks, keeping nothing."""
     import torch
 
-    from truthmap.activations import extraction_batches
-    from truthmap.decoding import left_pad
+    from truthmap.lm.decoding import left_pad
+    from truthmap.stages.activations import extraction_batches
 
     sequences = [list(p) + list(a) for p, a in zip(table["prompt_ids"], table["answer_ids"])]
     started = time.perf_counter()
@@ -228,7 +228,7 @@ def per_sample_generate(lm, prompts: list[list[int]], max_new_tokens: int) -> tu
     """One `generate` per prompt, keeping every step's scores ([steps, vocab] float32) as the reference does."""
     import torch
 
-    from truthmap.models import stop_token_ids
+    from truthmap.lm.models import stop_token_ids
 
     stop_ids = stop_token_ids(lm.tokenizer, lm.model)
     answers, scores = [], []
@@ -252,7 +252,7 @@ def per_sample_extract(lm, sequences: list[list[int]], site: str) -> list:
     import numpy as np
     import torch
 
-    from truthmap.sites import site_hooks
+    from truthmap.lm.sites import site_hooks
 
     outputs = {}
 
@@ -288,7 +288,7 @@ def per_sample_probe(kept: list, table, seeds):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from truthmap.probes import grouped_split
+    from truthmap.analysis.probes import grouped_split
     from truthmap.rundir import POSITIONS, position_column
 
     rows = np.flatnonzero(table["exact_answer_valid"].to_numpy())
@@ -336,7 +336,7 @@ def tie_margin(lm, table, row: int, theirs: list[int]) -> float:
     forward over the shared part (a stop token stands for the answer that ended there)."""
     import torch
 
-    from truthmap.models import stop_token_ids
+    from truthmap.lm.models import stop_token_ids
 
     ours, prompt = list(table["answer_ids"][row]), list(table["prompt_ids"][row])
     first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
@@ -395,7 +395,7 @@ def main() -> None:
 
     from truthmap.config import RunConfig
     from truthmap.datasets import get_spec
-    from truthmap.models import load_model
+    from truthmap.lm.models import load_model
 
     sampler = MemorySampler()
     sampler.start()

@@ -25,7 +25,6 @@ def answers(lm, dataset: str, split: str, n: int, data_dir: str | None, batch_si
 
     import truthmap
     from truthmap import pipeline
-
     with tempfile.TemporaryDirectory() as tmp:
         config = truthmap.RunConfig(dataset=dataset, split=split, n_samples=n, data_dir=data_dir, runs_dir=tmp,
                                     batch_size=batch_size, prompt_style="instruct")
@@ -36,10 +35,10 @@ def answers(lm, dataset: str, split: str, n: int, data_dir: str | None, batch_si
 
 
 def measure(lm, records, frame, batch_size: int, method: str, cached: bool) -> dict:
-    from truthmap import locate
-    from truthmap.decoding import Prefix
-    from truthmap.locate import exact_answer_columns, extract_spans, gold_agreement, gold_spans
+    from truthmap.lm.decoding import Prefix
     from truthmap.runstate import Checkpoints
+    from truthmap.stages import locate
+    from truthmap.stages.locate import exact_answer_columns, extract_spans, gold_agreement, gold_spans
 
     rows = [(r.id, r.question, a, list(ids)) for r, a, ids in zip(records, frame["answer"], frame["answer_ids"])]
     real_prefix = locate.extraction_prefix
@@ -70,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TRUTHMAP_PROGRESS", "0")
 
-    from truthmap.models import load_model
+    from truthmap.lm.models import load_model
 
     lm = load_model("smollm2", device="cpu", dtype="float32")
     records, frame = answers(lm, args.dataset, args.split, args.questions, args.data_dir, args.batch_size)

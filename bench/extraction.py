@@ -26,9 +26,9 @@ def answers_table(lm, n: int):
     import pandas as pd
 
     from truthmap import build_prompt, get_spec, load_records
-    from truthmap.locate import token_positions
-    from truthmap.models import encode_prompt
+    from truthmap.lm.models import encode_prompt
     from truthmap.rundir import POSITIONS, position_column
+    from truthmap.stages.locate import token_positions
 
     spec = get_spec("geography")
     rows = []
@@ -51,7 +51,7 @@ def main() -> None:
     import numpy as np
 
     from truthmap import load_model, probe_grid
-    from truthmap.activations import extract_activations  # the extraction pass itself is what this measures
+    from truthmap.stages.activations import extract_activations  # the extraction pass itself is what this measures
 
     lm = load_model("smollm2", device="cpu", dtype="float32")
     table = answers_table(lm, args.samples)

@@ -25,8 +25,8 @@ def main() -> None:
     import torch
 
     from truthmap import build_prompt, get_spec, load_model, load_records
-    from truthmap.decoding import batches, generate_batch  # the decoder itself is what this measures
-    from truthmap.models import encode_prompt, stop_token_ids
+    from truthmap.lm.decoding import batches, generate_batch  # the decoder itself is what this measures
+    from truthmap.lm.models import encode_prompt, stop_token_ids
 
     lm = load_model(args.model, device="cpu", dtype="float32")
     spec = get_spec("geography")

@@ -58,7 +58,7 @@ def main() -> None:
     import torch  # imported before the clock starts, as in a run
 
     import truthmap
-    from truthmap import probes  # the module whose versions are compared: its solver is swapped below
+    from truthmap.analysis import probes  # the module whose versions are compared: its solver is swapped below
 
     run = Path(args.run)
     settings = json.loads((run / "run.json").read_text())["settings"]
@@ -84,7 +84,7 @@ def main() -> None:
         return fit_and_count
 
     for module in versions.values():
-        home = sys.modules[module.fit_cells.__module__]  # where fit_cells looks fit_logistic up (truthmap.scheduler)
+        home = sys.modules[module.fit_cells.__module__]  # where fit_cells looks fit_logistic up (truthmap.analysis.scheduler)
         home.fit_logistic = counted(home.fit_logistic)
 
     checkout_grid = probes.probe_grid

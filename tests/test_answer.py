@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from truthmap.flagged import REFUSAL, answer, selective_accuracy
+from truthmap.runner.flagged import REFUSAL, answer, selective_accuracy
 from truthmap.cli import app
 from truthmap.config import RunConfig
-from truthmap.detector import Detector
+from truthmap.analysis.detector import Detector
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +18,8 @@ def saved(tmp_path_factory):
     """A tiny model on disk, a custom dataset of its questions, and a calibrated detector for it (directory)."""
     from tiny import half_right_qa, save_tiny_model, tiny_lm
 
-    from truthmap.activations import read_positions
-    from truthmap.models import load_model
+    from truthmap.stages.activations import read_positions
+    from truthmap.lm.models import load_model
 
     tmp = tmp_path_factory.mktemp("answer")
     model_dir = save_tiny_model(tiny_lm(), tmp / "tiny-model")
@@ -38,7 +38,7 @@ def saved(tmp_path_factory):
 
 def test_answer_gives_generates_answers_and_scores_probabilities(saved):
     from truthmap import pipeline
-    from truthmap.activations import read_positions
+    from truthmap.stages.activations import read_positions
 
     lm = saved["lm"]
     config = RunConfig(model=str(saved["model"]), dataset="custom", custom_path=str(saved["data"]),
@@ -114,8 +114,7 @@ def test_answer_cli(saved, tmp_path):
      "--dataset)."),
 ])
 def test_answer_cli_bad_input_is_one_line(saved, extra, message, monkeypatch):
-    from truthmap import models
-
+    from truthmap.lm import models
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     result = CliRunner().invoke(app, ["answer", "--detector", str(saved["detector"]), *extra])
     assert result.exit_code == 1 and result.output.startswith(message), result.output

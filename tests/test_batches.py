@@ -59,7 +59,7 @@ def test_checkpoints_of_other_settings_are_refused(tmp_path):
 
 def test_stage_done_refuses_or_redoes_on_other_settings(tmp_path):
     from truthmap.config import RunConfig, run_dir
-    from truthmap.stages import Stage, stage_done
+    from truthmap.runner.contract import Stage, stage_done
 
     config = RunConfig(runs_dir=str(tmp_path))
     made = run_dir(config).path / "made.json"

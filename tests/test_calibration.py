@@ -1,10 +1,10 @@
-"""Calibration and thresholds (truthmap.calibration, Detector.calibrate) on constructed cases."""
+"""Calibration and thresholds (truthmap.analysis.calibration, Detector.calibrate) on constructed cases."""
 
 import numpy as np
 import pytest
 
-from truthmap import calibration
-from truthmap.calibration import (IsotonicCalibrator, PlattCalibrator, expected_calibration_error, realized,
+from truthmap.analysis import calibration
+from truthmap.analysis.calibration import (IsotonicCalibrator, PlattCalibrator, expected_calibration_error, realized,
                                   threshold_at_fpr, threshold_at_recall, threshold_table)
 from truthmap.errors import ConfigError, DataError
 
@@ -76,7 +76,7 @@ def test_realized_fpr_on_held_out_rows_lies_in_its_interval(target):
 
 
 def test_detector_calibrates_and_flags():
-    from truthmap.detector import Detector
+    from truthmap.analysis.detector import Detector
 
     rng = np.random.default_rng(0)
     y = rng.random(1200) < 0.4
@@ -100,7 +100,7 @@ def test_detector_calibrates_and_flags():
 
 
 def test_calibration_rows_of_one_class_refuse_thresholds_with_the_counts(tmp_path):
-    from truthmap.detector import Detector
+    from truthmap.analysis.detector import Detector
 
     rng = np.random.default_rng(0)
     y = rng.random(200) < 0.5
@@ -118,7 +118,7 @@ def test_calibration_rows_of_one_class_refuse_thresholds_with_the_counts(tmp_pat
 
 
 def test_nan_activations_are_refused_naming_the_row():
-    from truthmap.detector import Detector, check_finite
+    from truthmap.analysis.detector import Detector, check_finite
 
     values = np.ones((3, 2, 4))
     values[1, 0, 2] = np.inf

@@ -126,12 +126,12 @@ def test_runs_on_an_empty_directory(tmp_path):
 
 
 def test_an_unexpected_error_is_one_line_unless_debug(monkeypatch, tmp_path):
-    import truthmap.report
+    import truthmap.analysis.report
 
     def broken(runs_dir):
         raise RuntimeError("disk on fire\nsecond line")
 
-    monkeypatch.setattr(truthmap.report, "find_runs", broken)
+    monkeypatch.setattr(truthmap.analysis.report, "find_runs", broken)
     result = CliRunner().invoke(app, ["runs"])
     assert result.exit_code == 1
     assert result.output == "Error: RuntimeError: disk on fire (rerun with --debug for the traceback)\n"

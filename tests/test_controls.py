@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from truthmap.controls import (
+from truthmap.analysis.controls import (
     CONTROLS,
     CONTROL_C,
     best_control,
@@ -15,7 +15,7 @@ from truthmap.controls import (
     transfer_control_aucs,
     verdict,
 )
-from truthmap.evaluation import (
+from truthmap.analysis.evaluation import (
     auc_rows,
     bootstrap_aucs,
     bootstrap_weights,
@@ -23,7 +23,7 @@ from truthmap.evaluation import (
     split_masks,
     weighted_aucs,
 )
-from truthmap.probes import probe_grid
+from truthmap.analysis.probes import probe_grid
 
 SEEDS = (0, 5, 26)
 WORDS = ["Paris", "Oslo", "Lima", "Rome", "Bern", "Kyiv", "Riga", "Baku", "Doha", "Male"]
@@ -92,7 +92,7 @@ def test_label_in_a_hidden_direction_the_control_is_at_chance(seed):
 def test_controls_use_the_probe_splits_and_score_held_out_rows_only():
     acts, is_error, texts = constructed(0, n=120)
     train = split_masks(len(is_error), None, SEEDS, is_error)
-    from truthmap.evaluation import grouped_split
+    from truthmap.analysis.evaluation import grouped_split
 
     for s, seed in enumerate(SEEDS):  # the very splits of probe_grid
         expected = grouped_split(120, None, 0.2, seed, stratify=is_error)[0]
@@ -199,7 +199,7 @@ def test_probe_outputs_without_an_embedding_store(tmp_path):
     """A store extracted before the embedding row: the heatmap and CSVs go without it, the rest is written."""
     import pandas as pd
 
-    from truthmap.probing import write_probe_outputs
+    from truthmap.runner.probing import write_probe_outputs
 
     acts, is_error, texts = constructed(0, n=120, label_in_text=False)
     grid, controls = grid_and_controls(acts, is_error, texts)

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from test_detection import fake_run
 
-from truthmap.costs import add_costs
+from truthmap.analysis.costs import add_costs
 from truthmap.rundir import record_seconds
-from truthmap.detection import evaluate_dataset, write_detection_table
+from truthmap.analysis.detection import evaluate_dataset, write_detection_table
 from truthmap.rundir import read_json, write_json
 
 

@@ -9,9 +9,9 @@ import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from typer.testing import CliRunner
 
-from truthmap.baselines import BASELINE_NAMES, exact_token_span, p_true_error_scores, token_scores
-from truthmap.detection import chosen_layer_probe, evaluate_dataset, markdown_table, write_detection_table
-from truthmap.detector import Detector
+from truthmap.stages.baselines import BASELINE_NAMES, exact_token_span, p_true_error_scores, token_scores
+from truthmap.analysis.detection import chosen_layer_probe, evaluate_dataset, markdown_table, write_detection_table
+from truthmap.analysis.detector import Detector
 from truthmap.errors import ConfigError, DataError, ModelError, StoreError
 from truthmap.rundir import POSITIONS, RunDir, write_json
 
@@ -118,7 +118,7 @@ def fake_run(root, split, n, seed, direction=None, baseline_quality=1.0, dataset
 
 
 def test_chosen_layer_probe_finds_the_informative_layer_and_scores_test(tmp_path):
-    from truthmap.detection import probe_data
+    from truthmap.analysis.detection import probe_data
 
     train_run, _ = fake_run(tmp_path, "train", 160, 0)
     test_run, _ = fake_run(tmp_path, "test", 80, 1)
@@ -151,7 +151,7 @@ def test_evaluate_dataset_and_table(tmp_path):
 
 def test_every_row_carries_the_field_metrics(tmp_path):
     """AUPRC, PRR, FPR@95 and AURC beside each AUC: in the results, the second table and the metrics CSV."""
-    from truthmap.metrics import all_metrics
+    from truthmap.analysis.metrics import all_metrics
 
     train_run, _ = fake_run(tmp_path, "train", 160, 0)
     test_run, _ = fake_run(tmp_path, "test", 80, 1)
@@ -313,7 +313,7 @@ def test_detector_json_and_npz_must_belong_together(tmp_path):
 
 
 def fitted_tiny_detector(tiny, token):
-    from truthmap.activations import read_positions
+    from truthmap.stages.activations import read_positions
 
     texts = [tiny.tokenizer(f"Paris is {'the ' * k}capital", add_special_tokens=False)["input_ids"] for k in range(20)]
     X = read_positions(tiny, texts, [[len(t) - 1] for t in texts], "mlp")[:, :, 0]  # [20, layers, hidden]
@@ -323,8 +323,8 @@ def fitted_tiny_detector(tiny, token):
 
 
 def test_detector_scores_text_with_the_tiny_model(tiny):
-    from truthmap.activations import read_positions
-    from truthmap.detector import encode_rows
+    from truthmap.stages.activations import read_positions
+    from truthmap.analysis.detector import encode_rows
 
     detector = fitted_tiny_detector(tiny, "-1")
     [scored] = detector.score_texts(["What is the capital of France?"], ["Paris is the capital."], tiny)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_detection import HIDDEN, synthetic_cells
 
-from truthmap.detector import Detector
+from truthmap.analysis.detector import Detector
 from truthmap.errors import StoreError
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from truthmap.error_types import ERROR_TYPES, NO_ANSWER, classify, count_answers, normalize_answer, type_counts, type_table
+from truthmap.analysis.error_types import ERROR_TYPES, NO_ANSWER, classify, count_answers, normalize_answer, type_counts, type_table
 
 K = 30  # the paper's K: the thresholds read 15 (half), 10 (a third) and 5 (a sixth)
 

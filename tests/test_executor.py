@@ -83,7 +83,7 @@ def test_ray_run_writes_what_the_local_run_writes(small_study, tmp_path):
     answers = pd.read_parquet(local / "answers.parquet")
     assert len(answers) == 16 and 0 < answers["correct"].sum() < 16  # the train split: 80 % of the questions
     pd.testing.assert_frame_equal(pd.read_parquet(distributed / "answers.parquet"), answers)
-    from truthmap.activations import open_store
+    from truthmap.stages.activations import open_store
 
     for site, one_pass in (("mlp", True), ("resid", False)):
         for name in ("meta.json", "acts.f16", "embed.f16"):

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from test_report import make_run
-from truthmap import models
+from truthmap.lm import models
 from truthmap.cli import app
 from truthmap.rundir import RunDir
 
@@ -60,7 +60,7 @@ def study(tmp_path, model_dir):
 
 
 def stop_generation_at_second_batch(monkeypatch, how):
-    import truthmap.generate as generate_module
+    import truthmap.stages.generate as generate_module
 
     real, calls = generate_module.generate_batch, []
 
@@ -121,7 +121,7 @@ def test_3_max_new_tokens_below_1_is_refused_as_batch_size_is(tmp_path, command,
 
 def test_4_extraction_killed_then_resumed_with_another_dtype_is_refused_then_resumes_to_the_same_bytes(
         study, monkeypatch):
-    import truthmap.activations as activations
+    import truthmap.stages.activations as activations
 
     args, run, data = study
     # generate recorded the mlp store while generating; extract adds another site by a second pass.
@@ -207,7 +207,7 @@ def test_5_a_second_run_on_the_same_directory_stops_at_once_naming_the_first(stu
 
 @pytest.fixture
 def detector_file(tmp_path):
-    from truthmap.detector import Detector
+    from truthmap.analysis.detector import Detector
 
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(40, 2, 8)), np.arange(40) % 2 == 0

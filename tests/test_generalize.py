@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from test_detection import SIGNAL_LAYER, SIGNAL_POSITION, fake_run
-from truthmap.generalize import generalization
+from truthmap.analysis.generalize import generalization
 
 HIDDEN = 6
 

@@ -1,7 +1,7 @@
 import pytest
 
-from truthmap.decoding import generate_batch
-from truthmap.models import encode_prompt, stop_token_ids
+from truthmap.lm.decoding import generate_batch
+from truthmap.lm.models import encode_prompt, stop_token_ids
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from truthmap.errors import ProbeError
-from truthmap.heatmap import TOKEN_LABELS, plot_heatmap, top_cells, write_heatmap_csv, write_top_cells
+from truthmap.analysis.heatmap import TOKEN_LABELS, plot_heatmap, top_cells, write_heatmap_csv, write_top_cells
 from truthmap.rundir import POSITIONS
 
 LAYERS = 6
@@ -111,7 +111,7 @@ def grid_with_interval():
 
 
 def test_embedding_row_sits_below_layer_0_in_the_csv_and_the_figure(tmp_path):
-    from truthmap.heatmap import EMBED_ROW, with_embedding
+    from truthmap.analysis.heatmap import EMBED_ROW, with_embedding
 
     grid = grid_with_interval()
     embed = SimpleNamespace(mean=np.full((1, len(POSITIONS)), 0.55), std=np.zeros((1, len(POSITIONS))),
@@ -140,7 +140,7 @@ def test_embedding_row_sits_below_layer_0_in_the_csv_and_the_figure(tmp_path):
 
 
 def test_selectivity_map_is_diverging_and_centred_on_zero(tmp_path):
-    from truthmap.heatmap import write_selectivity_csv
+    from truthmap.analysis.heatmap import write_selectivity_csv
 
     values = np.linspace(-0.2, 0.4, LAYERS * len(POSITIONS)).reshape(LAYERS, len(POSITIONS))
     fig = plot_heatmap(values, POSITIONS, "s", tmp_path / "s.png", tmp_path / "s.svg", diverging=True)

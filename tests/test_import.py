@@ -175,7 +175,7 @@ def test_missing_columns_and_unknown_formats_are_one_line_errors(tmp_path):
 
 
 def test_csv_and_parquet_files_read_as_jsonl(tmp_path):
-    from truthmap.importer import ImportSource, read_rows
+    from truthmap.runner.importer import ImportSource, read_rows
 
     frame = pd.DataFrame({"question": ["Capital of Peru?"], "answer": [" Lima"], "gold": ['["Lima", "lima"]'],
                           "correct": ["true"], "answer_token_ids": ["[1, 2, 3]"]})
@@ -193,7 +193,7 @@ def test_vllm_example_writes_the_file_import_reads(tmp_path):
     import types
     from pathlib import Path
 
-    from truthmap.importer import ImportSource, read_rows
+    from truthmap.runner.importer import ImportSource, read_rows
 
     script = Path(__file__).resolve().parents[1] / "examples" / "vllm_answers.py"
     spec = importlib.util.spec_from_file_location("vllm_answers", script)
@@ -212,8 +212,9 @@ def test_vllm_example_writes_the_file_import_reads(tmp_path):
 def test_model_identity_is_the_weights_hash_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     import types
 
-    from truthmap import models, rundir
+    from truthmap import rundir
 
+    from truthmap.lm import models
     monkeypatch.setenv("TRUTHMAP_CACHE", str(tmp_path / "cache"))
     directory = tmp_path / "model"
     directory.mkdir()
@@ -240,7 +241,7 @@ def test_model_identity_is_the_weights_hash_cached_by_path_size_and_mtime(tmp_pa
 def test_detector_refuses_another_revision_in_one_line(tiny):
     import dataclasses
 
-    from truthmap.detector import Detector
+    from truthmap.analysis.detector import Detector
     from truthmap.errors import ModelError
 
     rng = np.random.default_rng(0)
@@ -257,7 +258,7 @@ def test_detector_refuses_another_revision_in_one_line(tiny):
 def test_a_killed_import_resumes_to_the_same_store_and_answers(generated, tmp_path, monkeypatch):
     """Killed after the first batch's cells were written: the rerun writes the rest, byte for byte the uninterrupted
     import's store and answers."""
-    import truthmap.activations as activations
+    import truthmap.stages.activations as activations
 
     model_dir, original = generated
     path = answers_file(original, tmp_path / "answers.jsonl")

@@ -32,8 +32,7 @@ def one_line(result, exit_code: int = 1) -> str:
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading any model fails the test: the checks must have refused the input before."""
-    from truthmap import models
-
+    from truthmap.lm import models
     def refuse(*args, **kwargs):
         raise AssertionError(MODEL_LOADED)
 
@@ -124,7 +123,7 @@ def test_1_a_special_token_inside_an_answer_is_kept_with_one_warning_line(tmp_pa
 
 
 def test_2_a_detector_whose_scale_has_a_zero_is_refused_on_load(tmp_path, no_model):
-    from truthmap.detector import Detector
+    from truthmap.analysis.detector import Detector
     from truthmap.rundir import file_sha256
 
     rng = np.random.default_rng(0)
@@ -227,7 +226,7 @@ def test_6_a_cuda_device_beyond_the_machine_s_is_refused(tmp_path, no_model, mon
 
 
 def test_6_score_checks_the_device_before_the_model_loads(tmp_path, no_model):
-    from truthmap.detector import Detector
+    from truthmap.analysis.detector import Detector
 
     rng = np.random.default_rng(0)
     path = Detector(token="-1", layer=1, seeds=(0,)).fit(rng.normal(size=(40, 2, 8)), np.arange(40) % 2 == 0).save(
@@ -256,7 +255,7 @@ def test_8_report_on_a_truncated_answers_file_names_it(runs_copy):
 
 
 def test_9_a_store_that_cannot_fit_is_refused_before_it_is_written(tmp_path, model_dir, monkeypatch):
-    import truthmap.activations as activations
+    import truthmap.stages.activations as activations
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(activations.shutil, "disk_usage", lambda path: usage._replace(free=500))

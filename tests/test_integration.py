@@ -62,9 +62,9 @@ def test_gemma3_tokenizer_is_the_right_one(gemma3):
 def test_gemma3_end_to_end(gemma3, tmp_path):
     """generate, extract and probe on 32 built-in questions: answers stop at the line break, never run into a
     second turn, and the sites read Gemma's MLP, attention and blocks."""
-    from truthmap.activations import open_store
-    from truthmap.report import red_flags, write_report
-    from truthmap.sites import site_hooks
+    from truthmap.stages.activations import open_store
+    from truthmap.analysis.report import red_flags, write_report
+    from truthmap.lm.sites import site_hooks
 
     config = RunConfig(model="gemma3-270m", n_samples=32, runs_dir=str(tmp_path), batch_size=16, extraction_tries=1,
                        seeds=(0, 5))

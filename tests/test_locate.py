@@ -1,7 +1,7 @@
 import pytest
 
-from truthmap import locate
-from truthmap.locate import answer_offsets, parse_extraction, span_to_tokens, token_positions
+from truthmap.stages import locate
+from truthmap.stages.locate import answer_offsets, parse_extraction, span_to_tokens, token_positions
 from truthmap.rundir import POSITIONS
 from truthmap.runstate import Checkpoints
 
@@ -99,7 +99,7 @@ def test_parse_extraction(output, expected):
 
 
 def test_extraction_retries_until_valid_and_checkpoints(tiny, tmp_path, monkeypatch):
-    from truthmap.decoding import Generation
+    from truthmap.lm.decoding import Generation
 
     replies = iter([["Lyon", "Oslo"], ["Berlin"], ["Madrid"], ["Rome"], ["Bonn"]])
     calls = []
@@ -119,7 +119,7 @@ def test_extraction_retries_until_valid_and_checkpoints(tiny, tmp_path, monkeypa
 
 
 def test_extraction_gives_up_after_the_tries(tiny, tmp_path, monkeypatch):
-    from truthmap.decoding import Generation
+    from truthmap.lm.decoding import Generation
 
     monkeypatch.setattr(
         locate, "generate_batch", lambda m, t, prompts, *a, **k: [Generation([], [], True) for _ in prompts]
@@ -151,8 +151,8 @@ def test_constrained_extractor_only_writes_spans_of_the_answer(seed):
     import random
 
     from tiny import tiny_lm
-    from truthmap.decoding import generate_batch
-    from truthmap.models import stop_token_ids
+    from truthmap.lm.decoding import generate_batch
+    from truthmap.lm.models import stop_token_ids
 
     lm = tiny_lm(seed=seed)
     tokenizer = lm.tokenizer
@@ -216,8 +216,8 @@ def test_span_starts_skip_question_words_articles_and_word_middles(tiny):
 
 
 def test_cached_prefix_gives_the_same_tokens_as_the_whole_prompt(tiny):
-    from truthmap.decoding import encode_prefix, generate_batch
-    from truthmap.models import stop_token_ids
+    from truthmap.lm.decoding import encode_prefix, generate_batch
+    from truthmap.lm.models import stop_token_ids
 
     rows = [("Capital of France?", "The capital of France is Paris."), ("Where is Tromsø?", "Tromsø is in Norway."),
             ("?", "Hartford")]

@@ -1,10 +1,10 @@
-"""The field's metrics (truthmap.metrics) on hand-computed cases and against scikit-learn."""
+"""The field's metrics (truthmap.analysis.metrics) on hand-computed cases and against scikit-learn."""
 
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from truthmap import metrics
+from truthmap.analysis import metrics
 from truthmap.errors import ProbeError
 
 # Descending scores: error, right, error, right, right.

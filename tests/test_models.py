@@ -1,7 +1,7 @@
 import pytest
 
 from truthmap.errors import ConfigError, ModelError
-from truthmap.models import encode_prompt, load_model, model_slug, resolve_source
+from truthmap.lm.models import encode_prompt, load_model, model_slug, resolve_source
 
 
 def test_local_directory_round_trip(tmp_path):
@@ -65,8 +65,7 @@ def test_gemma3_gguf_is_assembled_once_into_the_cache(monkeypatch, tmp_path):
     import importlib.util
     from types import SimpleNamespace
 
-    from truthmap import models
-
+    from truthmap.lm import models
     calls = []
 
     def assemble(path, overwrite=False):

@@ -46,7 +46,7 @@ def test_answers_table_has_the_contract_columns(tiny, tmp_path, custom_csv):
 
 
 def test_killed_generation_resumes_to_the_same_table(tiny, tmp_path, custom_csv, monkeypatch):
-    import truthmap.generate as generate_module
+    import truthmap.stages.generate as generate_module
 
     whole = pd.read_parquet(pipeline.generate(config_for(tmp_path / "a", custom_csv), lm=tiny).answers)
     real = generate_module.generate_batch
@@ -69,7 +69,7 @@ def test_killed_generation_resumes_to_the_same_table(tiny, tmp_path, custom_csv,
 
 
 def read_store(directory):
-    from truthmap.activations import open_embedding, open_store
+    from truthmap.stages.activations import open_embedding, open_store
 
     acts, meta = open_store(directory)
     return np.asarray(acts, dtype=np.float32), np.asarray(open_embedding(directory, meta), dtype=np.float32), meta
@@ -78,8 +78,8 @@ def read_store(directory):
 def test_generate_records_the_store_a_second_pass_reads(tiny, tmp_path, custom_csv, monkeypatch):
     """The cells recorded while decoding (KV cache) are those of a forward pass over prompt + answer, up to float
     rounding: at most one float16 step apart. extract then finds the site done, and reads another by a second pass."""
-    import truthmap.generate as generate_module
-    from truthmap.activations import extract_activations
+    import truthmap.stages.generate as generate_module
+    from truthmap.stages.activations import extract_activations
 
     # The random model never ends an answer: end some early, at a length its first token picks, as a stop text
     # would (the token that holds it is dropped), so that rows leave the batch at different steps.
@@ -107,9 +107,9 @@ def test_generate_records_the_store_a_second_pass_reads(tiny, tmp_path, custom_c
 
 def kill_answers_stage(monkeypatch, where: str):
     """Make the answers stage stop (KeyboardInterrupt) at its second batch, at `where`; returns the undo."""
-    import truthmap.activations as activations
-    import truthmap.generate as generate_module
-    import truthmap.locate as locate
+    import truthmap.stages.activations as activations
+    import truthmap.stages.generate as generate_module
+    import truthmap.stages.locate as locate
 
     name, module = {"generating": ("generate_batch", generate_module), "locating": ("extract_spans", locate),
                     "between the cells and the checkpoint": ("write_answer_cells", activations),
@@ -145,7 +145,7 @@ def test_a_killed_answers_stage_resumes_to_the_same_files(tiny, tmp_path, custom
 
 def test_answers_resumed_with_another_site_get_its_cells_by_a_forward_pass(tiny, tmp_path, custom_csv, monkeypatch):
     """Batches checkpointed while recording mlp have no resid cells: a forward pass reads them on resume."""
-    from truthmap.activations import extract_activations
+    from truthmap.stages.activations import extract_activations
 
     config = config_for(tmp_path, custom_csv, max_new_tokens=8)
     undo = kill_answers_stage(monkeypatch, "generating")
@@ -169,8 +169,7 @@ def test_resume_with_other_settings_is_refused(tiny, tmp_path, custom_csv):
 
 
 def test_resume_with_another_extraction_prompt_is_refused(tiny, tmp_path, custom_csv, monkeypatch):
-    from truthmap import generate
-
+    from truthmap.stages import generate
     made = generate.EXTRACTION_PROMPT_VERSION
     run = pipeline.generate(config_for(tmp_path, custom_csv), lm=tiny)
     assert json.loads(run.run_json.read_text())["settings"]["extraction_prompt"] == made

@@ -6,8 +6,8 @@ import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from truthmap.errors import ProbeError
-from truthmap.evaluation import auc, grouped_split, split_masks
-from truthmap.probes import ErrorProbe, ProbeGrid, probe_grid
+from truthmap.analysis.evaluation import auc, grouped_split, split_masks
+from truthmap.analysis.probes import ErrorProbe, ProbeGrid, probe_grid
 
 N, LAYERS, POSITIONS, HIDDEN = 2000, 4, 5, 16
 SIGNAL = (2, 3)  # the one cell whose activations decide the label
@@ -126,15 +126,14 @@ def test_grid_batches_do_not_change_results(tmp_path, monkeypatch):
     store, is_error = make_store(tmp_path, 0)
     acts = sample_major(store)
     whole = probe_grid(acts, is_error, seeds=(0,), progress=False)
-    monkeypatch.setattr("truthmap.scheduler.CELL_BUDGET_BYTES", 1)  # one cell per batch
+    monkeypatch.setattr("truthmap.analysis.scheduler.CELL_BUDGET_BYTES", 1)  # one cell per batch
     single = probe_grid(acts, is_error, seeds=(0,), progress=False)
     np.testing.assert_allclose(single.aucs, whole.aucs, atol=1e-3)
 
 
 def grid_on(device, tmp_path, monkeypatch):
     """The grid fitted on `device` (None: the default), and the device type each fit ran on."""
-    from truthmap import scheduler
-
+    from truthmap.analysis import scheduler
     seen = []
     fit = scheduler.fit_logistic
     monkeypatch.setattr(scheduler, "fit_logistic", lambda X, *a, **k: seen.append(X.device.type) or fit(X, *a, **k))
@@ -352,8 +351,8 @@ def test_fit_matches_converged_sklearn_with_correlated_features(n, hidden):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from truthmap.evaluation import auc_rows, split_masks
-    from truthmap.solver import fit_logistic
+    from truthmap.analysis.evaluation import auc_rows, split_masks
+    from truthmap.analysis.solver import fit_logistic
 
     rng = np.random.default_rng(3)
     spectrum = 50 / (1 + np.arange(hidden) / 3) ** 2
@@ -377,8 +376,8 @@ def test_float32_activations_fit_as_float64():
     """Only the passes over X are float32: the fit lands where the float64 one does."""
     import torch
 
-    from truthmap.evaluation import split_masks
-    from truthmap.solver import fit_logistic
+    from truthmap.analysis.evaluation import split_masks
+    from truthmap.analysis.solver import fit_logistic
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((3, 300, 50)).astype(np.float16).astype(np.float32)  # a float16 store's values
@@ -394,9 +393,9 @@ def test_detection_fits_as_the_heatmap(tmp_path):
     """fit_layers (detection table, generalization) is the grid's fit: the same logits for the same rows."""
     import torch
 
-    from truthmap.detection import fit_layers
-    from truthmap.evaluation import split_masks
-    from truthmap.solver import fit_logistic
+    from truthmap.analysis.detection import fit_layers
+    from truthmap.analysis.evaluation import split_masks
+    from truthmap.analysis.solver import fit_logistic
 
     store, is_error = make_store(tmp_path, 0, n=400)
     acts = sample_major(store)
@@ -409,8 +408,7 @@ def test_detection_fits_as_the_heatmap(tmp_path):
 
 
 def test_fit_cells_batches_by_the_memory_budget(monkeypatch):
-    from truthmap import scheduler
-
+    from truthmap.analysis import scheduler
     cells = [(layer, pos) for layer in range(3) for pos in range(4)]
     rng = np.random.default_rng(0)
     data = {cell: rng.standard_normal((200, 8)).astype(np.float16) for cell in cells}
@@ -436,7 +434,7 @@ def test_fit_cells_batches_by_the_memory_budget(monkeypatch):
 
 
 def test_fit_cells_names_the_cell_with_nan():
-    from truthmap.scheduler import fit_cells
+    from truthmap.analysis.scheduler import fit_cells
 
     X = np.ones((20, 4), dtype=np.float16)
     X[3, 1] = np.nan
@@ -451,8 +449,7 @@ def test_busy_cpus_lower_the_threads(monkeypatch):
     import sys
     import time
 
-    from truthmap import cpuload
-
+    from truthmap.analysis import cpuload
     before = cpuload.cpu_sample()
     if before is None:
         pytest.skip("no /proc/stat on this system")
@@ -482,8 +479,9 @@ def test_grid_fits_fewer_batches_at_once_beside_a_busy_process(tmp_path, monkeyp
 
     import torch
 
-    from truthmap import cpuload, scheduler
+    from truthmap.analysis import cpuload
 
+    from truthmap.analysis import scheduler
     running, most, threads_seen, lock = [0], [0], set(), threading.Lock()
     fit = scheduler.fit_logistic
 
@@ -531,8 +529,9 @@ def test_a_worker_that_finishes_starts_the_batch_loaded_ahead_while_an_older_bat
 
     import torch
 
-    from truthmap import cpuload, scheduler
+    from truthmap.analysis import cpuload
 
+    from truthmap.analysis import scheduler
     events, lock = [], threading.Lock()
     fit = scheduler.fit_logistic
 
@@ -570,7 +569,7 @@ def test_a_worker_that_finishes_starts_the_batch_loaded_ahead_while_an_older_bat
 def test_preconditioner_inverse_falls_back_to_float64_when_float32_loses_the_identity():
     import torch
 
-    from truthmap.solver import _inverse_of_identity_plus
+    from truthmap.analysis.solver import _inverse_of_identity_plus
 
     v = torch.tensor([[1.0], [2.0], [-1.0], [0.5]])
     gram, c = v @ v.T, 1e12  # in float32, I + c * gram rounds to the singular c * gram
@@ -586,7 +585,7 @@ def test_preconditioner_inverse_falls_back_to_float64_when_float32_loses_the_ide
 def test_finished_cells_leave_the_batch_for_the_last_ones_in_place():
     import torch
 
-    from truthmap.solver import _refill, _refill_moves
+    from truthmap.analysis.solver import _refill, _refill_moves
 
     batch = torch.arange(6.0)[:, None].repeat(1, 3)  # cell i holds i
     memory = batch.data_ptr()

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from truthmap.cli import app
 from truthmap.errors import StoreError
-from truthmap.report import EXAMPLES_CAP, TOP_ERRORS, write_report
+from truthmap.analysis.report import EXAMPLES_CAP, TOP_ERRORS, write_report
 from truthmap.rundir import POSITIONS, RunDir
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -57,7 +57,7 @@ def make_run(root: Path, dataset: str = "geography", n: int = 30, full: bool = T
                                         "dtype": "float32", "versions": {"truthmap": "0.1.0", "torch": "2.13.0"}}))
     if not full:
         return run.path
-    from truthmap.heatmap import plot_heatmap
+    from truthmap.analysis.heatmap import plot_heatmap
 
     probes = run.probes("mlp")
     mean = 0.5 + np.arange(4 * len(POSITIONS)).reshape(4, len(POSITIONS)) / 200
@@ -206,7 +206,7 @@ PERFECT = {"layer": 11, "token": "exact_answer_first", "auc_mean": 1.0, "auc_std
 
 
 def test_answers_that_do_not_stop_raise_a_red_flag_naming_the_cause(tmp_path):
-    from truthmap.report import red_flags
+    from truthmap.analysis.report import red_flags
 
     path = flag_run(tmp_path, PERFECT, [False] * 27 + [True] * 3, errors=60, correct=40)
     flags = red_flags(RunDir.from_path(path))
@@ -218,7 +218,7 @@ def test_answers_that_do_not_stop_raise_a_red_flag_naming_the_cause(tmp_path):
 
 
 def test_a_perfect_cell_on_few_errors_or_on_stopped_answers_names_its_cause(tmp_path):
-    from truthmap.report import red_flags
+    from truthmap.analysis.report import red_flags
 
     few = red_flags(RunDir.from_path(flag_run(tmp_path / "a", PERFECT, [True] * 30, errors=4, correct=60)))
     assert few == ["best cell (mlp, layer 11, exact_answer_first) AUC 1.000 ± 0.000 is too good to be true; likely "
@@ -231,7 +231,7 @@ def test_a_perfect_cell_on_few_errors_or_on_stopped_answers_names_its_cause(tmp_
 
 @pytest.mark.parametrize("best", [PERFECT | {"auc_mean": 0.985}, PERFECT | {"auc_std": 0.004}])
 def test_good_numbers_with_stopped_answers_raise_no_flag(tmp_path, best):
-    from truthmap.report import red_flags
+    from truthmap.analysis.report import red_flags
 
     path = flag_run(tmp_path, best, [True] * 20 + [False] * 10, errors=40, correct=60)
     assert red_flags(RunDir.from_path(path)) == []
@@ -239,7 +239,7 @@ def test_good_numbers_with_stopped_answers_raise_no_flag(tmp_path, best):
 
 
 def test_a_perfect_cell_on_errors_that_copy_the_prompt_names_the_copying(tmp_path):
-    from truthmap.report import red_flags
+    from truthmap.analysis.report import red_flags
 
     path = flag_run(tmp_path, PERFECT, [True] * 30, errors=40, correct=60)
     run = RunDir.from_path(path)
@@ -255,7 +255,7 @@ def test_a_perfect_cell_on_errors_that_copy_the_prompt_names_the_copying(tmp_pat
 
 
 def test_report_gives_the_verdict_controls_and_selectivity(full_run):
-    from truthmap.heatmap import plot_heatmap
+    from truthmap.analysis.heatmap import plot_heatmap
 
     run = RunDir.from_path(full_run)
     probes = run.probes("mlp")

@@ -9,12 +9,12 @@ from typer.testing import CliRunner
 
 from tiny import half_right_qa
 from truthmap import pipeline
-from truthmap import resample as resampling
+from truthmap.runner import resample as resampling
 from truthmap.cli import app
 from truthmap.config import RunConfig
-from truthmap.decoding import generate_batch
+from truthmap.lm.decoding import generate_batch
 from truthmap.errors import ConfigError, StoreError
-from truthmap.models import encode_prompt, stop_token_ids
+from truthmap.lm.models import encode_prompt, stop_token_ids
 
 K = 3
 CELL = {"layer": 1, "token": "exact_answer_first"}
@@ -122,7 +122,7 @@ def test_resampling_writes_every_file(greedy_run, tiny):
 
 def test_resampled_activations_match_the_greedy_store(greedy_run, tiny):
     """The resampled answers are read exactly as the greedy store was, so one probe serves both."""
-    from truthmap.activations import open_store
+    from truthmap.stages.activations import open_store
     from truthmap.runstate import Checkpoints
 
     run = pipeline.run_dir(greedy_run)
@@ -191,14 +191,14 @@ def test_killed_resampling_resumes_to_the_same_answers(greedy_run, tiny, monkeyp
 
 
 def test_a_finished_resampling_reruns_its_analysis_without_the_model(greedy_run, tiny, monkeypatch):
-    import truthmap.models
+    import truthmap.lm.models
 
     first = resample(greedy_run, tiny)
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(truthmap.models, "load_model", no_model)
+    monkeypatch.setattr(truthmap.lm.models, "load_model", no_model)
     assert resample(greedy_run, None) == first
 
 

@@ -102,7 +102,6 @@ def test_table_fit_detector_and_score_end_to_end(study, tmp_path):
 
 def test_run_prints_each_red_flag_as_a_warning_line(tmp_path, monkeypatch):
     from truthmap import pipeline
-
     best = {"layer": 11, "token": "exact_answer_first", "auc_mean": 1.0, "auc_std": 0.0}
     flags = ["150 of 150 answers (100%) ran to the 48-token limit without stopping: ...", "best cell ... too good"]
     monkeypatch.setattr(pipeline, "run_all", lambda config: {"heatmap": "h.png", "best": best, "samples": 150,

@@ -12,8 +12,8 @@ import pytest
 from truthmap import pipeline, rundir
 from truthmap.config import RunConfig
 from truthmap.errors import StoreError
-from truthmap.generalize import generalization
-from truthmap.report import write_report
+from truthmap.analysis.generalize import generalization
+from truthmap.analysis.report import write_report
 from truthmap.rundir import (ANSWER_COLUMNS, ARTIFACTS, DETECTOR_SCORE_COLUMNS, MODEL_ARTIFACTS, RESAMPLE_COLUMNS,
                              RUN_JSON, RUN_JSON_OPTIONAL, matches)
 
@@ -125,17 +125,17 @@ FILE_NAME = re.compile(r"^[\w.*{}-]+\.(json|parquet|csv|png|svg|npy|npz|f16|html
 PATH_CALLS = {"Path", "PurePath", "joinpath", "with_name", "with_suffix"}
 # What cannot live in rundir: (module, literal) -> why.
 ALLOWED = {
-    **{("models.py", name): "the model cache (~/.cache/truthmap) and Hugging Face model folders, not a run"
+    **{("lm/models.py", name): "the model cache (~/.cache/truthmap) and Hugging Face model folders, not a run"
        for name in ("gguf", "models", "config.json", "sha256.json", ".cache", "truthmap")},
     **{("datasets/registry.py", name): "a dataset's source file under the data directory, in its declarative entry"
        for name in ("movie_qa_train.csv", "movie_qa_test.csv", "winobias_dev.csv", "winobias_test.csv",
                     "winogrande_train.csv", "winogrande_test.csv", "mnli_train.csv", "mnli_validation.csv",
                     "AnswerableMath.csv", "AnswerableMath_test.csv")},
-    ("detector.py", ".json"): "the name suggested in an error for a user's --out path, which may be anywhere",
+    ("analysis/detector.py", ".json"): "the name suggested in an error for a user's --out path, which may be anywhere",
 }
 ALLOWED_FSTRINGS = {  # (module, source of the f-string) -> why
-    ("models.py", "f'{target.name}.partial-{os.getpid()}'"): "a download in progress in the model cache",
-    ("models.py", "f'{model_slug(source.gguf_file)}-{key}'"): "a converted gguf model in the model cache",
+    ("lm/models.py", "f'{target.name}.partial-{os.getpid()}'"): "a download in progress in the model cache",
+    ("lm/models.py", "f'{model_slug(source.gguf_file)}-{key}'"): "a converted gguf model in the model cache",
 }
 
 

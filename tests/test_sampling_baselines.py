@@ -9,10 +9,10 @@ import pytest
 from tiny import half_right_qa
 
 from truthmap import pipeline
-from truthmap import resample as resampling
+from truthmap.runner import resample as resampling
 from truthmap.config import RunConfig
 from truthmap.datasets.rules import RULES
-from truthmap.sampling_baselines import (
+from truthmap.analysis.sampling_baselines import (
     SAMPLING_NAMES,
     cluster,
     discrete_entropy,

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from truthmap.error_types import ERROR_TYPES
+from truthmap.analysis.error_types import ERROR_TYPES
 from truthmap.errors import DataError
-from truthmap.selection import (
+from truthmap.analysis.selection import (
     fold_of_groups,
     mean_logprob,
     out_of_fold_error_probabilities,

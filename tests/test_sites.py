@@ -10,7 +10,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from truthmap.errors import ConfigError, ModelError  # noqa: E402
-from truthmap.sites import (  # noqa: E402
+from truthmap.lm.sites import (  # noqa: E402
     SITES,
     capture,
     decoder_layers,
@@ -349,10 +349,10 @@ def test_recorded_decoding_equals_a_full_forward_pass(tiny, site):
     """What a KV-cache decoding records at every fed token is a forward pass over prompt + answer, up to float
     rounding: the prompt's last 8 tokens from the prefill, each answer token from the step that fed it, the last
     one (of a row that ran to the token limit) from the extra pass."""
-    from truthmap.activations import read_positions
-    from truthmap.decoding import generate_batch
-    from truthmap.models import encode_prompt
-    from truthmap.sites import record
+    from truthmap.stages.activations import read_positions
+    from truthmap.lm.decoding import generate_batch
+    from truthmap.lm.models import encode_prompt
+    from truthmap.lm.sites import record
 
     questions = ["What is the capital of France?", "Zürich?", "In which country is the city of Tromsø? Answer:", "What?"]
     prompts = [encode_prompt(tiny.tokenizer, q, True) for q in questions]
@@ -378,11 +378,11 @@ def test_recording_after_a_shared_prefix_equals_a_full_forward_pass(tiny, site):
     """With the chat template's shared first tokens encoded once (generate.batch_prefix), the decoding writes the
     same tokens, and the recording holds the same values at every position it is asked for, token 0 included
     (from the prefix's own pass); a position inside the prefix other than 0 was never recorded."""
-    from truthmap.activations import read_positions
-    from truthmap.decoding import generate_batch
-    from truthmap.generate import MIN_PREFIX, batch_prefix
-    from truthmap.models import encode_prompt
-    from truthmap.sites import record
+    from truthmap.stages.activations import read_positions
+    from truthmap.lm.decoding import generate_batch
+    from truthmap.stages.generate import MIN_PREFIX, batch_prefix
+    from truthmap.lm.models import encode_prompt
+    from truthmap.lm.sites import record
 
     preamble = "Question: Long answer: Exact answer: "  # as a system turn would be: the same first tokens for all
     questions = ["What is the capital of France?", "Zürich and Tromsø, cities of the north?", "What? 0123"]

@@ -13,7 +13,7 @@ from truthmap import pipeline
 from truthmap.config import RunConfig
 from truthmap.errors import StoreError
 from truthmap.datasets import get_spec
-from truthmap.generate import answer_stop, generate_answers, stop_at_text
+from truthmap.stages.generate import answer_stop, generate_answers, stop_at_text
 from truthmap.runstate import Checkpoints
 
 from tiny import scripted_base_lm, tiny_base_tokenizer
@@ -135,8 +135,8 @@ def test_a_base_run_made_before_the_stop_rule_is_refused(base_lm, tmp_path):
 
 
 def test_resampled_answers_end_at_the_line_break_too(base_lm, tmp_path):
-    from truthmap.models import encode_prompt, stop_token_ids
-    from truthmap.resample import sample_answers
+    from truthmap.lm.models import encode_prompt, stop_token_ids
+    from truthmap.runner.resample import sample_answers
 
     countries = list(TALKS_ON)
     greedy = pd.DataFrame({"id": countries,

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from truthmap.verdict import MIN_TEST_PER_CLASS, Family, fair_verdict, run_verdict
+from truthmap.analysis.verdict import MIN_TEST_PER_CLASS, Family, fair_verdict, run_verdict
 
 
 @pytest.fixture(params=[0, 1])
@@ -121,8 +121,8 @@ def test_run_verdict_on_constructed_activations():
 
 
 def test_probe_versus_a_baseline_is_paired_on_the_same_rows(seed):
-    from truthmap.detection import best_probe_row
-    from truthmap.verdict import probe_versus
+    from truthmap.analysis.detection import best_probe_row
+    from truthmap.analysis.verdict import probe_versus
 
     rng, y, _ = rows(seed)
     baseline = scored(rng, y, 1.0)

@@ -59,7 +59,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32
 
 
 def tiny_lm(chat: bool = True, seed: int = 0):
-    from truthmap.models import LoadedModel
+    from truthmap.lm.models import LoadedModel
 
     tokenizer = tiny_tokenizer(chat)
     model = tiny_llama(len(tokenizer), seed)
@@ -74,8 +74,8 @@ def half_right_qa(lm, path, questions, max_new_tokens: int = 16):
     no answer contains, so both classes are there for the probes."""
     import csv
 
-    from truthmap.decoding import generate_batch
-    from truthmap.models import encode_prompt
+    from truthmap.lm.decoding import generate_batch
+    from truthmap.lm.models import encode_prompt
 
     prompts = [encode_prompt(lm.tokenizer, q, True) for q in questions]
     generations = [g for start in range(0, len(prompts), 30)
@@ -170,7 +170,7 @@ def scripted_model(scripts: dict[tuple, list[int]], vocab_size: int, eos_id: int
 
 def scripted_base_lm(answers: dict[str, str]):
     """A LoadedModel of a base model (no chat template) that answers each prompt text with the given text."""
-    from truthmap.models import LoadedModel, encode_prompt
+    from truthmap.lm.models import LoadedModel, encode_prompt
 
     tokenizer = tiny_base_tokenizer()
     scripts = {

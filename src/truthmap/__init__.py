@@ -5,9 +5,10 @@ The Python API at the top level (imported on first use, so `import truthmap` and
     import truthmap
     config = truthmap.RunConfig(dataset="geography", n_samples=200)
     truthmap.run(config)                      # answers -> activations -> probes, skipping finished stages
-    truthmap.pipeline.resample(config, truthmap.ResampleConfig(n_resamples=10))
+    truthmap.resample(config, truthmap.ResampleConfig(n_resamples=10))
 
-generate, generalize and resample are both modules and pipeline functions: call them as truthmap.pipeline.<name>.
+The modules live in folders by what they do (lm/, stages/, analysis/, runner/; docs/architecture.md); a user's
+code imports these names from the top level, which stay where they are when a file moves.
 """
 
 from importlib import import_module
@@ -16,31 +17,34 @@ from truthmap.errors import ConfigError, DataError, ModelError, ProbeError, Stor
 
 __version__ = "0.1.0"
 
-# name -> (module, attribute): what the top level offers, and where it lives. No name of a submodule: importing
-# that submodule would replace the function.
+# name -> (module, attribute): what the top level offers, and where it lives. No name of a top-level module
+# (pipeline, config, ...): importing that module would replace the name.
 _API = {
     "RunConfig": ("truthmap.config", "RunConfig"),
     "run_dir": ("truthmap.config", "run_dir"),
     "load_config_records": ("truthmap.config", "load_config_records"),
     "run": ("truthmap.pipeline", "run_all"),
+    "generate": ("truthmap.pipeline", "generate"),
+    "resample": ("truthmap.pipeline", "resample"),
+    "generalize": ("truthmap.pipeline", "generalize"),
     "extract": ("truthmap.pipeline", "extract"),
     "probe": ("truthmap.pipeline", "probe"),
     "table": ("truthmap.pipeline", "table"),
     "fit_detector": ("truthmap.pipeline", "fit_detector"),
     "import_answers": ("truthmap.pipeline", "import_answers"),
-    "summarize_answers": ("truthmap.generate", "summarize_answers"),
-    "ResampleConfig": ("truthmap.resample", "ResampleConfig"),
-    "ImportSource": ("truthmap.importer", "ImportSource"),
-    "Detector": ("truthmap.detector", "Detector"),
-    "answer": ("truthmap.flagged", "answer"),
-    "ErrorProbe": ("truthmap.probes", "ErrorProbe"),
-    "probe_grid": ("truthmap.probes", "probe_grid"),
-    "probe_cells": ("truthmap.probing", "probe_cells"),
-    "write_probe_outputs": ("truthmap.probing", "write_probe_outputs"),
-    "open_store": ("truthmap.activations", "open_store"),
-    "open_embedding": ("truthmap.activations", "open_embedding"),
-    "load_model": ("truthmap.models", "load_model"),
-    "write_report": ("truthmap.report", "write_report"),
+    "summarize_answers": ("truthmap.stages.generate", "summarize_answers"),
+    "ResampleConfig": ("truthmap.runner.resample", "ResampleConfig"),
+    "ImportSource": ("truthmap.runner.importer", "ImportSource"),
+    "Detector": ("truthmap.analysis.detector", "Detector"),
+    "answer": ("truthmap.runner.flagged", "answer"),
+    "ErrorProbe": ("truthmap.analysis.probes", "ErrorProbe"),
+    "probe_grid": ("truthmap.analysis.probes", "probe_grid"),
+    "probe_cells": ("truthmap.runner.probing", "probe_cells"),
+    "write_probe_outputs": ("truthmap.runner.probing", "write_probe_outputs"),
+    "open_store": ("truthmap.stages.activations", "open_store"),
+    "open_embedding": ("truthmap.stages.activations", "open_embedding"),
+    "load_model": ("truthmap.lm.models", "load_model"),
+    "write_report": ("truthmap.analysis.report", "write_report"),
     "get_spec": ("truthmap.datasets", "get_spec"),
     "load_records": ("truthmap.datasets", "load_records"),
     "build_prompt": ("truthmap.datasets", "build_prompt"),

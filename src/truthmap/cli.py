@@ -260,7 +260,7 @@ def check_address(ctx: typer.Context, run: str | None) -> None:
 def addressed(ctx: typer.Context, options: dict) -> dict:
     """The options with --run DIR resolved into the run's --model (from its run.json), --dataset, --split and
     --runs-dir; without --run, the options as given."""
-    from truthmap.models import model_slug
+    from truthmap.lm.models import model_slug
 
     directory = options.pop("run")
     check_address(ctx, directory)
@@ -396,7 +396,6 @@ def generate(**options):
     Example: truthmap generate --dataset triviaqa --n-samples 200 --data-dir ../shared/data
     """
     from truthmap import pipeline
-
     run = pipeline.generate(run_config(options))
     typer.echo(json.dumps(pipeline.summarize_answers(run), indent=2))
 
@@ -421,7 +420,7 @@ def import_(
     Example: truthmap import answers.jsonl --dataset triviaqa --split test
     """
     from truthmap import pipeline
-    from truthmap.importer import ImportSource
+    from truthmap.runner.importer import ImportSource
 
     source = ImportSource(answers_file, *(options.pop(column) for column in IMPORT_COLUMNS))
     strict = options.pop("strict")
@@ -438,7 +437,6 @@ def extract(ctx: typer.Context, **options):
     Example: truthmap extract --dataset geography --site resid
     """
     from truthmap import pipeline
-
     run = pipeline.extract(run_config(addressed(ctx, options)))
     typer.echo(f"Activations: {run.activations(options['site'])}")
 
@@ -452,7 +450,6 @@ def probe(ctx: typer.Context, **options):
     Example: truthmap probe --dataset geography --seeds 0,5,26,42,63
     """
     from truthmap import pipeline
-
     run = pipeline.probe(run_config(addressed(ctx, options)))
     summary = pipeline.read_json(run.probe_files(options["site"]).summary)
     typer.echo(json.dumps(summary["best"], indent=2))
@@ -522,7 +519,6 @@ def table(ctx: typer.Context, **options):
     Example: truthmap table --datasets geography triviaqa winobias --n-questions 300 --data-dir ../shared/data
     """
     from truthmap import pipeline
-
     sampling = {name: options.pop(name) for name in ("sampling_baselines", "n_resamples", "temperature")}
     config, names, test_questions = study(ctx, options)
     written = pipeline.table(config, names, test_questions, temperature=sampling["temperature"],
@@ -544,7 +540,6 @@ def generalize(ctx: typer.Context, **options):
     Example: truthmap generalize --datasets geography triviaqa movies winobias mnli --data-dir ../shared/data
     """
     from truthmap import pipeline
-
     token = options.pop("token")
     config, names, test_questions = study(ctx, options)
     result = pipeline.generalize(config, names, token, test_questions)
@@ -571,7 +566,6 @@ def fit_detector(ctx: typer.Context, **options):
     Example: truthmap fit-detector --dataset geography --token exact_answer_last
     """
     from truthmap import pipeline
-
     token, layer, out = options.pop("token"), options.pop("layer"), options.pop("out")
     typer.echo(json.dumps(pipeline.fit_detector(run_config(addressed(ctx, options)), token, layer, out), indent=2))
 
@@ -586,8 +580,8 @@ def score(**options):
 
     Example: truthmap score --detector runs/smollm2/geography/train/detector_mlp --question "What is the capital of Peru?" --answer "The capital of Peru is Lima." --max-fpr 0.05
     """
-    from truthmap.detector import Detector, check_texts, load_scoring_model, read_pairs, score_file
-    from truthmap.models import check_device
+    from truthmap.analysis.detector import Detector, check_texts, load_scoring_model, read_pairs, score_file
+    from truthmap.lm.models import check_device
 
     o = options
     check_device(o["device"])  # before the model loads (else after it, ~20 s)
@@ -639,8 +633,7 @@ def answer(ctx: typer.Context, **o):
 
     Example: truthmap answer --detector runs/smollm2/geography/train/detector_mlp --question "What is the capital of Peru?" --max-fpr 0.05
     """
-    from truthmap import flagged
-
+    from truthmap.runner import flagged
     given_dataset = given(ctx, "dataset")
     sources = [name for name, value in (("--question", o["question"]), ("--input", o["input_path"]),
                                         ("--dataset", given_dataset or None)) if value]
@@ -680,8 +673,8 @@ def report(
 
     Example: truthmap report --run runs/smollm2/geography/train
     """
-    from truthmap.models import model_slug
-    from truthmap.report import write_report
+    from truthmap.analysis.report import write_report
+    from truthmap.lm.models import model_slug
 
     if run_dir is not None and options["run"] is not None:
         raise ConfigError(f"Give the run directory once: --run {options['run']} or {run_dir}, not both.")
@@ -700,7 +693,7 @@ def runs(**options):
 
     Example: truthmap runs --runs-dir runs
     """
-    from truthmap.report import find_runs, format_runs
+    from truthmap.analysis.report import find_runs, format_runs
 
     runs_dir = options["runs_dir"]
     typer.echo(format_runs(find_runs(runs_dir), runs_dir))
@@ -719,8 +712,7 @@ def resample(ctx: typer.Context, **options):
     Example: truthmap resample --dataset geography --n-questions 100 --n-resamples 10 --temperature 1.0 --seed 0
     """
     from truthmap import pipeline
-
-    from truthmap.resample import ResampleConfig
+    from truthmap.runner.resample import ResampleConfig
 
     asked = {name: options.pop(name) for name in ("n_questions", "n_resamples", "temperature", "layer", "token")}
     config = run_config(addressed(ctx, options))

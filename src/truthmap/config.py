@@ -41,7 +41,7 @@ class RunConfig:
     workers: int | None = None  # Ray workers, one model each; None: one per GPU of the cluster, else one per CPU
 
     def __post_init__(self):
-        from truthmap.sites import SITES
+        from truthmap.lm.sites import SITES
 
         names = {  # option: (what a user calls it, the legal names)
             "split": ("split", ("train", "test")),
@@ -66,7 +66,7 @@ class RunConfig:
                 raise ConfigError(f"Invalid {flag} {getattr(self, option)!r}: expected {expected}.")
         self.seeds = tuple(int(s) for s in self.seeds)
         if self.device is not None:
-            from truthmap.models import check_device  # imports torch: only when a device is named
+            from truthmap.lm.models import check_device  # imports torch: only when a device is named
 
             check_device(self.device, local=self.executor == "local")
 
@@ -162,7 +162,7 @@ def _is(value, kind: type) -> bool:
 
 def run_dir(config: RunConfig):
     """The run directory of config's model, dataset and split (rundir.RunDir)."""
-    from truthmap.models import model_slug
+    from truthmap.lm.models import model_slug
     from truthmap.rundir import RunDir
 
     return RunDir(config.runs_dir, model_slug(config.model), config.dataset, config.split)

@@ -12,14 +12,15 @@ import functools
 import json
 from pathlib import Path
 
-from truthmap import answering, baselines as baseline_scores, probing
 from truthmap.config import RunConfig, load_config_records, run_dir
 from truthmap.errors import ConfigError
-from truthmap.generate import summarize_answers
-from truthmap.probing import write_probe_outputs
 from truthmap.rundir import RunDir, check_token, generalization_dir, read_json, tables_dir, write_json
+from truthmap.runner import answering, probing
+from truthmap.runner.contract import Stage, extraction_done, model_loader, require_answers, stage_done
+from truthmap.runner.probing import write_probe_outputs
 from truthmap.runstate import run_lock
-from truthmap.stages import Stage, extraction_done, model_loader, require_answers, stage_done
+from truthmap.stages import baselines as baseline_scores
+from truthmap.stages.generate import summarize_answers
 
 __all__ = ["STAGES", "baselines", "extract", "fit_detector", "generalize", "generate", "import_answers",
            "load_config_records", "probe", "resample", "run_all", "run_dir", "summarize_answers", "table",
@@ -96,7 +97,7 @@ def baselines(config: RunConfig, get_lm) -> RunDir:
 @locked
 def import_answers(config: RunConfig, source, lm=None, strict: bool = False, activations: bool = True) -> dict:
     """`truthmap import`: the run of config from an answers file (importer.import_answers); returns its summary."""
-    from truthmap.importer import import_answers as run_import
+    from truthmap.runner.importer import import_answers as run_import
 
     summary = run_import(config, source, lm, strict, activations)
     if activations:
@@ -108,7 +109,8 @@ def import_answers(config: RunConfig, source, lm=None, strict: bool = False, act
 def resample(config: RunConfig, resampling=None, lm=None, **options) -> dict:
     """K sampled answers per question of a finished greedy run, their error types, type probes and answer
     selection (resample.resample); resampling: a resample.ResampleConfig, or its fields as keywords."""
-    from truthmap.resample import ResampleConfig, resample as run_resample
+    from truthmap.runner.resample import ResampleConfig
+    from truthmap.runner.resample import resample as run_resample
 
     resampling = dataclasses.replace(resampling or ResampleConfig(), **options)
     return run_resample(config, resampling, lm)
@@ -124,13 +126,13 @@ def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | No
 @locked
 def run_all(config: RunConfig) -> dict:
     """Every stage of STAGES in order, skipping finished ones; returns where the figure is and the best cell."""
-    from truthmap.report import red_flags, write_report
+    from truthmap.analysis.report import red_flags, write_report
 
     run = run_dir(config)
     answering.check_resume(config)  # before any model loads
     lm = None
     if config.executor == "local" and any(s.needs_model and s.made(config, run) is None for s in STAGES):
-        from truthmap.models import load_model
+        from truthmap.lm.models import load_model
 
         lm = load_model(config.model, config.device, config.dtype)
     generate(config, lm)
@@ -197,10 +199,10 @@ def table(config: RunConfig, datasets: list[str], test_samples: int | None = Non
           temperature: float = 1.0) -> dict:
     """The detection table over datasets: each dataset's train run fits the probes, its test run scores them.
     n_resamples: also the sampling baselines, from that many sampled answers per test question."""
-    from truthmap.costs import add_costs
-    from truthmap.detection import evaluate_dataset, write_detection_table
-    from truthmap.models import model_slug
-    from truthmap.resample import sampling_rows
+    from truthmap.analysis.costs import add_costs
+    from truthmap.analysis.detection import evaluate_dataset, write_detection_table
+    from truthmap.lm.models import model_slug
+    from truthmap.runner.resample import sampling_rows
 
     if not datasets:
         raise ConfigError("No datasets: pass --datasets NAME [NAME ...].")
@@ -218,8 +220,8 @@ def table(config: RunConfig, datasets: list[str], test_samples: int | None = Non
 
 def generalize(config: RunConfig, datasets: list[str], token: str, test_samples: int | None = None) -> dict:
     """Train on each dataset, test on every dataset: the matrix of AUCs and of AUCs over the target's baseline."""
-    from truthmap.generalize import generalization
-    from truthmap.models import model_slug
+    from truthmap.analysis.generalize import generalization
+    from truthmap.lm.models import model_slug
 
     if len(datasets) < 2:
         raise ConfigError("Generalization needs at least two datasets: pass --datasets A B [C ...].")

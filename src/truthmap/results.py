@@ -127,7 +127,6 @@ def started(results_file: str | Path | None = None) -> tuple[str, str]:
 def run_study(study: Study, n_samples: int | None = None) -> tuple[list[dict], float]:
     """Run each dataset x site of a study (resuming what is on disk); their summaries and the wall time."""
     from truthmap import pipeline
-
     runs, start = [], time.perf_counter()
     for config in study.configs(n_samples):
         run = pipeline.run_dir(config)

@@ -14,7 +14,6 @@ from pathlib import Path
 from truthmap.errors import StoreError
 from truthmap.rundir import Checkpoint, RunDir, read_json, read_parquet, write_json, write_parquet
 
-
 # How a changed setting is described when its raw values say little.
 CHANGED = {
     "custom_sha256": "from another content of the custom file (sha256 {saved:.12}..., now {value:.12}...: edited since)",

@@ -12,9 +12,9 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 
-from truthmap.cpuload import FreeCpus, torch_threads
+from truthmap.analysis.cpuload import FreeCpus, torch_threads
+from truthmap.analysis.solver import STATE_VECTORS, fit_logistic
 from truthmap.errors import ProbeError
-from truthmap.solver import STATE_VECTORS, fit_logistic
 
 CELL_BUDGET_BYTES = 128 * 2**20  # what fit_cells fits at once: float32 activations, or the fits' float64 state
 

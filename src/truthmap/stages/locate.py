@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import re
 
-from truthmap.datasets import gold_span, label_span
 from truthmap.batches import run_batches
-from truthmap.decoding import generate_batch
-from truthmap.models import encode_prompt, stop_token_ids
+from truthmap.datasets import gold_span, label_span
+from truthmap.lm.decoding import generate_batch
+from truthmap.lm.models import encode_prompt, stop_token_ids
 from truthmap.rundir import EXACT_POSITIONS, POSITIONS, position_column
 from truthmap.runstate import Checkpoints
 
@@ -226,7 +226,7 @@ def extraction_prefix(lm):
     Found as the common start of two prompts that share nothing of their own; a batch whose prompts do not all
     start with it (a question that merges with the last shared token) is encoded whole instead.
     """
-    from truthmap.decoding import encode_prefix
+    from truthmap.lm.decoding import encode_prefix
 
     one = extraction_prompt_ids(lm.tokenizer, lm.is_chat, "Who?", "A.")
     other = extraction_prompt_ids(lm.tokenizer, lm.is_chat, "7 x", "9 y")

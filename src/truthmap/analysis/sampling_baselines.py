@@ -49,7 +49,7 @@ def rule_match(rule):
 def cluster(texts, same=None) -> list[int]:
     """A cluster number per text: a text joins the first cluster whose first member it matches (normalised text
     equal, or same(a, b)), else opens a new one (the greedy clustering of Kuhn et al.)."""
-    from truthmap.error_types import normalize_answer
+    from truthmap.analysis.error_types import normalize_answer
 
     heads: list[tuple[str, str]] = []  # (text, normalised) of each cluster's first member
     out = []
@@ -93,7 +93,7 @@ def mean_logprob(logprobs) -> float:
 
 def answer_text(source: str, valid: bool, exact_answer: str, answer: str) -> str:
     """The text an answer stands for in a cluster: its exact answer, NO ANSWER for a refusal, else its whole text."""
-    from truthmap.error_types import vote_text
+    from truthmap.analysis.error_types import vote_text
 
     voted = vote_text(source, bool(valid), exact_answer)
     return str(answer) if voted is None else voted
@@ -138,9 +138,9 @@ def sampling_results(scores, test, common: dict, cost: dict | None = None, probe
     """Rows of the detection table: each score's AUC and 95 % interval on the test rows (detection.ProbeData)
     that have samples; cost: the sampling's cost per answer, added to every row. probe: {"method", "scores"
     [seeds, test rows]}: each row also gets "versus_probe", the probe against it on the same rows (paired)."""
-    from truthmap.detection import interval_over_test_rows
-    from truthmap.evaluation import auc
-    from truthmap.verdict import probe_versus
+    from truthmap.analysis.detection import interval_over_test_rows
+    from truthmap.analysis.evaluation import auc
+    from truthmap.analysis.verdict import probe_versus
 
     indexed = scores.set_index("id")
     known = np.array([i in indexed.index for i in test.ids])

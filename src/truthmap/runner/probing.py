@@ -7,7 +7,7 @@ from pathlib import Path
 
 from truthmap.config import RunConfig, run_dir
 from truthmap.rundir import POSITIONS, ProbeFiles, RunDir, read_json, write_json
-from truthmap.stages import answers_table
+from truthmap.runner.contract import answers_table
 
 PROBE_OUTPUTS = 3  # bump when the probe stage writes new files: 2 = embedding row, controls, intervals; 3 = fair verdict
 
@@ -17,9 +17,9 @@ def probe(config: RunConfig, lm=None) -> RunDir:
     The caller skips it when probes.json was made with these settings (probes_made, probes_wanted)."""
     import numpy as np
 
-    from truthmap.activations import open_embedding, open_store
-    from truthmap.models import model_slug
-    from truthmap.verdict import run_verdict  # the cell chosen on validation rows, the embedding row a control
+    from truthmap.analysis.verdict import run_verdict  # the cell chosen on validation rows, the embedding row a control
+    from truthmap.lm.models import model_slug
+    from truthmap.stages.activations import open_embedding, open_store
 
     run = run_dir(config)
     out = run.probe_files(config.site)
@@ -52,8 +52,8 @@ def probe(config: RunConfig, lm=None) -> RunDir:
 def probe_cells(table, rows, acts, embed, config: RunConfig, progress=True) -> tuple:
     """(probe grid, input-embedding row or None, text controls) on the answers table's rows (with a valid exact
     answer), of the store acts [answers, layers, positions, hidden] and embed [answers, 1, positions, hidden]."""
-    from truthmap.activations import RowView
-    from truthmap.probes import probe_grid
+    from truthmap.analysis.probes import probe_grid
+    from truthmap.stages.activations import RowView
 
     is_error = ~table["correct"].to_numpy()[rows]
     groups = [table["group"].iloc[i] for i in rows]
@@ -69,8 +69,8 @@ def probe_cells(table, rows, acts, embed, config: RunConfig, progress=True) -> t
 
 def text_controls(table, rows, is_error, groups, config: RunConfig) -> dict:
     """The text-only controls (controls.py) on the probe grid's rows, splits and bootstrap draws."""
-    from truthmap.controls import CONTROLS, control_grid
-    from truthmap.probes import bootstrap_weights, split_masks
+    from truthmap.analysis.controls import CONTROLS, control_grid
+    from truthmap.analysis.probes import bootstrap_weights, split_masks
 
     texts = {name: [str(t) for t in table[column].iloc[rows]] for name, (column, _) in CONTROLS.items()}
     train = split_masks(len(rows), groups, tuple(config.seeds), is_error, name=config.dataset)
@@ -81,9 +81,16 @@ def write_probe_outputs(out: ProbeFiles | Path, grid, embed_grid, controls: dict
     """heatmap.png|svg|csv (embedding row below layer 0, grey dots where a cell's interval does not clear the best
     control), selectivity.png|svg|csv, top_cells.json; returns the summary entries of probes.json."""
     out = ProbeFiles(out.path if isinstance(out, ProbeFiles) else out)
-    from truthmap.controls import best_control, public, selectivity, verdict
-    from truthmap.heatmap import EMBED_ROW, plot_heatmap, top_cells, with_embedding, write_heatmap_csv
-    from truthmap.heatmap import write_selectivity_csv, write_top_cells
+    from truthmap.analysis.controls import best_control, public, selectivity, verdict
+    from truthmap.analysis.heatmap import (
+        EMBED_ROW,
+        plot_heatmap,
+        top_cells,
+        with_embedding,
+        write_heatmap_csv,
+        write_selectivity_csv,
+        write_top_cells,
+    )
 
     rows, labels = with_embedding(grid, embed_grid)
     sel = selectivity(rows, controls)
@@ -114,7 +121,7 @@ def write_probe_outputs(out: ProbeFiles | Path, grid, embed_grid, controls: dict
 
 def probes_wanted(config: RunConfig, run: RunDir) -> dict:
     """What probes.json must have been made with: the answers the store belongs to, the site, seeds and outputs."""
-    from truthmap.activations import open_store
+    from truthmap.stages.activations import open_store
 
     _, meta = open_store(run.activations(config.site))  # no store, or an unfinished one: the error says what to run
     return {"answers": meta["answers"], "site": config.site, "seeds": list(config.seeds), "outputs": PROBE_OUTPUTS}
@@ -132,12 +139,17 @@ def fit_detector(config: RunConfig, token: str, layer: int | None, out: str | No
 
     import numpy as np
 
-    from truthmap.detection import (CALIBRATION_SHARE, detector_test_results, probe_data, split_for_calibration,
-                                    write_detector_scores)
-    from truthmap.detector import Detector, check_finite
+    from truthmap.analysis.detection import (
+        CALIBRATION_SHARE,
+        detector_test_results,
+        probe_data,
+        split_for_calibration,
+        write_detector_scores,
+    )
+    from truthmap.analysis.detector import Detector, check_finite
     from truthmap.errors import ConfigError
     from truthmap.rundir import check_token
-    from truthmap.stages import extraction_done
+    from truthmap.runner.contract import extraction_done
 
     check_token(token)
     run = run_dir(config)

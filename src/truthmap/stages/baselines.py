@@ -50,7 +50,7 @@ def exact_token_span(row) -> tuple[int, int] | None:
 
 
 def p_true_prompt_ids(tokenizer, chat: bool, question: str, answer: str) -> list[int]:
-    from truthmap.models import encode_prompt
+    from truthmap.lm.models import encode_prompt
 
     text = P_TRUE_QUESTION.format(question=question, answer=answer)
     return encode_prompt(tokenizer, text if chat else text + P_TRUE_BASE_SUFFIX, chat)
@@ -66,7 +66,7 @@ def p_true_error_scores(lm, questions: list[str], answers: list[str], batch_size
     """1 - p(True) for each (question, proposed answer); NaN where the proposed answer is empty."""
     import torch
 
-    from truthmap.decoding import batches, left_pad
+    from truthmap.lm.decoding import batches, left_pad
     from truthmap.progress import progress_bar
 
     true_ids, false_ids = option_token_ids(lm.tokenizer, "True"), option_token_ids(lm.tokenizer, "False")
@@ -120,8 +120,7 @@ def run_baselines(config, get_lm):
     import dataclasses
 
     from truthmap.config import run_dir
-    from truthmap.rundir import read_json, write_parquet
-    from truthmap.rundir import answers_table
+    from truthmap.rundir import answers_table, read_json, write_parquet
 
     run = run_dir(config)
     table = answers_table(run)

@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from truthmap.detection import (
+from truthmap.analysis.detection import (
     ProbeData,
     baseline_aucs,
     check_splits,
@@ -24,8 +24,8 @@ from truthmap.detection import (
     run_texts,
     validation_masks,
 )
+from truthmap.analysis.evaluation import auc
 from truthmap.errors import ProbeError
-from truthmap.evaluation import auc
 from truthmap.rundir import RunDir, write_json
 
 REFERENCE_BASELINE = "logits_min_exact"
@@ -59,7 +59,7 @@ def transfer_aucs(sources: dict[str, ProbeData], targets: dict[str, ProbeData], 
 def control_transfer_aucs(runs: dict, sources: dict[str, ProbeData], targets: dict[str, ProbeData], seeds) -> dict:
     """control name -> [sources, targets] mean test AUC over the seeds of that text-only control, fitted per seed on
     the source's probe fit rows (validation_masks). Blank where the probe matrix would be blank."""
-    from truthmap.controls import CONTROLS, control_scores
+    from truthmap.analysis.controls import CONTROLS, control_scores
 
     names = list(runs)
     out = {name: np.full((len(sources), len(targets)), np.nan) for name in CONTROLS}
@@ -92,7 +92,7 @@ def generalization(runs: dict[str, tuple[RunDir, RunDir]], site: str, token: str
     """Write auc.csv / auc_minus_baseline.csv and their heatmaps (sources down, targets across) into directory."""
     import pandas as pd
 
-    from truthmap.heatmap import plot_matrix
+    from truthmap.analysis.heatmap import plot_matrix
     from truthmap.rundir import GeneralizationFiles, write_atomic
 
     out = GeneralizationFiles(directory)

@@ -37,8 +37,8 @@ def measured(run) -> dict:
 
 def method_cost(method: str, seconds: dict) -> dict | None:
     """The cost per answer of a method of the detection table (by its label); None for a method not known here."""
-    from truthmap.baselines import BASELINE_NAMES
-    from truthmap.controls import CONTROLS
+    from truthmap.analysis.controls import CONTROLS
+    from truthmap.stages.baselines import BASELINE_NAMES
 
     if method in (BASELINE_NAMES["p_true"], BASELINE_NAMES["p_true_exact"]):
         per_answer = seconds.get("baselines")

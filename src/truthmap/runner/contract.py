@@ -27,7 +27,6 @@ from truthmap.errors import ConfigError
 from truthmap.rundir import RunDir, Work, answers_table, read_json, require_answers  # noqa: F401 (stage API)
 from truthmap.runstate import Checkpoints, check_matches
 
-
 # ------------------------------------------------------------------------------------------ the stage contract
 
 
@@ -72,7 +71,7 @@ def imported(run: RunDir) -> bool:
 
 
 def extraction_done(run: RunDir, site: str) -> bool:
-    from truthmap.activations import META_FIX
+    from truthmap.stages.activations import META_FIX
 
     meta_path = run.store(site).meta
     return meta_path.exists() and (meta := read_json(meta_path, META_FIX))["written"] == meta["shape"][2]
@@ -81,7 +80,7 @@ def extraction_done(run: RunDir, site: str) -> bool:
 def model_state(config: RunConfig, lm=None):
     """What the executor's workers hold (load_models), as a picklable function: a local model path is made
     absolute, since a Ray worker may run in another directory."""
-    from truthmap.models import model_location
+    from truthmap.lm.models import model_location
 
     if config.executor == "ray":
         config = dataclasses.replace(config, model=model_location(config.model),
@@ -95,7 +94,7 @@ def model_loader(config: RunConfig):
 
     def get():
         if not loaded:
-            from truthmap.models import load_model
+            from truthmap.lm.models import load_model
 
             loaded.append(load_model(config.model, config.device, config.dtype))
         return loaded[0]
@@ -116,7 +115,7 @@ class Models:
         if not self.config.extraction_model:
             return self.lm
         if "extractor" not in self.loaded:
-            from truthmap.models import load_model
+            from truthmap.lm.models import load_model
 
             config = self.config
             self.loaded["extractor"] = load_model(config.extraction_model, self.device or config.device, config.dtype)
@@ -125,7 +124,7 @@ class Models:
     def extraction_prefix(self):
         """The extraction prompt's few-shot prefix, encoded once for every batch (locate.extraction_prefix)."""
         if "prefix" not in self.loaded:
-            from truthmap.locate import extraction_prefix
+            from truthmap.stages.locate import extraction_prefix
 
             self.loaded["prefix"] = extraction_prefix(self.extractor())
         return self.loaded["prefix"]
@@ -133,7 +132,7 @@ class Models:
 
 def load_models(config: RunConfig, lm=None, device: str | None = None) -> Models:
     """The worker's state: lm (already loaded), or config.model loaded on device (a Ray worker's) or config.device."""
-    from truthmap.models import load_model
+    from truthmap.lm.models import load_model
 
     lm = lm or load_model(config.model, device or config.device, config.dtype)
     return Models(dataclasses.replace(lm, is_chat=use_chat(config.prompt_style, lm)), config, device)
@@ -147,7 +146,7 @@ def use_chat(prompt_style: str, lm) -> bool:
 
 def extraction(config: RunConfig, extractor, checkpoints, prefix=None, progress: bool = True):
     """The run's label.Extraction: config's extractor method, tries, seed and batch size."""
-    from truthmap.label import Extraction
+    from truthmap.stages.label import Extraction
 
     return Extraction(extractor, checkpoints, config.batch_size, config.extractor, config.extraction_tries,
                       config.seed, prefix, progress)
@@ -161,11 +160,11 @@ def describe(models: Models):
 def compute_settings(config: RunConfig, lm=None) -> dict:
     """The dtype and the kind of device the model computes in (the loaded model's, or what loading would give):
     both change the numbers generated, so finished batches are not continued with others."""
-    from truthmap.activations import device_kind
+    from truthmap.stages.activations import device_kind
 
     if lm is not None:
         return {"dtype": lm.dtype, "device": device_kind(lm.device)}
-    from truthmap.models import default_device_and_dtype
+    from truthmap.lm.models import default_device_and_dtype
 
     device, dtype = default_device_and_dtype(config.device, config.dtype)
     return {"dtype": dtype, "device": device_kind(device)}
@@ -204,9 +203,9 @@ def answer_shard(models: Models, batches: list[list[int]], shard, job: Answering
     its store or None)."""
     import pandas as pd
 
-    from truthmap.activations import create_or_resume, new_meta, write_answer_cells
-    from truthmap.generate import generate_answers
-    from truthmap.label import label_and_locate
+    from truthmap.stages.activations import create_or_resume, new_meta, write_answer_cells
+    from truthmap.stages.generate import generate_answers
+    from truthmap.stages.label import label_and_locate
 
     config, lm = job.config, models.lm
     rows = sorted(i for batch in batches for i in batch)  # a shard's store holds its records in record order
@@ -252,7 +251,7 @@ class Extracting:
 def extract_shard(models: Models, batches: list[list[int]], shard, job: Extracting):
     """The activations of the answers in `batches` (rows of job.table) by a forward pass over each; returns (the
     shard's rows in store order, its store)."""
-    from truthmap.activations import extract_activations
+    from truthmap.stages.activations import extract_activations
 
     rows = sorted(i for batch in batches for i in batch)  # re-cut by extract_activations into the same batches
     store = store_dir(job.run, shard, job.site)

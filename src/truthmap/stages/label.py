@@ -34,8 +34,7 @@ class Extraction:
 
     def __call__(self, rows: list[tuple]) -> dict:
         """{id: (source, span)} of (id, question, answer, answer_ids) rows."""
-        from truthmap import locate
-
+        from truthmap.stages import locate
         extractor = self.extractor()  # first: an extractor that fails to load leaves no settings.json behind
         if not self.opened:
             self.opened.append(self.checkpoints())
@@ -55,7 +54,7 @@ def label_and_locate(spec, records, frame, tokenizer, locate: str, extract, answ
     text rather than copy their tokens. correct: labels already known (default: the dataset's rule); given:
     {id: (source, span)} of exact answers already known (`truthmap import`), which are not located again.
     """
-    from truthmap.locate import locate_answers
+    from truthmap.stages.locate import locate_answers
 
     answers = list(frame["answer"])
     correct = label_answers(spec, records, answers) if correct is None else list(correct)
@@ -71,7 +70,7 @@ def label_and_locate(spec, records, frame, tokenizer, locate: str, extract, answ
 def located_frame(frame, records, spans: dict, tokenizer):
     """frame (with `correct`) plus the exact answer and gold alias columns of {id: (source, span)}, every probed
     position, prompt_len and answer_len."""
-    from truthmap.locate import exact_answer_columns, gold_spans
+    from truthmap.stages.locate import exact_answer_columns, gold_spans
 
     golds = gold_spans(records, list(frame["answer"]), list(frame["correct"]))
     frame = frame.assign(**exact_answer_columns(frame, tokenizer, spans, golds))

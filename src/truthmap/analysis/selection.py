@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from truthmap.error_types import ERROR_TYPES, NO_ANSWER, normalize_answer
+from truthmap.analysis.error_types import ERROR_TYPES, NO_ANSWER, normalize_answer
 from truthmap.errors import DataError
 
 METHODS = ("greedy", "probe", "majority", "logprob")
@@ -58,7 +58,7 @@ def fold_of_groups(groups: Sequence, n_folds: int, seed: int):
     """A fold number per row; rows of one group (None: a group of its own) share a fold. Seeded, balanced."""
     import numpy as np
 
-    from truthmap.evaluation import no_group  # None, NaN or pd.NA: how a null group comes back from parquet
+    from truthmap.analysis.evaluation import no_group  # None, NaN or pd.NA: how a null group comes back from parquet
 
     keys = [("row", i) if no_group(g) else ("group", g) for i, g in enumerate(groups)]
     distinct = list(dict.fromkeys(keys))
@@ -77,7 +77,7 @@ def out_of_fold_error_probabilities(train_acts, train_is_error, train_usable, fo
     """
     import numpy as np
 
-    from truthmap.probes import ErrorProbe
+    from truthmap.analysis.probes import ErrorProbe
 
     scores = np.full(len(score_acts), np.nan)
     for fold in range(n_folds):

@@ -13,18 +13,26 @@ import hashlib
 import json
 from pathlib import Path
 
-from truthmap.activations import FLOAT16_MAX  # as the greedy store: values beyond float16's range are clipped
-from truthmap.batches import load_in_order, run_batches
-from truthmap.decoding import generate_batch
-from truthmap.error_types import ERROR_TYPES, vote_text
-from truthmap.generate import answer_stop, generation_columns, stop_at_text
-from truthmap.errors import ConfigError, ProbeError, StoreError
 from truthmap import rundir, runstate
+from truthmap.analysis.error_types import ERROR_TYPES, vote_text
+from truthmap.batches import load_in_order, run_batches
+from truthmap.errors import ConfigError, ProbeError, StoreError
+from truthmap.lm.decoding import generate_batch
 from truthmap.rundir import (
-    EXACT_POSITIONS, POSITIONS, ResampleFiles, Work, check_token, position_column, read_json,
-    write_atomic, write_json, write_parquet,
+    EXACT_POSITIONS,
+    POSITIONS,
+    ResampleFiles,
+    Work,
+    check_token,
+    position_column,
+    read_json,
+    write_atomic,
+    write_json,
+    write_parquet,
 )
 from truthmap.runstate import Checkpoints
+from truthmap.stages.activations import FLOAT16_MAX  # as the greedy store: values beyond float16's range are clipped
+from truthmap.stages.generate import answer_stop, generation_columns, stop_at_text
 
 
 def row_key(question_id: str, k: int) -> str:
@@ -80,7 +88,7 @@ def cell_activations(lm, frame, site: str, layer: int, token: str, batch_size: i
     import numpy as np
     import pandas as pd
 
-    from truthmap.sites import read_cells
+    from truthmap.lm.sites import read_cells
 
     sequences = [list(p) + list(a) for p, a in zip(frame["prompt_ids"], frame["answer_ids"])]
     positions = np.maximum(frame[position_column(token)].to_numpy(), 0)  # [rows]
@@ -145,8 +153,8 @@ def resample_answers(lm, extractor, spec, records: dict, greedy, settings: dict,
     settings: what made the greedy answers, plus n_resamples, temperature and resample_seed; it keys the sampling
     checkpoints, which other extraction settings or another subset of questions can therefore reuse.
     """
-    from truthmap.label import Extraction, label_and_locate
-    from truthmap.models import stop_token_ids
+    from truthmap.lm.models import stop_token_ids
+    from truthmap.stages.label import Extraction, label_and_locate
 
     generated = sample_answers(
         lm, greedy, settings["n_resamples"], settings["temperature"], settings["resample_seed"],
@@ -192,7 +200,7 @@ def type_probes(types, greedy, greedy_acts, seeds):
     import numpy as np
     import pandas as pd
 
-    from truthmap.probes import MIN_PER_CLASS, probe_grid
+    from truthmap.analysis.probes import MIN_PER_CLASS, probe_grid
 
     valid = greedy["exact_answer_valid"].to_numpy(dtype=bool)
     X = greedy_acts[valid][:, None, None, :]  # [n, 1 layer, 1 position, width]: one cell for probe_grid
@@ -226,7 +234,7 @@ def selection_candidates(greedy, answers, greedy_acts, cell_acts, token: str, n_
     import numpy as np
     import pandas as pd
 
-    from truthmap.selection import fold_of_groups, mean_logprob, out_of_fold_error_probabilities
+    from truthmap.analysis.selection import fold_of_groups, mean_logprob, out_of_fold_error_probabilities
 
     def usable(frame):
         valid = frame["exact_answer_valid"].to_numpy(dtype=bool)
@@ -265,8 +273,8 @@ def selection_candidates(greedy, answers, greedy_acts, cell_acts, token: str, n_
 def analyse(greedy, answers, greedy_acts, cell_acts, token: str, seeds, out: ResampleFiles, title: str, n_folds: int = 5,
             fold_seed: int = 0) -> dict:
     """Error types, type probes and answer selection; writes their files in `out`, returns a summary."""
-    from truthmap.error_types import type_counts, type_table
-    from truthmap.selection import METHODS, plot_selection, select_answers, selection_report
+    from truthmap.analysis.error_types import type_counts, type_table
+    from truthmap.analysis.selection import METHODS, plot_selection, select_answers, selection_report
 
     questions = {
         question_id: (
@@ -336,7 +344,7 @@ def resample_stage(job: Resampling, load_records, answer_models, get_lm) -> dict
     """
     import numpy as np
 
-    from truthmap.stages import stage_done
+    from truthmap.runner.contract import stage_done
 
     files = job.files
     answers, state = sampled_answers(job, load_records, answer_models)
@@ -367,7 +375,7 @@ def made_by(job: Resampling) -> dict:
 def resample_steps(made_by: dict, cell: dict):
     """The first two steps of resample_stage as stages.Stage entries over resamples.json's state, read when they
     are checked (made again when it says other settings, or a cell other than `cell`, or their file is missing)."""
-    from truthmap.stages import Stage
+    from truthmap.runner.contract import Stage
 
     def step(name, key, wanted, file):
         def made(config, files):
@@ -390,7 +398,7 @@ def sampled_answers(job: Resampling, load_records, answer_models):
 
     import pandas as pd
 
-    from truthmap.stages import stage_done
+    from truthmap.runner.contract import stage_done
 
     files = job.files
     state = read_json(files.state) if files.state.exists() else {}
@@ -447,11 +455,11 @@ def resample(config, resampling: ResampleConfig, lm=None) -> dict:
 def resampling_job(config, resampling: ResampleConfig, lm=None, with_cell: bool = True, get_lm=None):
     """(Resampling, load_records, answer_models, get_lm) of resample; with_cell=False: no cell to read (the
     sampling baselines read the answers alone), so no probes.json is needed."""
-    from truthmap.answering import check_finished_store, check_models
     from truthmap.config import run_dir
-    from truthmap.generate import generation_settings, locating_settings
     from truthmap.rundir import ANSWERS_FIX, read_parquet
-    from truthmap.stages import model_loader
+    from truthmap.runner.answering import check_finished_store, check_models
+    from truthmap.runner.contract import model_loader
+    from truthmap.stages.generate import generation_settings, locating_settings
 
     run = run_dir(config)
     check_models(config, lm)
@@ -480,8 +488,8 @@ def resampling_job(config, resampling: ResampleConfig, lm=None, with_cell: bool 
 
 def greedy_cell_of(config, resampling: ResampleConfig, rows):
     """(the probe cell resampling reads, the greedy answers' activations there) for the questions at rows."""
-    from truthmap.activations import open_store
     from truthmap.config import run_dir
+    from truthmap.stages.activations import open_store
 
     store, meta = open_store(run_dir(config).activations(config.site))
     probes_json = run_dir(dataclasses.replace(config, split="train")).probe_files(config.site).summary
@@ -490,7 +498,7 @@ def greedy_cell_of(config, resampling: ResampleConfig, rows):
 
 
 def job_title(config, resampling: ResampleConfig, cell: dict | None) -> str:
-    from truthmap.models import model_slug
+    from truthmap.lm.models import model_slug
 
     title = (f"{model_slug(config.model)} · {config.dataset} ({config.split}) · K={resampling.n_resamples}, "
              f"T={resampling.temperature}")
@@ -501,11 +509,11 @@ def sampling_rows(config, rows: list[dict], n_resamples: int, temperature: float
     """The sampling baselines' rows of the detection table for the test run of `config`, from the answers that
     `truthmap resample` samples (and reuses: resamples/ of that run, all its questions, seed --seed); rows: the
     dataset's other rows, whose best probe on validation (detection.best_probe_row) each is set against."""
+    from truthmap.analysis.detection import best_probe_row, probe_data
+    from truthmap.analysis.sampling_baselines import rule_match, sampling_cost, sampling_results, sampling_scores
+    from truthmap.analysis.verdict import chosen_probe_scores
     from truthmap.config import run_dir
     from truthmap.datasets.rules import RULES
-    from truthmap.detection import best_probe_row, probe_data
-    from truthmap.sampling_baselines import rule_match, sampling_cost, sampling_results, sampling_scores
-    from truthmap.verdict import chosen_probe_scores
 
     resampling = ResampleConfig(n_resamples=n_resamples, temperature=temperature, seed=config.seed)
     job, load_records, load_answer_models, _ = resampling_job(config, resampling, with_cell=False, get_lm=get_lm)
@@ -524,7 +532,7 @@ def sampling_rows(config, rows: list[dict], n_resamples: int, temperature: float
 
 def check_resample_extractor(config, run, used: str | None) -> None:
     """Resamples are located as the greedy answers were: another --extraction-model given would be ignored."""
-    from truthmap.models import same_model
+    from truthmap.lm.models import same_model
 
     asked, used = config.extraction_model, used or config.model
     if asked is not None and not same_model(asked, used):
@@ -536,7 +544,7 @@ def check_resample_extractor(config, run, used: str | None) -> None:
 def greedy_records(config, made: dict, greedy):
     """(dataset entry, question id -> Record) of the greedy run's questions, loaded again as the run loaded them."""
     from truthmap.config import load_config_records, run_dir
-    from truthmap.generate import answers_settings
+    from truthmap.stages.generate import answers_settings
 
     run = run_dir(config)
     kept = {k: made["config"][k] for k in ("n_samples", "seed", "custom_path", "question_column", "answer_column")
@@ -558,7 +566,7 @@ def answer_models(config, made: dict, extraction: dict, get_lm):
     model = dataclasses.replace(get_lm(), is_chat=made["chat_template"])
     if not extraction["extraction_model"]:
         return model, model
-    from truthmap.models import load_model
+    from truthmap.lm.models import load_model
 
     return model, load_model(extraction["extraction_model"], config.device, config.dtype)
 

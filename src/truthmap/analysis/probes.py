@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from truthmap.cpuload import torch_threads
-from truthmap.errors import ProbeError
-from truthmap.evaluation import (
+from truthmap.analysis.cpuload import torch_threads
+from truthmap.analysis.evaluation import (
     MIN_PER_CLASS,
     N_BOOT,
     auc,
@@ -33,12 +32,13 @@ from truthmap.evaluation import (
     on_name,
     split_masks,
 )
+from truthmap.analysis.scheduler import fit_cells
+from truthmap.analysis.solver import GRID_TOL, fit_logistic
+from truthmap.errors import ProbeError
 from truthmap.progress import progress_bar
-from truthmap.scheduler import fit_cells
-from truthmap.solver import GRID_TOL, fit_logistic
 
 # The names other modules and users imported from here before the solver, the scheduler and the evaluation moved
-# out: still importable from truthmap.probes.
+# out: still importable from truthmap.analysis.probes.
 __all__ = [
     "ErrorProbe", "ProbeGrid", "ProbeInputError", "probe_grid", "GRID_TOL", "MIN_PER_CLASS", "N_BOOT", "auc",
     "bootstrap_aucs", "bootstrap_weights", "check_class_counts", "fit_cells", "fit_logistic", "grouped_split",

@@ -18,10 +18,20 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from truthmap.errors import StoreError
 from truthmap.batches import run_batches
-from truthmap.rundir import (POSITIONS, ROOM, STORE_DTYPE, STORE_LAYOUT, Store, human_size, position_column, read_json,
-                             space_for, write_json)
+from truthmap.errors import StoreError
+from truthmap.rundir import (
+    POSITIONS,
+    ROOM,
+    STORE_DTYPE,
+    STORE_LAYOUT,
+    Store,
+    human_size,
+    position_column,
+    read_json,
+    space_for,
+    write_json,
+)
 from truthmap.runstate import check_matches
 
 FLOAT16_MAX = 65504.0
@@ -109,7 +119,7 @@ def extract_activations(lm, table, directory: Path, site: str, batch_size: int, 
 
 
 def new_meta(lm, site: str, n_samples: int, run_settings: dict, one_pass: bool = False) -> dict:
-    from truthmap.sites import num_layers, site_width
+    from truthmap.lm.sites import num_layers, site_width
 
     embed_width = lm.model.get_input_embeddings().embedding_dim
     return store_meta(run_settings, site, n_samples, num_layers(lm.model), site_width(lm.model, site), lm.dtype,
@@ -248,7 +258,7 @@ def check_resume(directory: Path, run_settings: dict | None, site: str, model_dt
 def read_positions(lm, sequences: list[list[int]], positions, site: str):
     """One forward pass over a batch of token sequences: [batch, layers, k, hidden] float32 at positions [batch, k]
     (indices into each unpadded sequence). Negative positions (no exact answer) read the first real token."""
-    from truthmap.sites import read_cells
+    from truthmap.lm.sites import read_cells
 
     return read_cells(lm, sequences, positions, site).float().numpy()
 

@@ -76,7 +76,7 @@ class Family:
 
 def heldout_aucs(scores, is_error, train) -> list[float]:
     """Per seed, the AUC of scores [seeds, n] on that seed's test rows (~train)."""
-    from truthmap.evaluation import auc_rows
+    from truthmap.analysis.evaluation import auc_rows
 
     return [float(auc_rows(scores[s, ~mask][None], is_error[~mask])[0]) for s, mask in enumerate(train)]
 
@@ -97,7 +97,7 @@ def combine(probe_oof, control_oof, probe_scores, control_scores, is_error, trai
 
 def paired(boot_a, boot_b) -> dict:
     """Mean of a - b over the replicates' pairs and its 95 % interval."""
-    from truthmap.evaluation import interval
+    from truthmap.analysis.evaluation import interval
 
     low, high = interval(np.asarray(boot_a, np.float64) - np.asarray(boot_b, np.float64))
     return {"low": round(float(low), 4), "high": round(float(high), 4)}
@@ -106,7 +106,7 @@ def paired(boot_a, boot_b) -> dict:
 def fair_verdict(is_error, train, probe: Family, controls: list[Family], dataset: str = "", weights=None) -> dict:
     """The verdict dict (see the module's docstring); is_error [n] bool, train [seeds, n] the outer splits' train
     rows, weights: bootstrap_weights [n_boot, n] (default: drawn here)."""
-    from truthmap.evaluation import bootstrap_aucs, bootstrap_weights, interval
+    from truthmap.analysis.evaluation import bootstrap_aucs, bootstrap_weights, interval
 
     y = np.asarray(is_error, dtype=bool)
     train = np.asarray(train, dtype=bool)
@@ -227,8 +227,8 @@ class Splits:
 def make_splits(is_error, groups, seeds, name: str = "") -> Splits:
     """The probe grid's splits (probes.split_masks), each train part split again (grouped, stratified) for
     validation and cut into OOF_FOLDS folds; every part checked for both classes before any fit."""
-    from truthmap.evaluation import grouped_split, split_masks
-    from truthmap.selection import fold_of_groups
+    from truthmap.analysis.evaluation import grouped_split, split_masks
+    from truthmap.analysis.selection import fold_of_groups
 
     y = np.asarray(is_error, dtype=bool)
     train = split_masks(len(y), groups, seeds, y, name=name)
@@ -251,8 +251,8 @@ def make_splits(is_error, groups, seeds, name: str = "") -> Splits:
 def cell_family(name: str, label: str, read, cells, labels, is_error, splits: Splits, device=None) -> Family:
     """Every cell fitted on the inner rows and scored on validation; the chosen cells (one per seed) fitted again on
     the train rows (their test scores) and on each fold's complement (their out-of-fold scores)."""
-    from truthmap.evaluation import auc_rows
-    from truthmap.scheduler import fit_cells
+    from truthmap.analysis.evaluation import auc_rows
+    from truthmap.analysis.scheduler import fit_cells
 
     y = np.asarray(is_error, dtype=bool)
     val_rows = splits.train & ~splits.inner
@@ -272,8 +272,8 @@ def cell_family(name: str, label: str, read, cells, labels, is_error, splits: Sp
 
 def text_family(name: str, label: str, texts, is_error, splits: Splits) -> Family:
     """One text-only control (controls.control_scores) fitted on the inner, train and fold masks."""
-    from truthmap.controls import control_scores
-    from truthmap.evaluation import auc_rows
+    from truthmap.analysis.controls import control_scores
+    from truthmap.analysis.evaluation import auc_rows
 
     y = np.asarray(is_error, dtype=bool)
     seeds = len(splits.train)
@@ -290,10 +290,10 @@ def run_verdict(table, rows, acts, embed, seeds, dataset: str, device=None) -> d
     """probes.json's verdict entries for the answers table's rows `rows` (valid exact answer), of the store acts
     [answers, layers, positions, hidden] and embed [answers, 1, positions, hidden] (or None): {"verdict": its
     sentence, "verdict_details": the dict of fair_verdict}."""
-    from truthmap.activations import RowView
-    from truthmap.controls import CONTROLS
-    from truthmap.evaluation import bootstrap_weights
+    from truthmap.analysis.controls import CONTROLS
+    from truthmap.analysis.evaluation import bootstrap_weights
     from truthmap.rundir import POSITIONS
+    from truthmap.stages.activations import RowView
 
     y = ~table["correct"].to_numpy()[rows]
     groups = [table["group"].iloc[i] for i in rows]
@@ -323,7 +323,7 @@ def run_verdict(table, rows, acts, embed, seeds, dataset: str, device=None) -> d
 def chosen_probe_scores(train, test, position: str, seeds) -> np.ndarray:
     """[seeds, test rows] error log-odds of the probe at `position` whose layer each seed chose on validation rows
     of the train run (detection.chosen_layer_probe's choice), on the test run's rows (detection.ProbeData)."""
-    from truthmap.detection import choose_layers, probe_logits
+    from truthmap.analysis.detection import choose_layers, probe_logits
 
     fit, _, val = choose_layers(train.layer_reader(position), train.acts.shape[1], train.is_error, train.groups,
                                 seeds, train.name)
@@ -334,7 +334,7 @@ def chosen_probe_scores(train, test, position: str, seeds) -> np.ndarray:
 def probe_versus(probe_scores, baseline_scores, is_error, weights=None) -> dict:
     """The probe (scores [seeds, n]) against a baseline (scores [n]) on the same test rows: both AUCs and the
     paired 95 % interval of probe minus baseline (the same rows drawn for both)."""
-    from truthmap.evaluation import bootstrap_aucs, bootstrap_weights
+    from truthmap.analysis.evaluation import bootstrap_aucs, bootstrap_weights
 
     y = np.asarray(is_error, dtype=bool)
     probe_scores = np.asarray(probe_scores, dtype=np.float64)

@@ -46,7 +46,7 @@ def _checked(is_error, scores) -> tuple[np.ndarray, np.ndarray]:
 
 
 def auroc(is_error, scores) -> float:
-    from truthmap.evaluation import auc
+    from truthmap.analysis.evaluation import auc
 
     y, s = _checked(is_error, scores)
     return auc(y, s)

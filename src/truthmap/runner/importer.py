@@ -80,7 +80,7 @@ def import_settings(config, spec, source, sha256: str, rows: int) -> dict:
     """What decides the content of an imported answers.parquet; continuing with any of it changed is refused."""
     from dataclasses import asdict
 
-    from truthmap.generate import locating_settings
+    from truthmap.stages.generate import locating_settings
 
     return {
         "model": config.model,
@@ -201,7 +201,7 @@ def prepare_rows(rows: list[Row], spec, lm, source: ImportSource, strict: bool) 
     """The rows to import, with their prompt and answer tokens set; {kind: [row numbers]} of those skipped; and
     how many answer texts differ from the decoding of their given token ids (the decoding is kept, as generate
     keeps it: the text's character offsets must be those of the tokens)."""
-    from truthmap.models import stop_token_ids
+    from truthmap.lm.models import stop_token_ids
 
     skipped = {kind: [] for kind in SKIP_KINDS}
     stops = set(stop_token_ids(lm.tokenizer, lm.model))
@@ -337,7 +337,7 @@ def prompt_ids(lm, spec, row: Row, source: ImportSource) -> list[int]:
     message) under the chat template; a prompt already rendered with the template is encoded as it is."""
     from truthmap.datasets import build_prompt
     from truthmap.datasets.spec import Record
-    from truthmap.models import encode_prompt
+    from truthmap.lm.models import encode_prompt
 
     text = row.prompt
     if text is None:
@@ -383,14 +383,14 @@ def label_rows(spec, rows: list[Row]):
 def locate_rows(config, spec, rows: list[Row], labels: dict, records, lm, settings: dict, run):
     """The generation frame of rows (generation_frame), labelled (labels: label_rows') and located
     (label.label_and_locate): a given exact answer where the row has one, else located as `generate` locates."""
-    from truthmap.label import label_and_locate
+    from truthmap.runner.contract import extraction
     from truthmap.runstate import Checkpoints
-    from truthmap.stages import extraction
+    from truthmap.stages.label import label_and_locate
 
     def extractor():
         if not config.extraction_model:
             return lm
-        from truthmap.models import load_model
+        from truthmap.lm.models import load_model
 
         return load_model(config.extraction_model, config.device, config.dtype)
 
@@ -413,14 +413,13 @@ def import_answers(config: RunConfig, source, lm=None, strict: bool = False, act
     import dataclasses
     import time
 
-    from truthmap import generate
     from truthmap.config import run_dir
     from truthmap.datasets import get_spec
     from truthmap.rundir import file_sha256, read_json
+    from truthmap.runner.answering import check_finished_answers, check_models
+    from truthmap.runner.contract import stage_done
     from truthmap.runstate import check_checkpoints
-    from truthmap.stages import stage_done
-
-    from truthmap.answering import check_finished_answers, check_models
+    from truthmap.stages import generate
 
     spec = get_spec(config.dataset)
     check_models(config, lm)
@@ -436,11 +435,11 @@ def import_answers(config: RunConfig, source, lm=None, strict: bool = False, act
     if strict:
         check_rows(rows, source)  # what can be seen in the text fails before the model loads
     check_import_input(config, rows, spec, source, lm)
-    from truthmap.stages import use_chat
+    from truthmap.runner.contract import use_chat
 
     started = time.time()
     if lm is None:
-        from truthmap.models import load_model
+        from truthmap.lm.models import load_model
 
         lm = load_model(config.model, config.device, config.dtype)
     lm = dataclasses.replace(lm, is_chat=use_chat(config.prompt_style, lm))
@@ -459,7 +458,7 @@ def import_answers(config: RunConfig, source, lm=None, strict: bool = False, act
 def check_import_input(config: RunConfig, rows, spec, source, lm=None) -> None:
     """Before the model loads: the dataset's prompt can be built for rows without one, and every token id given is
     one of the model's (its tokenizer alone is loaded for that, when the rows give ids)."""
-    from truthmap.models import stop_token_ids, tokenizer_and_stops
+    from truthmap.lm.models import stop_token_ids, tokenizer_and_stops
 
     check_prompts(rows, spec, source)
     if not any(r.prompt_ids is not None or r.answer_ids is not None for r in rows):
@@ -474,7 +473,7 @@ def check_import_input(config: RunConfig, rows, spec, source, lm=None) -> None:
 def import_stage(settings: dict):
     """The import as a stages.Stage: its run.json must be an import's, made with these settings (the file's
     sha256 and row count, the columns, the model, dataset and locating); done once answers.parquet is written."""
-    from truthmap.stages import Stage
+    from truthmap.runner.contract import Stage
 
     def made(config, run):
         from truthmap.rundir import read_json
@@ -497,8 +496,8 @@ def import_stage(settings: dict):
 def scored_logprobs(config, run, lm, located, settings: dict, activations: bool) -> list:
     """score_answers' log-probabilities of the located rows, in their order; with activations, the same pass
     writes config.site's store (its row k is answers.parquet's row k: both follow the kept rows)."""
-    from truthmap.activations import create_or_resume, new_meta
     from truthmap.runstate import Checkpoints
+    from truthmap.stages.activations import create_or_resume, new_meta
 
     site, store = config.site if activations else None, None
     if site:
@@ -576,10 +575,10 @@ def score_answers(lm, frame, batch_size: int, checkpoints, store=None) -> dict[s
     import numpy as np
     import pandas as pd
 
-    from truthmap import activations
     from truthmap.batches import run_batches
+    from truthmap.lm.sites import read_cells
     from truthmap.rundir import POSITIONS, position_column
-    from truthmap.sites import read_cells
+    from truthmap.stages import activations
 
     done = checkpoints.load()
     found = dict(zip(done["id"], done["answer_logprobs"].map(list))) if len(done) else {}

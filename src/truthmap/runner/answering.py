@@ -14,10 +14,10 @@ from pathlib import Path
 
 from truthmap.config import RunConfig, load_config_records, run_dir
 from truthmap.errors import StoreError
-from truthmap.generate import answers_settings, generation_settings
 from truthmap.rundir import POSITIONS, RunDir, position_column, read_json
+from truthmap.runner.contract import answers_table, extraction_done, imported, model_state
 from truthmap.runstate import check_checkpoints, check_matches
-from truthmap.stages import answers_table, extraction_done, imported, model_state
+from truthmap.stages.generate import answers_settings, generation_settings
 
 
 def check_resume(config: RunConfig) -> None:
@@ -44,9 +44,9 @@ def check_resume(config: RunConfig) -> None:
 def check_generation_resume(config: RunConfig, run: RunDir, settings: dict, site: str | None) -> None:
     """Before the model loads: the checkpoints of the answers stage, and the store it records into while
     generating, must have been begun with these settings, dtype and device kind."""
-    from truthmap.activations import check_resume as check_store
-    from truthmap.models import default_device_and_dtype
-    from truthmap.stages import compute_settings
+    from truthmap.lm.models import default_device_and_dtype
+    from truthmap.runner.contract import compute_settings
+    from truthmap.stages.activations import check_resume as check_store
 
     check_checkpoints(run.generation_parts, generation_settings(settings) | compute_settings(config))
     check_checkpoints(run.extraction_parts, settings)
@@ -58,8 +58,8 @@ def check_generation_resume(config: RunConfig, run: RunDir, settings: dict, site
 def check_extract_resume(config: RunConfig, run: RunDir, settings: dict) -> None:
     """The activations must come from the model that answered, and a store begun with another dtype, device kind
     or site is not finished with this one (the numbers would differ from row to row)."""
-    from truthmap.activations import check_resume as check_store
-    from truthmap.models import default_device_and_dtype, same_model
+    from truthmap.lm.models import default_device_and_dtype, same_model
+    from truthmap.stages.activations import check_resume as check_store
 
     if not same_model(config.model, settings["model"]):
         raise StoreError(
@@ -73,7 +73,7 @@ def check_extract_resume(config: RunConfig, run: RunDir, settings: dict) -> None
 def check_models(config: RunConfig, lm=None) -> None:
     """Every model named can be found, before any loads: a wrong --extraction-model would fail only after the first
     batch of answers, leaving settings behind that refuse the corrected rerun."""
-    from truthmap.models import check_model_name
+    from truthmap.lm.models import check_model_name
 
     if lm is None:
         check_model_name(config.model)
@@ -83,7 +83,7 @@ def check_models(config: RunConfig, lm=None) -> None:
 
 def check_finished_answers(config: RunConfig, run: RunDir) -> None:
     """Finished answers made with another --dtype or --device than the one given are refused (see check_finished)."""
-    from truthmap.activations import device_kind
+    from truthmap.stages.activations import device_kind
 
     if run.answers.exists() and run.run_json.exists():
         made = read_json(run.run_json)
@@ -94,7 +94,7 @@ def check_finished_answers(config: RunConfig, run: RunDir) -> None:
 def check_finished_store(config: RunConfig, run: RunDir) -> None:
     """A finished store of config.site made with another --dtype or --device than the one given is refused."""
     if extraction_done(run, config.site):
-        from truthmap.activations import META_FIX
+        from truthmap.stages.activations import META_FIX
 
         meta = read_json(run.store(config.site).meta, META_FIX)
         made = {"--dtype": meta.get("model_dtype"), "--device": meta.get("device")}
@@ -105,7 +105,7 @@ def check_finished(where: Path, made: dict, config: RunConfig, delete: Path) -> 
     """A finished stage is not made again: a --dtype or --device given now that is not the one it was made with
     would be ignored without a word (the numbers would be the other dtype's), so it is refused, naming how to get
     what was asked. Not given (None): whatever the stage was made with."""
-    from truthmap.activations import device_kind
+    from truthmap.stages.activations import device_kind
 
     asked = {"--dtype": config.dtype, "--device": config.device and device_kind(config.device)}
     for option, value in asked.items():
@@ -120,10 +120,10 @@ def generate(config: RunConfig, lm=None, activations: bool = True) -> RunDir:
     writes answers.parquet, run.json and that site's store. The caller skips it when the stage is done."""
     import pandas as pd
 
-    from truthmap import generate as answers
-    from truthmap.activations import merge_stores
     from truthmap.executor import runner
-    from truthmap.stages import Answering, answer_shard, describe
+    from truthmap.runner.contract import Answering, answer_shard, describe
+    from truthmap.stages import generate as answers
+    from truthmap.stages.activations import merge_stores
 
     run = run_dir(config)
     spec, records = load_config_records(config)
@@ -152,7 +152,7 @@ def answer_batches(config: RunConfig, spec, records, lm) -> tuple[list[str], lis
     """The prompts, and the records' indices cut into the batches generate_answers makes: longest first."""
     from truthmap.batches import in_batches, longest_first
     from truthmap.datasets import build_prompt
-    from truthmap.models import encode_prompt
+    from truthmap.lm.models import encode_prompt
 
     prompts = [build_prompt(spec, r, "instruct" if lm.is_chat else "base") for r in records]
     lengths = [len(encode_prompt(lm.tokenizer, p, lm.is_chat)) for p in prompts]
@@ -162,9 +162,9 @@ def answer_batches(config: RunConfig, spec, records, lm) -> tuple[list[str], lis
 def extract(config: RunConfig, lm=None) -> RunDir:
     """Activations at the probed positions for every answer, by a forward pass over it. For another site than
     generation recorded, or answers made elsewhere; the caller skips it when the store is complete."""
-    from truthmap.activations import extraction_batches, merge_stores
     from truthmap.executor import runner
-    from truthmap.stages import Extracting, extract_shard
+    from truthmap.runner.contract import Extracting, extract_shard
+    from truthmap.stages.activations import extraction_batches, merge_stores
 
     run = run_dir(config)
     table = answers_table(run)
@@ -198,7 +198,7 @@ def answers_wanted(config: RunConfig, run: RunDir) -> dict:
     """What the answers must have been made with. Where answers end depends on the prompt style the run used: a
     run made before answers stopped at the line break has no stop_text (None), so its base-model answers (which
     ran on) are refused, its chat ones kept. Imported answers are the run's answers, whatever made them."""
-    from truthmap.generate import answer_stop
+    from truthmap.stages.generate import answer_stop
 
     if imported(run):
         return {}

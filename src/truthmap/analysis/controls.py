@@ -16,8 +16,8 @@ import warnings
 
 import numpy as np
 
+from truthmap.analysis.evaluation import auc_rows, bootstrap_aucs, interval
 from truthmap.errors import ProbeError
-from truthmap.evaluation import auc_rows, bootstrap_aucs, interval
 
 # control name -> (answers.parquet column, label in tables and figures)
 CONTROLS = {

@@ -366,7 +366,7 @@ def read_cells(lm, sequences: list[list[int]], positions, site: str | None, forw
     import numpy as np
     import torch
 
-    from truthmap.decoding import left_pad
+    from truthmap.lm.decoding import left_pad
 
     input_ids, attention_mask = left_pad(sequences, lm.tokenizer.pad_token_id)  # [batch, seq]
     offsets = np.array([input_ids.shape[1] - len(s) for s in sequences])[:, None]

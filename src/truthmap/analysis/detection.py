@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from truthmap.analysis.evaluation import auc, check_class_counts, grouped_split
+from truthmap.analysis.scheduler import fit_cells
 from truthmap.errors import ProbeError
-from truthmap.evaluation import auc, check_class_counts, grouped_split
 from truthmap.rundir import POSITIONS, RunDir
-from truthmap.scheduler import fit_cells
 
 PROBE_TOKENS = ("-1", "-2", "last_q", "exact_answer_last", "exact_answer_after_last")
 
@@ -39,8 +39,8 @@ class ProbeData:
 
 
 def probe_data(run: RunDir, site: str, name: str = "") -> ProbeData:
-    from truthmap.activations import RowView, open_store
     from truthmap.rundir import ANSWERS_FIX, read_parquet
+    from truthmap.stages.activations import RowView, open_store
 
     table = read_parquet(run.answers, ["id", "group", "correct", "exact_answer_valid"], ANSWERS_FIX)
     acts, _ = open_store(run.activations(site))
@@ -130,7 +130,7 @@ def chosen_layer_probe(train: ProbeData, test: ProbeData, position: str, seeds, 
 def interval_over_test_rows(scores, is_error) -> tuple[float, float]:
     """95 % interval of the mean over seeds of the test AUCs of scores [seeds, test rows]: the stratified bootstrap
     of the test rows (probes.bootstrap_aucs), one draw shared by all seeds."""
-    from truthmap.evaluation import bootstrap_aucs, bootstrap_weights, interval
+    from truthmap.analysis.evaluation import bootstrap_aucs, bootstrap_weights, interval
 
     scores = np.asarray(scores, dtype=np.float64)
     boot = bootstrap_aucs(scores[None], is_error, np.zeros(scores.shape, dtype=bool), bootstrap_weights(is_error))
@@ -142,7 +142,7 @@ def run_texts(run: RunDir, ids) -> dict:
     """control name -> the texts (exact answer, answer, question) of the rows `ids` of a run."""
     import pandas as pd
 
-    from truthmap.controls import CONTROLS, texts_of
+    from truthmap.analysis.controls import CONTROLS, texts_of
 
     columns = ["id"] + [column for column, _ in CONTROLS.values()]
     return texts_of(pd.read_parquet(run.answers, columns=columns), ids)
@@ -151,7 +151,7 @@ def run_texts(run: RunDir, ids) -> dict:
 def text_control_results(train_run: RunDir, test_run: RunDir, train: ProbeData, test: ProbeData, seeds) -> list[dict]:
     """The text-only controls (controls.py) as rows of the detection table: per seed, fitted on the train rows the
     probes fit on (validation_masks), scored on the test rows."""
-    from truthmap.controls import CONTROLS, control_scores
+    from truthmap.analysis.controls import CONTROLS, control_scores
 
     masks = validation_masks(train.is_error, train.groups, seeds)
     train_texts, test_texts = run_texts(train_run, train.ids), run_texts(test_run, test.ids)
@@ -175,7 +175,7 @@ def text_control_results(train_run: RunDir, test_run: RunDir, train: ProbeData, 
 def field_metrics(is_error, scores) -> dict:
     """AUPRC, PRR, FPR at 95 % recall, AURC (means over the rows of scores [seeds, n]) and the accuracy of the kept
     answers against the share kept (metrics.py), for the rows of the detection table beside their AUC."""
-    from truthmap.metrics import accuracy_curve, mean_metrics
+    from truthmap.analysis.metrics import accuracy_curve, mean_metrics
 
     values = mean_metrics(is_error, scores)
     return {k: v for k, v in values.items() if k != "auroc"} | {"risk_coverage": accuracy_curve(is_error, scores)}
@@ -191,7 +191,7 @@ def baseline_results(test_run: RunDir, test: ProbeData) -> dict[str, dict]:
     score are left out)."""
     import pandas as pd
 
-    from truthmap.baselines import BASELINE_NAMES
+    from truthmap.stages.baselines import BASELINE_NAMES
 
     scores = pd.read_parquet(test_run.baselines).set_index("id").loc[test.ids]
     out = {}
@@ -208,7 +208,7 @@ def baseline_results(test_run: RunDir, test: ProbeData) -> dict[str, dict]:
 
 def evaluate_dataset(dataset: str, train_run: RunDir, test_run: RunDir, site: str, seeds) -> list[dict]:
     """One column of the detection table: every baseline and every chosen-cell probe on the test split."""
-    from truthmap.baselines import BASELINE_NAMES
+    from truthmap.stages.baselines import BASELINE_NAMES
 
     train = probe_data(train_run, site, f"{dataset} (train)")
     test = probe_data(test_run, site, f"{dataset} (test)")
@@ -228,9 +228,8 @@ def evaluate_dataset(dataset: str, train_run: RunDir, test_run: RunDir, site: st
 
 
 def method_order(methods) -> list[str]:
-    from truthmap.baselines import BASELINE_NAMES
-
-    from truthmap.controls import CONTROLS
+    from truthmap.analysis.controls import CONTROLS
+    from truthmap.stages.baselines import BASELINE_NAMES
 
     controls = [label for _, label in CONTROLS.values()]
     known = list(BASELINE_NAMES.values()) + controls + [f"Probe @ {p}" for p in PROBE_TOKENS]
@@ -269,15 +268,15 @@ def markdown_table(mean, std) -> str:
 
 def write_detection_table(results: list[dict], directory, title: str) -> dict:
     """detection_table.csv (mean and std per dataset), .md (best per column in bold), .png, results.json."""
-    from truthmap.heatmap import plot_matrix
+    from truthmap.analysis.heatmap import plot_matrix
     from truthmap.rundir import TableFiles, write_atomic, write_json
 
     out = TableFiles(directory)
     mean, std = detection_frames(results)
     wide = mean.join(std, rsuffix="_std")
     write_atomic(out.csv, lambda tmp: wide.to_csv(tmp, float_format="%.4f"))
-    from truthmap.costs import cost_frame, cost_markdown, plot_auc_vs_cost, versus_markdown
-    from truthmap.metrics import metrics_frame, metrics_markdown, plot_risk_coverage
+    from truthmap.analysis.costs import cost_frame, cost_markdown, plot_auc_vs_cost, versus_markdown
+    from truthmap.analysis.metrics import metrics_frame, metrics_markdown, plot_risk_coverage
 
     others, costs = metrics_frame(results), cost_frame(results)
     write_atomic(out.metrics_csv, lambda tmp: others.to_csv(tmp, index=False, float_format="%.4f"))
@@ -304,7 +303,7 @@ def best_probe_row(rows: list[dict]) -> dict | None:
 def verdicts(results: list[dict]) -> str:
     """Per dataset, in words: the best probe row (on validation rows) against the best text-only control row, with their 95 % intervals
     over the test rows; the probe beats the control when its interval lies above the control's AUC."""
-    from truthmap.controls import CONTROLS, compare
+    from truthmap.analysis.controls import CONTROLS, compare
 
     labels = {label for _, label in CONTROLS.values()}
     lines = []
@@ -349,8 +348,8 @@ def write_detector_scores(detector, run: RunDir, in_train: bool) -> dict:
     import numpy as np
     import pandas as pd
 
-    from truthmap.activations import open_store
     from truthmap.rundir import DETECTOR_SCORE_COLUMNS, EXACT_POSITIONS, write_parquet
+    from truthmap.stages.activations import open_store
 
     table = pd.read_parquet(run.answers, columns=["id", "correct", "exact_answer_valid"])
     acts, _ = open_store(run.activations(detector.site))
@@ -363,7 +362,7 @@ def write_detector_scores(detector, run: RunDir, in_train: bool) -> dict:
     errors = ~table["correct"].to_numpy()[usable]
     summary = {"rows": int(usable.sum())}
     if len(set(errors)) == 2:
-        from truthmap.metrics import all_metrics
+        from truthmap.analysis.metrics import all_metrics
 
         summary["auc"] = round(auc(errors, probability[usable]), 4)
         summary |= {k: round(v, 4) for k, v in all_metrics(errors, probability[usable]).items() if k != "auroc"}

@@ -159,7 +159,7 @@ def threshold_table(z, is_error, fprs=TARGET_FPRS, recalls=TARGET_RECALLS) -> di
 
 def realized(z, is_error, threshold: float) -> dict:
     """The false-positive rate and recall that a threshold gives on rows (z, is_error), with 95 % Wilson intervals."""
-    from truthmap.metrics import wilson_interval
+    from truthmap.analysis.metrics import wilson_interval
 
     y = np.asarray(is_error, bool)
     flagged = np.asarray(z, np.float64) >= threshold

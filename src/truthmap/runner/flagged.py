@@ -62,8 +62,8 @@ def answer(questions=None, detector=None, *, golds=None, records=None, spec=None
     """Answer `questions` (or dataset `records` with their `spec`) with the detector's model; each answer with its
     error_probability and, with a target (max_fpr or min_recall), its flag. detector: a Detector or a saved one's
     path. Bad input fails before the model loads."""
+    from truthmap.analysis.detector import Detector, check_texts, load_scoring_model
     from truthmap.datasets import get_spec
-    from truthmap.detector import Detector, check_texts, load_scoring_model
 
     found = detector if isinstance(detector, Detector) else Detector.from_pretrained(detector)
     if records is None:
@@ -93,9 +93,9 @@ def answer_records(detector, lm, spec, records, batch_size: int, max_new_tokens:
     import pandas as pd
 
     from truthmap.datasets import build_prompt
-    from truthmap.generate import answer_stop, generate_answers
     from truthmap.rundir import Work
     from truthmap.runstate import Checkpoints
+    from truthmap.stages.generate import answer_stop, generate_answers
 
     info = detector.info or {}
     chat = bool(info.get("chat_template", lm.is_chat)) and lm.is_chat
@@ -123,9 +123,9 @@ def extractor(lm, info: dict, batch_size: int, work):
     """extract(rows) for label_and_locate: the detector's extractor (label.Extraction), in the batch it is called on."""
     import functools
 
-    from truthmap.label import Extraction
-    from truthmap.locate import extraction_prefix
     from truthmap.runstate import Checkpoints
+    from truthmap.stages.label import Extraction
+    from truthmap.stages.locate import extraction_prefix
 
     method = info.get("extractor") or "free"  # detectors saved before the constrained extractor used free text
     return Extraction(lambda: lm, lambda: Checkpoints(work.extractions.path, {}), batch_size, method,
@@ -134,9 +134,9 @@ def extractor(lm, info: dict, batch_size: int, work):
 
 def score_batch(detector, lm, spec, records, frame, recording, info: dict, extract):
     """One decoded batch with its exact answers, positions and the detector's scores at its cell."""
-    from truthmap.detector import check_finite
-    from truthmap.label import label_and_locate, label_answers, located_frame
+    from truthmap.analysis.detector import check_finite
     from truthmap.rundir import EXACT_POSITIONS, position_column
+    from truthmap.stages.label import label_and_locate, label_answers, located_frame
 
     graded = [bool(r.answers) for r in records]
     if detector.token in EXACT_POSITIONS:

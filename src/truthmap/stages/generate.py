@@ -16,14 +16,13 @@ from __future__ import annotations
 from contextlib import nullcontext
 from pathlib import Path
 
-from truthmap.config import RunConfig
 from truthmap.batches import load_in_order, run_batches
-from truthmap.decoding import generate_batch
-from truthmap.locate import EXTRACTION_PROMPT_VERSION
-from truthmap.models import encode_prompt, stop_token_ids
+from truthmap.config import RunConfig
+from truthmap.lm.decoding import generate_batch
+from truthmap.lm.models import encode_prompt, stop_token_ids
 from truthmap.rundir import STORE_DTYPE, RunDir, file_sha256
 from truthmap.runstate import Checkpoints
-
+from truthmap.stages.locate import EXTRACTION_PROMPT_VERSION
 
 # ------------------------------------------------------------------------------ what decides the answers
 
@@ -79,7 +78,7 @@ def generate_answers(lm, ids: list[str], prompts: list[str], max_new_tokens: int
     import pandas as pd
     import torch
 
-    from truthmap.sites import record
+    from truthmap.lm.sites import record
 
     wanted = set(ids)
     finished = [part[part["id"].isin(wanted)] for part in checkpoints.batches()]
@@ -138,8 +137,8 @@ def batch_prefix(lm, prompts: list[list[int]], site: str | None):
     """
     import torch
 
-    from truthmap.decoding import encode_prefix, shared_prefix_length
-    from truthmap.sites import RECORD_WINDOW, capture
+    from truthmap.lm.decoding import encode_prefix, shared_prefix_length
+    from truthmap.lm.sites import RECORD_WINDOW, capture
 
     length = shared_prefix_length(prompts, keep=RECORD_WINDOW + 1)
     if length < MIN_PREFIX:
@@ -202,8 +201,8 @@ def write_answers(run: RunDir, config: RunConfig, settings: dict, records, promp
 
     import pandas as pd
 
-    from truthmap.locate import gold_agreement
     from truthmap.rundir import ANSWER_COLUMNS, package_versions, write_parquet, write_run_json
+    from truthmap.stages.locate import gold_agreement
 
     ids = [r.id for r in records]
     table = pd.DataFrame(

@@ -26,9 +26,16 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from truthmap.config import DEFAULT_SEEDS
 from truthmap.errors import ConfigError, DataError, ModelError, StoreError, check_name
-from truthmap.rundir import (EXACT_POSITIONS, POSITIONS, check_token, detector_weights, file_sha256, write_atomic,
-                             write_json)
-from truthmap.sites import SITES
+from truthmap.lm.sites import SITES
+from truthmap.rundir import (
+    EXACT_POSITIONS,
+    POSITIONS,
+    check_token,
+    detector_weights,
+    file_sha256,
+    write_atomic,
+    write_json,
+)
 
 FORMAT = "truthmap-detector"
 FORMAT_VERSION = 2  # 1: the weights were lists inside the JSON (refused on load: refit); 2: a .json and a .npz
@@ -61,8 +68,8 @@ class Detector(ClassifierMixin, BaseEstimator):
         """X [n, layers, hidden] (or [n, hidden], one layer) at the detector's token; y: True where wrong."""
         from sklearn.utils.multiclass import check_classification_targets
 
-        from truthmap.detection import choose_layers
-        from truthmap.probes import ErrorProbe, ProbeInputError
+        from truthmap.analysis.detection import choose_layers
+        from truthmap.analysis.probes import ErrorProbe, ProbeInputError
 
         check_token(self.token)
         check_name("site", self.site, SITES)
@@ -118,7 +125,7 @@ class Detector(ClassifierMixin, BaseEstimator):
         Fitted: calibrator_, calibration_ (method, counts, ECE and Brier before and after), thresholds_ (name ->
         target and threshold on the log-odds, or why it was refused), calibration_scores_ and calibration_errors_
         (the rows' log-odds and labels: a threshold at any other target is set from them)."""
-        from truthmap.calibration import fit_calibrator, quality, threshold_table
+        from truthmap.analysis.calibration import fit_calibrator, quality, threshold_table
 
         z = self.decision_function(X)
         errors = np.asarray(y) == self.classes_[1]
@@ -137,7 +144,7 @@ class Detector(ClassifierMixin, BaseEstimator):
 
     def threshold(self, max_fpr=None, min_recall=None) -> float:
         """The log-odds threshold (flag where decision_function >= it) at a target false-positive rate or recall."""
-        from truthmap.calibration import threshold_at_fpr, threshold_at_recall
+        from truthmap.analysis.calibration import threshold_at_fpr, threshold_at_recall
 
         if (max_fpr is None) == (min_recall is None):
             raise ConfigError("Give one target: --max-fpr (such as 0.05) or --min-recall (such as 0.9).")
@@ -151,8 +158,8 @@ class Detector(ClassifierMixin, BaseEstimator):
     def evaluate(self, X, y, n_boot: int = 500) -> dict:
         """On held-out rows: every metric (metrics.py) with its 95 % bootstrap interval, calibration quality, and
         the false-positive rate and recall each stored threshold really gives, with 95 % Wilson intervals."""
-        from truthmap.calibration import quality, realized
-        from truthmap.metrics import FUNCTIONS, bootstrap_interval
+        from truthmap.analysis.calibration import quality, realized
+        from truthmap.analysis.metrics import FUNCTIONS, bootstrap_interval
 
         z = self.decision_function(X)
         errors = np.asarray(y) == self.classes_[1]
@@ -262,7 +269,7 @@ class Detector(ClassifierMixin, BaseEstimator):
         weights are written first and config.json names their hash, as in save."""
         from safetensors.numpy import save_file
 
-        from truthmap.card import model_card
+        from truthmap.analysis.card import model_card
         from truthmap.rundir import DetectorFiles
 
         files = DetectorFiles(directory)
@@ -304,7 +311,7 @@ class Detector(ClassifierMixin, BaseEstimator):
         arrays = read_safetensors(files, data)
         detector = cls._from_parts(data, arrays | {"intercept": arrays["intercept"][0]})
         if "calibration_scores" in arrays:
-            from truthmap.calibration import CALIBRATORS
+            from truthmap.analysis.calibration import CALIBRATORS
 
             calibrator = data.get("calibrator")
             detector.calibrator_ = CALIBRATORS[calibrator].from_arrays(arrays) if calibrator else None
@@ -325,7 +332,7 @@ class Detector(ClassifierMixin, BaseEstimator):
 
     @classmethod
     def _from_parts(cls, data: dict, arrays: dict) -> "Detector":
-        from truthmap.probes import ErrorProbe
+        from truthmap.analysis.probes import ErrorProbe
 
         fitted = ("format", "format_version", "truthmap_version", "weights_sha256", "probe", "validation_auc_by_layer",
                   "site", "layer", "token", "n_layers", "hidden", "calibration", "thresholds", "calibrator")
@@ -344,8 +351,8 @@ class Detector(ClassifierMixin, BaseEstimator):
     # ----------------------------------------------------------------------------------------------- on text
 
     def check_model(self, lm) -> None:
-        from truthmap.models import model_slug
-        from truthmap.sites import num_layers, site_width
+        from truthmap.lm.models import model_slug
+        from truthmap.lm.sites import num_layers, site_width
 
         wanted = (self.info or {}).get("model")
         if wanted and model_slug(lm.name) != model_slug(wanted):
@@ -353,7 +360,7 @@ class Detector(ClassifierMixin, BaseEstimator):
                 f"This detector was fitted on model '{wanted}', not '{lm.name}': its probe reads that model's "
                 f"activations. Score with --model {wanted} (the default), or fit a detector for '{lm.name}'."
             )
-        from truthmap.models import describe_identity, same_weights
+        from truthmap.lm.models import describe_identity, same_weights
 
         saved, now = (self.info or {}).get("model_identity"), getattr(lm, "identity", None)
         if not same_weights(saved, now):
@@ -375,7 +382,7 @@ class Detector(ClassifierMixin, BaseEstimator):
 
         The exact answer is, in this order: the given exact answer (it must occur in the answer), a given gold
         alias found in the answer, or the span the model extracts."""
-        from truthmap.models import load_model
+        from truthmap.lm.models import load_model
 
         check_texts(questions, answers)
         info = self.info or {}
@@ -541,7 +548,7 @@ def encode_rows(lm, info: dict, questions, answers):
 
     from truthmap.datasets import build_prompt, get_spec
     from truthmap.datasets.spec import Record
-    from truthmap.models import encode_prompt
+    from truthmap.lm.models import encode_prompt
 
     spec = get_spec(info.get("dataset", "geography"))
     chat = bool(info.get("chat_template", lm.is_chat)) and lm.is_chat
@@ -578,8 +585,8 @@ def locate_rows(lm, rows, golds: dict, info: dict, batch_size: int) -> dict:
 
     from truthmap.datasets import gold_span
     from truthmap.datasets.spec import Record
-    from truthmap.label import Extraction
     from truthmap.runstate import Checkpoints
+    from truthmap.stages.label import Extraction
 
     spans = {}
     for row in rows.itertuples():
@@ -597,10 +604,10 @@ def locate_rows(lm, rows, golds: dict, info: dict, batch_size: int) -> dict:
 
 
 def score_rows(detector: Detector, lm, rows, spans: dict, batch_size: int) -> list[dict]:
-    from truthmap.activations import read_positions
-    from truthmap.decoding import batches
-    from truthmap.locate import exact_answer_columns, token_positions
+    from truthmap.lm.decoding import batches
     from truthmap.rundir import position_column
+    from truthmap.stages.activations import read_positions
+    from truthmap.stages.locate import exact_answer_columns, token_positions
 
     if spans:
         rows = rows.assign(**exact_answer_columns(rows, lm.tokenizer, spans))
@@ -642,7 +649,7 @@ def check_finite(values, ids, detector) -> None:
 
 def load_scoring_model(detector: Detector, model: str | None, device: str | None, dtype: str | None):
     """The detector's model, or the one asked for once it is known to be the same (else a one-line error)."""
-    from truthmap.models import load_model, model_slug
+    from truthmap.lm.models import load_model, model_slug
 
     wanted = (detector.info or {}).get("model", "smollm2")
     if model and model_slug(model) != model_slug(wanted):

@@ -53,7 +53,7 @@ import string
 from collections import Counter
 from dataclasses import dataclass, field
 
-NO_ANSWER = "NO ANSWER"  # what the extractor returns for a refusal (truthmap.locate.NO_ANSWER)
+NO_ANSWER = "NO ANSWER"  # what the extractor returns for a refusal (truthmap.stages.locate.NO_ANSWER)
 
 # Thresholds, as fractions of K (the number of resampled answers per question).
 CONSISTENT_SHARE = 1 / 2  # A, B, C: at least half of the answers

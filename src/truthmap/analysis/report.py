@@ -13,8 +13,17 @@ import json
 from pathlib import Path
 
 from truthmap.errors import StoreError
-from truthmap.rundir import (ANSWERS_FIX, ProbeFiles, RunDir, TableFiles, begun_runs, read_json, read_parquet,
-                             runs_below, write_atomic)
+from truthmap.rundir import (
+    ANSWERS_FIX,
+    ProbeFiles,
+    RunDir,
+    TableFiles,
+    begun_runs,
+    read_json,
+    read_parquet,
+    runs_below,
+    write_atomic,
+)
 
 EXAMPLES_CAP = 500  # rows of answers.parquet shown; the page stays light in a browser
 # Red flags: numbers too good to be true. A best cell at or above this AUC with a spread over the seeds below
@@ -538,7 +547,7 @@ def _detector_status(run: RunDir) -> str:
 
 def _activation_status(run: RunDir, damaged: list[str]) -> list[str]:
     """Sites with a complete store, and the share written of unfinished ones ('attn 40%')."""
-    from truthmap.activations import META_FIX
+    from truthmap.stages.activations import META_FIX
 
     found = []
     for site in run.store_sites():
