@@ -52,3 +52,20 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def greedy_run(tmp_path, tiny):
+    """A finished greedy run (answers and activations) of the tiny model on 30 questions, half answered right."""
+    from tiny import half_right_qa
+
+    from truthmap import pipeline
+    from truthmap.config import RunConfig
+
+    questions = [f"What is the capital of {word}? {i}" for i, word in enumerate(["France", "Norway", "Peru"] * 10)]
+    path = half_right_qa(tiny, tmp_path / "qa.csv", questions, max_new_tokens=12)
+    config = RunConfig(dataset="custom", custom_path=str(path), runs_dir=str(tmp_path / "runs"), batch_size=8,
+                       max_new_tokens=12, extraction_tries=1, seeds=(0, 1))
+    pipeline.generate(config, tiny)
+    pipeline.extract(config, tiny)
+    return config

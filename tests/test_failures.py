@@ -12,25 +12,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
 from test_report import make_run
 from truthmap.lm import models
-from truthmap.cli import app
 from truthmap.rundir import RunDir
+
+from helpers import cli, one_line
 
 REPO = Path(__file__).resolve().parents[1]
 STOP_HINT = "Finished batches and stages are saved: run the same command again to resume from there."
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line(result, exit_code: int = 1) -> str:
-    assert result.exit_code == exit_code, result.output
-    assert "Traceback" not in result.output and len(result.output.splitlines()) == 1, result.output
-    return result.output.rstrip("\n")
 
 
 def write_qa(path: Path, n: int, extra: str = "") -> Path:

@@ -11,22 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
-from truthmap.cli import app
 from truthmap.rundir import RunDir
 
+from helpers import cli, one_line
+
 MODEL_LOADED = "a model was loaded before the input was checked"
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line(result, exit_code: int = 1) -> str:
-    assert result.exit_code == exit_code, result.output
-    assert "Traceback" not in result.output and len(result.output.splitlines()) == 1, result.output
-    return result.output.rstrip("\n")
 
 
 @pytest.fixture

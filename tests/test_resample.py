@@ -7,30 +7,15 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from tiny import half_right_qa
 from truthmap import pipeline
 from truthmap.runner import resample as resampling
 from truthmap.cli import app
-from truthmap.config import RunConfig
 from truthmap.lm.decoding import generate_batch
 from truthmap.errors import ConfigError, StoreError
 from truthmap.lm.models import encode_prompt, stop_token_ids
 
 K = 3
 CELL = {"layer": 1, "token": "exact_answer_first"}
-
-
-@pytest.fixture
-def greedy_run(tmp_path, tiny):
-    """A finished greedy run (answers and activations) of the tiny model on 24 questions, half answered right."""
-    questions = [f"What is the capital of {word}? {i}" for i, word in enumerate(["France", "Norway", "Peru"] * 10)]
-    path = half_right_qa(tiny, tmp_path / "qa.csv", questions, max_new_tokens=12)
-
-    config = RunConfig(dataset="custom", custom_path=str(path), runs_dir=str(tmp_path / "runs"), batch_size=8,
-                       max_new_tokens=12, extraction_tries=1, seeds=(0, 1))
-    pipeline.generate(config, tiny)
-    pipeline.extract(config, tiny)
-    return config
 
 
 def resample(config, lm, **changes):

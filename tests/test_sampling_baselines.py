@@ -6,11 +6,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from tiny import half_right_qa
 
 from truthmap import pipeline
 from truthmap.runner import resample as resampling
-from truthmap.config import RunConfig
 from truthmap.datasets.rules import RULES
 from truthmap.analysis.sampling_baselines import (
     SAMPLING_NAMES,
@@ -80,18 +78,6 @@ def test_sampling_scores_reads_exact_answers_refusals_and_whole_answers():
     scores = sampling_scores(greedy, answers)
     assert list(scores.columns) == ["id", *SAMPLING_NAMES]
     assert scores.iloc[0]["distinct_answers"] == 3 and scores.iloc[0]["self_consistency"] == pytest.approx(2 / 3)
-
-
-@pytest.fixture
-def greedy_run(tmp_path, tiny):
-    """A finished greedy run of the tiny model half answered right (as test_resample's)."""
-    questions = [f"What is the capital of {word}? {i}" for i, word in enumerate(["France", "Norway", "Peru"] * 10)]
-    path = half_right_qa(tiny, tmp_path / "qa.csv", questions, max_new_tokens=12)
-    config = RunConfig(dataset="custom", custom_path=str(path), runs_dir=str(tmp_path / "runs"), batch_size=8,
-                       max_new_tokens=12, extraction_tries=1, seeds=(0, 1))
-    pipeline.generate(config, tiny)
-    pipeline.extract(config, tiny)
-    return config
 
 
 def test_the_answers_of_resample_are_reused_not_generated_again(greedy_run, tiny, monkeypatch):

@@ -97,16 +97,20 @@ def study_configs(values: dict, flags: dict | None = None) -> list[RunConfig]:
     return [RunConfig(**values, dataset=dataset, site=site) for dataset in datasets for site in sites]
 
 
-def read_study_file(path: Path) -> dict:
-    """The keys of a TOML study file, each checked against RunConfig's fields and types."""
+def read_toml(path: Path, what: str = "configuration file") -> dict:
+    """A TOML file's tables, or one line saying why it cannot be read (what: how the error names the file)."""
     try:
         with open(path, "rb") as f:
-            values = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as error:
-        raise ConfigError(f"Cannot read the configuration file {path}: {error.strerror}.") from None
+        raise ConfigError(f"Cannot read the {what} {path}: {error.strerror}.") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}.") from None
-    return check_study_values(values, str(path))
+
+
+def read_study_file(path: Path) -> dict:
+    """The keys of a TOML study file, each checked against RunConfig's fields and types."""
+    return check_study_values(read_toml(path), str(path))
 
 
 def check_study_values(values: dict, source: str) -> dict:

@@ -20,11 +20,10 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from truthmap.config import RunConfig, check_study_values, study_configs
+from truthmap.config import RunConfig, check_study_values, read_toml, study_configs
 from truthmap.errors import ConfigError, TruthmapError
 from truthmap.rundir import POSITIONS, ResultsPages, read_json, write_atomic, write_json
 
@@ -46,13 +45,7 @@ class Study:
 def read_results_file(path: str | Path) -> list[Study]:
     """The studies of a results file: top-level keys apply to every study, a study's own keys win."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as error:
-        raise ConfigError(f"Cannot read the results file {path}: {error.strerror}.") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path} is not valid TOML: {error}.") from None
+    data = read_toml(path, "results file")
     tables = data.pop("study", None)
     if not isinstance(tables, list) or not tables:
         raise ConfigError(f"{path} lists no study: add [[study]] tables with a name, a title and run keys.")
