@@ -16,6 +16,7 @@ from truthmap.analysis.sampling_baselines import (
     discrete_entropy,
     question_scores,
     rule_match,
+    sampling_results,
     sampling_scores,
     weighted_entropy,
 )
@@ -107,3 +108,21 @@ def test_the_answers_of_resample_are_reused_not_generated_again(greedy_run, tiny
     again = resampling.sampling_rows(greedy_run, [row], K, 1.0, lambda: tiny)
     assert calls == [] and [r["auc_mean"] for r in again] == [r["auc_mean"] for r in rows]
     pd.testing.assert_frame_equal(pd.read_parquet(files.answers), written)
+
+
+def test_sampling_rows_carry_the_field_metrics_of_their_scores():
+    """Each sampling row holds AUPRC, PRR, FPR@95 and AURC of its own scores, as metrics.py computes them."""
+    from types import SimpleNamespace
+
+    from truthmap.analysis.metrics import all_metrics
+
+    ids = [f"q{i}" for i in range(8)]
+    is_error = np.array([1, 1, 1, 0, 0, 0, 1, 0], dtype=bool)
+    scores = pd.DataFrame({"id": ids, **{column: np.arange(8.0)[::-1] if column == "semantic_entropy" else np.arange(8.0)
+                                         for column in SAMPLING_NAMES}})
+    rows = sampling_results(scores, SimpleNamespace(ids=ids, is_error=is_error), {"dataset": "toy"})
+    entropy = next(r for r in rows if r["method"] == SAMPLING_NAMES["semantic_entropy"])
+    expected = all_metrics(is_error, np.arange(8.0)[::-1])
+    assert entropy["auc_mean"] == pytest.approx(expected["auroc"])
+    for name in ("auprc", "prr", "fpr_at_95_recall", "aurc"):
+        assert entropy[name] == pytest.approx(expected[name]), name

@@ -138,7 +138,7 @@ def sampling_results(scores, test, common: dict, cost: dict | None = None, probe
     """Rows of the detection table: each score's AUC and 95 % interval on the test rows (detection.ProbeData)
     that have samples; cost: the sampling's cost per answer, added to every row. probe: {"method", "scores"
     [seeds, test rows]}: each row also gets "versus_probe", the probe against it on the same rows (paired)."""
-    from truthmap.analysis.detection import interval_over_test_rows
+    from truthmap.analysis.detection import field_metrics, interval_over_test_rows
     from truthmap.analysis.evaluation import auc
     from truthmap.analysis.verdict import probe_versus
 
@@ -152,6 +152,7 @@ def sampling_results(scores, test, common: dict, cost: dict | None = None, probe
             values = indexed.loc[[i for i, k in zip(test.ids, known) if k], column].to_numpy(dtype=float)
             low, high = interval_over_test_rows(values[None], y)
             row |= {"auc_mean": auc(y, values), "auc_low": low, "auc_high": high, "scored_rows": int(known.sum())}
+            row |= field_metrics(y, values[None])  # AUPRC, PRR, FPR@95, AURC, as every other row of the table
             if probe is not None:
                 row["versus_probe"] = {"probe": probe["method"]} | probe_versus(probe["scores"][:, known], values, y)
         rows.append(row | ({"cost": cost} if cost else {}))
