@@ -542,15 +542,6 @@ def generation_frame(lm, rows: list[Row]):
     })
 
 
-def logit_batches(lengths: list[tuple[int, int]], batch_size: int, vocab: int) -> list[list[int]]:
-    """Row indices of (prompt length, answer length) pairs, longest first, in batches of at most batch_size rows
-    whose kept logits fit LOGIT_BUDGET."""
-    from truthmap.batches import longest_first
-
-    return cut_by_logits(longest_first(range(len(lengths)), lambda i: sum(lengths[i])),
-                         lambda i: lengths[i][1], batch_size, vocab)
-
-
 def cut_by_logits(order: list, answer_length, batch_size: int, vocab: int) -> list[list]:
     """Consecutive runs of `order`, at most batch_size each, whose kept logits (batch x (longest answer + 1) x
     vocab) fit LOGIT_BUDGET; answer_length(item) is an item's answer length."""

@@ -400,9 +400,9 @@ def sampled_answers(job: Resampling, load_records, answer_models):
 
     from truthmap.runner.contract import stage_done
 
-    files = job.files
+    files, made = job.files, made_by(job)
     state = read_json(files.state) if files.state.exists() else {}
-    sampled, _ = resample_steps(made_by(job), job.cell)
+    sampled, _ = resample_steps(made, job.cell)
     if not stage_done(sampled, None, files):
         started = time.perf_counter()
         spec, records = load_records()
@@ -410,7 +410,7 @@ def sampled_answers(job: Resampling, load_records, answer_models):
         answers = resample_answers(model, extractor, spec, records, job.greedy, job.generation, files.work,
                                    job.batch_size, job.extraction)
         write_parquet(files.answers, answers)
-        state = save_state(files, {"settings": made_by(job), "sampling_seconds": round(time.perf_counter() - started, 2)})
+        state = save_state(files, {"settings": made, "sampling_seconds": round(time.perf_counter() - started, 2)})
     return pd.read_parquet(files.answers), state
 
 
